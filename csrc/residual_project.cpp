@@ -1,0 +1,182 @@
+// Fused residual projection on the CPU: out = s·(I − U Uᵀ) G (I − V Vᵀ), G out×in, U out×k_out,
+// V in×k_in (orthonormal columns; either may be absent). Registered as torch.ops.kplora.*.
+//
+// One side (V only; U only is the same on Gᵀ): rows of G are independent, so each tile of rows is
+// read once, Q = G_t V is formed while the tile sits in cache, and s·(G_t − Q Vᵀ) is written.
+// Two sides: pass 1 reads each row tile once and forms both Q = G V and per-thread partials of
+// P = Uᵀ G; pass 2 reads each tile again and writes s·(G_t − L_t R) with L = [U, Q − U(UᵀQ)],
+// R = [P; Vᵀ]. Half and bfloat16 tiles are computed in fp32.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+// Rows per tile: keep a tile of G (and its output) within about half of a 1.25 MiB L2 slice.
+int64_t rows_per_tile(int64_t cols, int64_t elem_size) {
+  const int64_t budget = 512 * 1024;
+  return std::max<int64_t>(8, std::min<int64_t>(256, budget / std::max<int64_t>(1, cols * elem_size)));
+}
+
+bool same_memory(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// Writes scale·(G_t − L_t R) into out_t; G_t and out_t may be the same memory.
+void write_tile(const at::Tensor& G_t, const at::Tensor& L_t, const at::Tensor& R, double scale,
+                at::Tensor& out_t, at::ScalarType ct) {
+  if (G_t.scalar_type() == ct && out_t.scalar_type() == ct) {
+    if (same_memory(out_t, G_t)) {
+      out_t.addmm_(L_t, R, scale, -scale);
+    } else {
+      at::addmm_out(out_t, G_t, L_t, R, scale, -scale);
+    }
+  } else {
+    out_t.copy_(at::addmm(G_t.to(ct), L_t, R, scale, -scale));
+  }
+}
+
+// out = s·G (I − V Vᵀ), one pass over row tiles. G, out: rows×cols (any strides).
+void project_right(const at::Tensor& G, const at::Tensor& V, double scale, at::Tensor& out) {
+  const auto ct = compute_type(G.scalar_type());
+  const auto Vt = V.t();
+  const int64_t rows = G.size(0);
+  const int64_t tile = rows_per_tile(G.size(1), at::elementSize(ct));
+  at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r += tile) {
+      const int64_t n = std::min(tile, end - r);
+      auto G_t = G.narrow(0, r, n);
+      auto out_t = out.narrow(0, r, n);
+      auto Gc = G_t.scalar_type() == ct ? G_t : G_t.to(ct);
+      write_tile(G_t, at::mm(Gc, V), Vt, scale, out_t, ct);
+    }
+  });
+}
+
+// Two-sided projection, two passes (see the file comment).
+void project_both(const at::Tensor& G, const at::Tensor& U, const at::Tensor& V, double scale,
+                  at::Tensor& out) {
+  const auto ct = compute_type(G.scalar_type());
+  const int64_t rows = G.size(0), cols = G.size(1), k_out = U.size(1), k_in = V.size(1);
+  const int64_t tile = rows_per_tile(cols, at::elementSize(ct));
+  auto opts = G.options().dtype(ct);
+  auto Q = at::empty({rows, k_in}, opts);
+  const int64_t threads = at::get_num_threads();
+  auto P_parts = at::zeros({threads, k_out, cols}, opts);
+  at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
+    auto P_mine = P_parts.select(0, at::get_thread_num());
+    for (int64_t r = begin; r < end; r += tile) {
+      const int64_t n = std::min(tile, end - r);
+      auto G_t = G.narrow(0, r, n);
+      auto Gc = G_t.scalar_type() == ct ? G_t : G_t.to(ct);
+      auto Q_t = Q.narrow(0, r, n);
+      at::mm_out(Q_t, Gc, V);
+      P_mine.addmm_(U.narrow(0, r, n).t(), Gc);
+    }
+  });
+  auto P = P_parts.sum(0);
+  auto L = at::cat({U, Q - at::mm(U, at::mm(U.t(), Q))}, 1);
+  auto R = at::cat({P, V.t()}, 0);
+  at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r += tile) {
+      const int64_t n = std::min(tile, end - r);
+      auto out_t = out.narrow(0, r, n);
+      write_tile(G.narrow(0, r, n), L.narrow(0, r, n), R, scale, out_t, ct);
+    }
+  });
+}
+
+void project_matrix(const at::Tensor& G, const c10::optional<at::Tensor>& U_opt,
+                    const c10::optional<at::Tensor>& V_opt, double scale, at::Tensor& out) {
+  const auto ct = compute_type(G.scalar_type());
+  auto prepared = [&](const c10::optional<at::Tensor>& B) -> c10::optional<at::Tensor> {
+    if (!B.has_value() || B->size(1) == 0) return c10::nullopt;
+    return B->to(ct).contiguous();
+  };
+  auto U = prepared(U_opt), V = prepared(V_opt);
+  if (U && V) {
+    project_both(G, *U, *V, scale, out);
+  } else if (V) {
+    project_right(G, *V, scale, out);
+  } else if (U) {
+    auto out_t = out.t();
+    project_right(G.t(), *U, scale, out_t);
+  } else if (same_memory(out, G)) {
+    out.mul_(scale);
+  } else {
+    at::mul_out(out, G, scale);
+  }
+}
+
+void check_inputs(const at::Tensor& G, const c10::optional<at::Tensor>& U,
+                  const c10::optional<at::Tensor>& V, const at::Tensor& out) {
+  TORCH_CHECK(G.device().is_cpu(), "kplora::residual_project (C++): G must be a CPU tensor, got ", G.device());
+  TORCH_CHECK(G.dim() >= 2, "kplora::residual_project: G must have at least 2 dims, got ", G.sizes());
+  TORCH_CHECK(out.sizes() == G.sizes(), "kplora::residual_project: out must have shape ", G.sizes(),
+              ", got ", out.sizes());
+  if (U) TORCH_CHECK(U->dim() == 2 && U->size(0) == G.size(-2), "kplora::residual_project: U must be ",
+                     G.size(-2), "×k, got ", U->sizes());
+  if (V) TORCH_CHECK(V->dim() == 2 && V->size(0) == G.size(-1), "kplora::residual_project: V must be ",
+                     G.size(-1), "×k, got ", V->sizes());
+}
+
+void residual_project_out(const at::Tensor& G, const c10::optional<at::Tensor>& U,
+                          const c10::optional<at::Tensor>& V, double scale, at::Tensor& out) {
+  check_inputs(G, U, V, out);
+  if (G.numel() == 0) return;
+  if (G.dim() == 2) {
+    project_matrix(G, U, V, scale, out);
+    return;
+  }
+  for (int64_t b = 0; b < G.size(0); ++b) {
+    auto out_b = out.select(0, b);
+    residual_project_out(G.select(0, b), U, V, scale, out_b);
+  }
+}
+
+at::Tensor residual_project(const at::Tensor& G, const c10::optional<at::Tensor>& U,
+                            const c10::optional<at::Tensor>& V, double scale) {
+  auto out = at::empty_like(G, at::MemoryFormat::Contiguous);
+  residual_project_out(G, U, V, scale, out);
+  return out;
+}
+
+void residual_project_(at::Tensor& G, const c10::optional<at::Tensor>& U,
+                       const c10::optional<at::Tensor>& V, double scale) {
+  residual_project_out(G, U, V, scale, G);
+}
+
+// scale·(X − (X V) Vᵀ) for X of shape (..., d).
+at::Tensor project_rows(const at::Tensor& X, const at::Tensor& V, double scale) {
+  TORCH_CHECK(X.dim() >= 1, "kplora::project_rows: X must have at least 1 dim");
+  const int64_t d = X.size(-1);
+  auto X2 = X.reshape({-1, d});
+  auto out = at::empty_like(X2, at::MemoryFormat::Contiguous);
+  residual_project_out(X2, c10::nullopt, V, scale, out);
+  return out.view(X.sizes());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kplora, m) {
+  m.def("residual_project(Tensor G, Tensor? U, Tensor? V, float scale) -> Tensor");
+  m.def("residual_project_out(Tensor G, Tensor? U, Tensor? V, float scale, *, Tensor(a!) out) -> ()");
+  m.def("residual_project_(Tensor(a!) G, Tensor? U, Tensor? V, float scale) -> ()");
+  m.def("project_rows(Tensor X, Tensor V, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kplora, CPU, m) {
+  m.impl("residual_project", &residual_project);
+  m.impl("residual_project_out", &residual_project_out);
+  m.impl("residual_project_", &residual_project_);
+  m.impl("project_rows", &project_rows);
+}
+
+// Importable as kplora_kernels._C; the ops register when the library loads.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
