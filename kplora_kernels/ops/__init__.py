@@ -1,4 +1,4 @@
-"""Functional ops. ``reference`` holds the pure-torch oracle of each op."""
-from .reference import project_rows, residual_project
+"""Functional ops with backend dispatch; ``reference`` holds the pure-torch oracle of each op."""
+from .projection import BACKENDS, project_rows, residual_project, resolve_backend
 
-__all__ = ["project_rows", "residual_project"]
+__all__ = ["BACKENDS", "project_rows", "residual_project", "resolve_backend"]

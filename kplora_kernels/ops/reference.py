@@ -65,6 +65,12 @@ def residual_project(G: torch.Tensor, U: torch.Tensor | None = None, V: torch.Te
     Computed in ``G``'s dtype (bases are cast to it). Returns a new tensor shaped like ``G``.
     """
     scale = validate_residual_project(G, U, V, scale)
+    return residual_project_unchecked(G, U, V, scale, U_complement, V_complement)
+
+
+def residual_project_unchecked(G, U, V, scale: float, U_complement: bool = False,
+                               V_complement: bool = False) -> torch.Tensor:
+    """:func:`residual_project` for arguments that were already validated."""
     H = G
     if V is not None:
         H = _project_right(H, V.to(G.dtype), V_complement)
@@ -77,5 +83,4 @@ def project_rows(X: torch.Tensor, V: torch.Tensor, scale: float = 1.0, *,
                  V_complement: bool = False) -> torch.Tensor:
     """``scale · (X − (X V) Vᵀ)`` for rows ``X`` of shape ``(..., d)`` and a basis ``V`` (``d×k``)."""
     scale = validate_project_rows(X, V, scale)
-    H = _project_right(X, V.to(X.dtype), V_complement)
-    return H * scale if scale != 1.0 or H is X else H
+    return residual_project_unchecked(X, None, V, scale, V_complement=V_complement)

@@ -1,0 +1,82 @@
+"""Triton kernels for the residual projection (GPU; the CPU interpreter under ``TRITON_INTERPRET=1``).
+
+``P(G) = s·(G − L R)`` with thin factors from cuBLAS (``Q = G V``, ``P = Uᵀ G``):
+V only: ``L = Q``, ``R = Vᵀ``; U only: ``L = U``, ``R = P``; both: ``L = [U, Q − U(UᵀQ)]``,
+``R = [P; Vᵀ]``. One epilogue kernel then reads each tile of ``G`` once, accumulates ``L_t R`` in
+fp32 and writes ``s·(G_t − L_t R)`` (in place when ``out`` is ``G``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if INTERPRET:  # the interpreter takes one config and no benchmarking (DESIGN §3)
+    _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16})]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+                                 (64, 64, 64, 4, 3), (128, 256, 32, 8, 3), (64, 256, 32, 8, 3)]
+    ]
+
+
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _epilogue_kernel(G, L, R, O, M, N, K,
+                     stride_gm, stride_gn, stride_lm, stride_lk, stride_rk, stride_rn,
+                     stride_om, stride_on, scale,
+                     UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = rk < K
+        l_t = tl.load(L + rm[:, None] * stride_lm + rk[None, :] * stride_lk,
+                      mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        r_t = tl.load(R + rk[:, None] * stride_rk + rn[None, :] * stride_rn,
+                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is only right in fp32 (DESIGN §3)
+            l_t = l_t.to(tl.float32)
+            r_t = r_t.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(l_t, r_t, input_precision="ieee")
+        else:
+            acc += tl.dot(l_t, r_t)
+    mask = mask_m[:, None] & mask_n[None, :]
+    g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask, other=0.0)
+    result = scale * (g.to(tl.float32) - acc)
+    tl.store(O + rm[:, None] * stride_om + rn[None, :] * stride_on, result.to(O.dtype.element_ty), mask=mask)
+
+
+def low_rank_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None):
+    """Thin ``L`` (``out×K``) and ``R`` (``K×in``) with ``(I−UUᵀ) G (I−VVᵀ) = G − L R``."""
+    if U is None:
+        return G @ V, V.mT
+    if V is None:
+        return U, U.mT @ G
+    Q = G @ V
+    return torch.cat([U, Q - U @ (U.mT @ Q)], dim=1), torch.cat([U.mT @ G, V.mT], dim=0)
+
+
+def residual_project_2d(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None,
+                        scale: float, out: torch.Tensor) -> None:
+    """Writes ``scale·(I−UUᵀ) G (I−VVᵀ)`` into ``out`` (may be ``G``). 2-D ``G``; at least one basis,
+    each non-empty and already in ``G``'s dtype; fp32, fp16 or bf16."""
+    L, R = low_rank_factors(G, U, V)
+    M, N = G.shape
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _epilogue_kernel[grid](G, L, R, out, M, N, L.shape[1],
+                           G.stride(0), G.stride(1), L.stride(0), L.stride(1), R.stride(0), R.stride(1),
+                           out.stride(0), out.stride(1), float(scale),
+                           UPCAST=INTERPRET, IEEE=G.dtype == torch.float32)
