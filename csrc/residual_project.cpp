@@ -10,13 +10,36 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <vector>
+#include <utility>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
-// Rows per tile: keep a tile of G (and its output) within about half of a 1.25 MiB L2 slice.
+// Above this total basis size (k_out + k_in) the op is compute-bound and whole-matrix BLAS calls
+// beat per-tile ones (4096², fp32, 2 cores: tiles 120 ms vs BLAS 85–106 ms at k_in = 256; equal
+// within noise at k_in = 64).
+constexpr int64_t kFusedMaxRank = 128;
+
+// A fresh output of several MiB costs more in page faults than in arithmetic (4096² fp32: 21 ms
+// with 4 KiB pages, 7.5 ms with 2 MiB pages). Ask for transparent huge pages before first touch.
+at::Tensor allocate_output(const at::Tensor& like) {
+  auto out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+#ifdef __linux__
+  const uintptr_t huge = 2u << 20;
+  const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t first = (begin + huge - 1) & ~(huge - 1);
+  const uintptr_t last = (begin + out.nbytes()) & ~(huge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint only
+#endif
+  return out;
+}
+
+// Rows per tile: 2 MiB of G per tile (measured on a 2-core Xeon with 48 MiB L3; 0.25 to 8 MiB
+// tiles were within noise at k = 64, larger ones faster at k = 256).
 int64_t rows_per_tile(int64_t cols, int64_t elem_size) {
-  const int64_t budget = 512 * 1024;
+  const int64_t budget = 2 * 1024 * 1024;
   return std::max<int64_t>(8, std::min<int64_t>(256, budget / std::max<int64_t>(1, cols * elem_size)));
 }
 
@@ -92,6 +115,14 @@ void project_both(const at::Tensor& G, const at::Tensor& U, const at::Tensor& V,
   });
 }
 
+std::pair<at::Tensor, at::Tensor> low_rank_factors(const at::Tensor& G, const c10::optional<at::Tensor>& U,
+                                                   const c10::optional<at::Tensor>& V) {
+  if (!U) return {at::mm(G, *V), V->t()};
+  if (!V) return {*U, at::mm(U->t(), G)};
+  auto Q = at::mm(G, *V);
+  return {at::cat({*U, Q - at::mm(*U, at::mm(U->t(), Q))}, 1), at::cat({at::mm(U->t(), G), V->t()}, 0)};
+}
+
 void project_matrix(const at::Tensor& G, const c10::optional<at::Tensor>& U_opt,
                     const c10::optional<at::Tensor>& V_opt, double scale, at::Tensor& out) {
   const auto ct = compute_type(G.scalar_type());
@@ -100,6 +131,17 @@ void project_matrix(const at::Tensor& G, const c10::optional<at::Tensor>& U_opt,
     return B->to(ct).contiguous();
   };
   auto U = prepared(U_opt), V = prepared(V_opt);
+  const int64_t k_total = (U ? U->size(1) : 0) + (V ? V->size(1) : 0);
+  if (k_total > kFusedMaxRank && G.scalar_type() == ct && out.scalar_type() == ct) {
+    // Compute-bound: whole-matrix BLAS calls run faster than per-tile ones.
+    auto LR = low_rank_factors(G, U, V);
+    if (same_memory(out, G)) {
+      out.addmm_(LR.first, LR.second, scale, -scale);
+    } else {
+      at::addmm_out(out, G, LR.first, LR.second, scale, -scale);
+    }
+    return;
+  }
   if (U && V) {
     project_both(G, *U, *V, scale, out);
   } else if (V) {
@@ -142,7 +184,7 @@ void residual_project_out(const at::Tensor& G, const c10::optional<at::Tensor>& 
 
 at::Tensor residual_project(const at::Tensor& G, const c10::optional<at::Tensor>& U,
                             const c10::optional<at::Tensor>& V, double scale) {
-  auto out = at::empty_like(G, at::MemoryFormat::Contiguous);
+  auto out = allocate_output(G);
   residual_project_out(G, U, V, scale, out);
   return out;
 }
@@ -157,7 +199,7 @@ at::Tensor project_rows(const at::Tensor& X, const at::Tensor& V, double scale) 
   TORCH_CHECK(X.dim() >= 1, "kplora::project_rows: X must have at least 1 dim");
   const int64_t d = X.size(-1);
   auto X2 = X.reshape({-1, d});
-  auto out = at::empty_like(X2, at::MemoryFormat::Contiguous);
+  auto out = allocate_output(X2);
   residual_project_out(X2, c10::nullopt, V, scale, out);
   return out.view(X.sizes());
 }

@@ -84,3 +84,15 @@ def project_rows(X: torch.Tensor, V: torch.Tensor, scale: float = 1.0, *,
     """``scale · (X − (X V) Vᵀ)`` for rows ``X`` of shape ``(..., d)`` and a basis ``V`` (``d×k``)."""
     scale = validate_project_rows(X, V, scale)
     return residual_project_unchecked(X, None, V, scale, V_complement=V_complement)
+
+
+def low_rank_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None):
+    """Thin ``L`` (``out×K``) and ``R`` (``K×in``) with ``(I−UUᵀ) G (I−VVᵀ) = G − L R`` for 2-D ``G``:
+    V only: ``L = GV``, ``R = Vᵀ``; U only: ``L = U``, ``R = UᵀG``; both:
+    ``L = [U, Q − U(UᵀQ)]``, ``R = [UᵀG; Vᵀ]`` with ``Q = GV`` (``K = k_out + k_in``)."""
+    if U is None:
+        return G @ V, V.mT
+    if V is None:
+        return U, U.mT @ G
+    Q = G @ V
+    return torch.cat([U, Q - U @ (U.mT @ Q)], dim=1), torch.cat([U.mT @ G, V.mT], dim=0)

@@ -1,9 +1,8 @@
 """Triton kernels for the residual projection (GPU; the CPU interpreter under ``TRITON_INTERPRET=1``).
 
-``P(G) = s·(G − L R)`` with thin factors from cuBLAS (``Q = G V``, ``P = Uᵀ G``):
-V only: ``L = Q``, ``R = Vᵀ``; U only: ``L = U``, ``R = P``; both: ``L = [U, Q − U(UᵀQ)]``,
-``R = [P; Vᵀ]``. One epilogue kernel then reads each tile of ``G`` once, accumulates ``L_t R`` in
-fp32 and writes ``s·(G_t − L_t R)`` (in place when ``out`` is ``G``).
+``P(G) = s·(G − L R)`` with the thin factors of :func:`reference.low_rank_factors` (cuBLAS). One
+epilogue kernel then reads each tile of ``G`` once, accumulates ``L_t R`` in fp32 and writes
+``s·(G_t − L_t R)`` (in place when ``out`` is ``G``).
 """
 from __future__ import annotations
 
@@ -12,6 +11,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .reference import low_rank_factors
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -57,16 +58,6 @@ def _epilogue_kernel(G, L, R, O, M, N, K,
     g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask, other=0.0)
     result = scale * (g.to(tl.float32) - acc)
     tl.store(O + rm[:, None] * stride_om + rn[None, :] * stride_on, result.to(O.dtype.element_ty), mask=mask)
-
-
-def low_rank_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None):
-    """Thin ``L`` (``out×K``) and ``R`` (``K×in``) with ``(I−UUᵀ) G (I−VVᵀ) = G − L R``."""
-    if U is None:
-        return G @ V, V.mT
-    if V is None:
-        return U, U.mT @ G
-    Q = G @ V
-    return torch.cat([U, Q - U @ (U.mT @ Q)], dim=1), torch.cat([U.mT @ G, V.mT], dim=0)
 
 
 def residual_project_2d(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None,
