@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks in one go: the kernel and layer tests on CUDA, then the full-size benchmarks.
+# Runs from the source tree (no install): `bash bench/gpu_check.sh`. Results go under $OUT when it is
+# set (the device tool), else under ./gpu_results. Needs torch with CUDA, triton, pytest,
+# pytest-benchmark; peft is optional (its comparisons skip without it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_results}"
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  | tee "$OUT/versions.txt"
+python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_linear.py 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+KPLORA_BENCH_FULL=1 python -m pytest -q -p no:cacheprovider bench --benchmark-only \
+  --benchmark-columns=min,median,rounds --benchmark-json="$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
+exit $(( tests_rc || bench_rc ))

@@ -1,0 +1,253 @@
+"""FusedKeepLoRALinear: a drop-in ``nn.Linear`` replacement with a residual-subspace LoRA branch.
+
+``y = x Wᵀ + b + c · (x Aᵀ) Bᵀ`` with ``W`` ``out×in`` (frozen, shared with the replaced linear),
+``A`` ``r×in`` (frozen unless ``train_A``), ``B`` ``out×r`` (trainable, zero at a task start) and
+``c = (alpha / r) · layer_scale``. ``ΔW = c·B A`` is never formed. The backward pass projects
+``dB`` onto ``(I − UUᵀ)`` and ``dA`` onto ``(I − VVᵀ)``; :meth:`FusedKeepLoRALinear.project_` restores
+both constraints exactly after an optimizer step (Adam's element-wise scaling leaves them).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._checks import check_basis, check_tensor
+from ..ops.reference import residual_project_unchecked
+from .hooks import GradientAccumulator, InputAccumulator
+
+
+class _KeepLoRAFunction(torch.autograd.Function):
+    """Forward and backward of the layer. ``x_d`` is the input after the adapter's dropout, or None
+    without dropout. Saves ``h = x_d Aᵀ`` (``tokens×r``) and the input only when a gradient or the
+    gradient accumulator needs it."""
+
+    @staticmethod
+    def forward(ctx, x, x_d, W, b, A, B, U, V, c, grad_accumulator):
+        h = nn.functional.linear(x if x_d is None else x_d, A)
+        y = nn.functional.linear(x, W, b) + c * nn.functional.linear(h, B)
+        keep_x = W.requires_grad or grad_accumulator is not None or (x_d is None and A.requires_grad)
+        keep_x_d = x_d is not None and A.requires_grad
+        ctx.save_for_backward(h, x if keep_x else None, x_d if keep_x_d else None, W, A, B, U, V)
+        ctx.c, ctx.grad_accumulator, ctx.has_dropout = c, grad_accumulator, x_d is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dY):
+        h, x, x_d, W, A, B, U, V = ctx.saved_tensors
+        c, dt = ctx.c, dY.dtype
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) → tokens×n
+        dY2 = flat(dY)
+        dYB = dY2 @ B.to(dt)  # tokens×r
+        dx = dx_d = dW = db = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = dY2 @ W.to(dt)
+            if not ctx.has_dropout:
+                dx.addmm_(dYB, A.to(dt), alpha=c)
+            dx = dx.view(*dY.shape[:-1], W.shape[1])
+        if ctx.has_dropout and ctx.needs_input_grad[1]:
+            dx_d = (c * dYB @ A.to(dt)).view(*dY.shape[:-1], A.shape[1])
+        if ctx.needs_input_grad[2]:
+            dW = dY2.mT @ flat(x).to(dt)
+        if ctx.needs_input_grad[3]:
+            db = dY2.sum(0)
+        if ctx.needs_input_grad[5]:
+            dB = c * (dY2.mT @ flat(h).to(dt))  # out×r
+            if U is not None:
+                dB = residual_project_unchecked(dB, U.to(dt), None, 1.0)
+        if ctx.needs_input_grad[4]:
+            dA = c * (dYB.mT @ flat(x if x_d is None else x_d).to(dt))  # r×in
+            if V is not None:
+                dA = residual_project_unchecked(dA, None, V.to(dt), 1.0)
+        if ctx.grad_accumulator is not None:
+            ctx.grad_accumulator.update(dY2.detach(), flat(x).detach())
+        return dx, dx_d, dW, db, dA, dB, None, None, None, None
+
+
+class FusedKeepLoRALinear(nn.Module):
+    """A LoRA linear whose updates stay in the residual subspace of its protected bases.
+
+    Parameters: ``weight`` (``out×in``) and ``bias`` (shared with the replaced linear, frozen),
+    ``lora_A`` (``r×in``), ``lora_B`` (``out×r``, zero). Persistent buffers: ``V`` (``in×k_in``) and
+    ``U`` (``out×k_out``), empty until :meth:`set_bases`. Inputs: ``(..., in)``, any float dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0,
+                 layer_scale: float = 1.0, bias: bool = True, *, dropout: float = 0.0,
+                 train_A: bool = False, device=None, dtype=None):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from(base, rank, alpha, layer_scale, dropout, train_A)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float = 1.0, layer_scale: float = 1.0, *,
+                    dropout: float = 0.0, train_A: bool = False) -> "FusedKeepLoRALinear":
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._init_from(linear, rank, alpha, layer_scale, dropout, train_A)
+        return module
+
+    def _init_from(self, linear, rank, alpha, layer_scale, dropout, train_A):
+        out_features, in_features = linear.weight.shape
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be an int in [1, min(in, out) = {min(in_features, out_features)}], "
+                             f"got {rank!r}")
+        for name, value in (("alpha", alpha), ("layer_scale", layer_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha, self.layer_scale = float(alpha), float(layer_scale)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        A0 = torch.linalg.qr(torch.randn(in_features, rank, device=self.weight.device))[0].mT
+        self.lora_A = nn.Parameter(A0.to(self.weight.dtype).contiguous(), requires_grad=train_A)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
+        self.register_buffer("V", torch.zeros(in_features, 0, **factory))
+        self.register_buffer("U", torch.zeros(out_features, 0, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.grad_accumulator: GradientAccumulator | None = None
+        self.input_accumulator: InputAccumulator | None = None
+
+    @property
+    def scaling(self) -> float:
+        """``c = (alpha / r) · layer_scale``, the factor on the adapter branch."""
+        return self.alpha / self.rank * self.layer_scale
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scaling={self.scaling:.4g}, k_in={self.V.shape[1]}, k_out={self.U.shape[1]}, "
+                f"merged={self.merged}")
+
+    # --- bases and the task lifecycle -----------------------------------------------------------
+    def set_bases(self, V: torch.Tensor | None = None, U: torch.Tensor | None = None) -> None:
+        """Set the protected bases: ``V`` ``in×k_in`` and/or ``U`` ``out×k_out``, orthonormal columns.
+        A side given as None keeps its current basis. The adapter is projected to satisfy the new
+        constraints: ``A``'s rows are re-orthonormalised in the residual of ``V``, ``B ← (I−UUᵀ)B``."""
+        for name, B, dim, what in (("V", V, self.in_features, "in_features"),
+                                   ("U", U, self.out_features, "out_features")):
+            if B is None:
+                continue
+            check_basis(name, B, dim, what)
+            if name == "V" and dim - B.shape[1] < self.rank:
+                raise ValueError(f"V leaves a residual space of {dim - B.shape[1]} dimensions, fewer than "
+                                 f"rank = {self.rank}: the adapter would have no room")
+            setattr(self, name, B.detach().to(self.weight.device).clone())
+        with torch.no_grad():
+            if self.V.shape[1]:
+                A = residual_project_unchecked(self.lora_A.double(), None, self.V.double(), 1.0)
+                self.lora_A.copy_(torch.linalg.qr(A.mT)[0].mT)
+            if self.U.shape[1]:
+                self.lora_B.copy_(residual_project_unchecked(self.lora_B, self.U.to(self.lora_B.dtype), None, 1.0))
+
+    def _check_A_against_V(self, A: torch.Tensor) -> None:
+        if self.V.shape[1] == 0:
+            return
+        work = torch.float64 if A.dtype == torch.float64 else torch.float32
+        leak = (A.detach().to(work) @ self.V.to(work)).abs().max().item()
+        scale = A.detach().abs().max().item() or 1.0
+        tol = max(1e-4, 16 * torch.finfo(A.dtype).eps) * math.sqrt(self.in_features)
+        if not leak <= tol * scale:
+            raise ValueError(f"lora_A has components in span(V): max |A V| = {leak:.3g} (relative tolerance "
+                             f"{tol:.1g}); its rows must be orthogonal to the protected basis V")
+
+    def reset_adapter(self, A: torch.Tensor) -> None:
+        """Start a task: ``lora_A ← A`` (``r×in``, rows orthogonal to ``V``), ``lora_B ← 0``. After
+        :meth:`merge_` (a task end) this makes the merge permanent: the adapter starts afresh."""
+        check_tensor("A", A, ndim=2)
+        if tuple(A.shape) != (self.rank, self.in_features):
+            raise ValueError(f"A must have shape ({self.rank}, {self.in_features}) (rank×in_features), "
+                             f"got {tuple(A.shape)}")
+        self._check_A_against_V(A)
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.zero_()
+        self.merged = False
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Restore the constraints after an optimizer step: ``B ← (I−UUᵀ)B``, ``A ← A(I−VVᵀ)``."""
+        if self.U.shape[1]:
+            self.lora_B.copy_(residual_project_unchecked(self.lora_B, self.U, None, 1.0))
+        if self.lora_A.requires_grad and self.V.shape[1]:
+            self.lora_A.copy_(residual_project_unchecked(self.lora_A, None, self.V, 1.0))
+
+    def register_projection_hook(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`project_` after every ``optimizer.step()``; returns the removable handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.project_())
+
+    def delta_weight(self) -> torch.Tensor:
+        """``c · B A`` (``out×in``) in fp32 (fp64 for fp64 weights)."""
+        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return self.scaling * (self.lora_B.detach().to(work) @ self.lora_A.detach().to(work))
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold ``c·B A`` into the (shared) weight; the forward then skips the adapter branch."""
+        if self.merged:
+            raise RuntimeError("the adapter is already merged")
+        self.weight.copy_((self.weight.to(self.delta_weight().dtype) + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        """Subtract ``c·B A`` from the weight again (exact in fp32/fp64; within one rounding of the
+        weight's dtype for bf16/fp16)."""
+        if not self.merged:
+            raise RuntimeError("the adapter is not merged")
+        self.weight.copy_((self.weight.to(self.delta_weight().dtype) - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    # --- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if self.input_accumulator is not None:
+            self.input_accumulator.update(x.detach().reshape(-1, self.in_features))
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        x_d = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
+        return _KeepLoRAFunction.apply(x, x_d, self.weight, self.bias, self.lora_A, self.lora_B,
+                                       self.U if self.U.shape[1] else None,
+                                       self.V if self.V.shape[1] else None,
+                                       self.scaling, self.grad_accumulator)
+
+    # --- state ------------------------------------------------------------------------------------
+    def get_extra_state(self):
+        return {"merged": self.merged, "rank": self.rank, "alpha": self.alpha, "layer_scale": self.layer_scale}
+
+    def set_extra_state(self, state) -> None:
+        if state["rank"] != self.rank:
+            raise ValueError(f"state_dict has rank {state['rank']}, this layer has rank {self.rank}")
+        self.merged, self.alpha, self.layer_scale = bool(state["merged"]), state["alpha"], state["layer_scale"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("U", "V"):  # the bases grow from task to task: take the stored size
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_empty(stored.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def register_projection_hooks(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """One optimizer post-step hook that runs :meth:`FusedKeepLoRALinear.project_` on every such
+    layer of ``model``; returns the removable handle."""
+    layers = [m for m in model.modules() if isinstance(m, FusedKeepLoRALinear)]
+
+    def hook(*_):
+        for layer in layers:
+            layer.project_()
+    return optimizer.register_step_post_hook(hook)
