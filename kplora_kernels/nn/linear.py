@@ -26,7 +26,8 @@ class _KeepLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_d, W, b, A, B, U, V, c, grad_accumulator):
         h = nn.functional.linear(x if x_d is None else x_d, A)
-        y = nn.functional.linear(x, W, b) + c * nn.functional.linear(h, B)
+        y = nn.functional.linear(x, W, b)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.to(y.dtype).mT, alpha=c)  # no extra pass
         keep_x = W.requires_grad or grad_accumulator is not None or (x_d is None and A.requires_grad)
         keep_x_d = x_d is not None and A.requires_grad
         ctx.save_for_backward(h, x if keep_x else None, x_d if keep_x_d else None, W, A, B, U, V)

@@ -1,4 +1,6 @@
-"""Principal subspaces, GPM expansion and randomized SVD (streaming sketches build on these)."""
+"""Principal subspaces, GPM expansion, randomized SVD, and the streaming sketches built on them."""
 from .linalg import LinearOperator, energy_rank, gpm_expand, principal_subspace, randomized_svd
+from .sketch import GradientSketch, InputSketch
 
-__all__ = ["LinearOperator", "energy_rank", "gpm_expand", "principal_subspace", "randomized_svd"]
+__all__ = ["GradientSketch", "InputSketch", "LinearOperator", "energy_rank", "gpm_expand",
+           "principal_subspace", "randomized_svd"]

@@ -1,0 +1,307 @@
+"""Streaming, mergeable estimators of the subspaces KeepLoRA++ needs.
+
+``InputSketch``: after a task, the dominant directions of the task's inputs that the protected
+basis ``V`` does not yet hold (GPM rule, DESIGN §1), from inputs seen batch by batch.
+``GradientSketch``: at a task start, the top-r right singular vectors of the projected mean task
+gradient ``Ĝ = (1/n) Σ_b (dY_b (I−UUᵀ))ᵀ (X_b (I−VVᵀ))`` (``out×in``), from ``(dY_b, X_b)`` pairs.
+
+Both add up across batches, shards and data-parallel ranks (``merge``, ``all_reduce``): their state
+is a sum of per-batch terms. Randomized strategies draw their test matrices from a shared seed, so
+every rank draws the same ones. Orientation: ``X`` is ``tokens×in``, ``dY`` is ``tokens×out``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_basis, check_eps, check_tensor
+from ..ops import project_rows
+
+DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes per sketch
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf; the batch was not accumulated (the sketch is unchanged)")
+
+
+def _gaussian(rows: int, cols: int, seed: int, device) -> torch.Tensor:
+    """The shared test matrix: the same on every rank for the same seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.float32)
+
+
+def _residual_rows(X: torch.Tensor, V: torch.Tensor | None) -> torch.Tensor:
+    """``X (I − V Vᵀ)`` in fp32 (``X`` itself when ``V`` is empty)."""
+    X = X.float()
+    return X if V is None or V.shape[1] == 0 else project_rows(X, V)
+
+
+def _all_reduce(tensors, group) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+class InputSketch:
+    """Accumulates inputs ``X`` (``(..., dim)``) of one task to expand the basis ``V`` by the GPM rule.
+
+    Strategies: ``"covariance"`` keeps ``Σ Xᵀ X`` exactly (``dim²`` floats) and gives exactly the GPM
+    result of the stacked inputs; ``"randomized"`` keeps a Nyström sketch ``Σ X̂ᵀ (X̂ Ω)`` of the
+    *residual* covariance (``X̂ = X (I − V Vᵀ)``, ``dim×width`` floats, ``Ω`` from ``seed``) and the
+    running energies, for large ``dim``. ``"auto"`` takes the exact one when it fits in
+    ``memory_budget`` bytes. ``V`` (``dim×k``, or None) is the basis the task starts from; pass the
+    same one to :meth:`expand`. ``strategy`` and ``memory_bytes`` tell what was chosen.
+    """
+
+    def __init__(self, dim: int, V: torch.Tensor | None = None, *, strategy: str = "auto",
+                 width: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, seed: int = 0,
+                 device=None):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int ≥ 1, got {dim!r}")
+        if strategy not in ("auto", "covariance", "randomized"):
+            raise ValueError(f"strategy must be 'auto', 'covariance' or 'randomized', got {strategy!r}")
+        if V is not None:
+            check_basis("V", V, dim, "dim")
+            device = V.device if device is None else device
+        self.dim, self.seed = dim, seed
+        self.device = torch.device(device or "cpu")
+        self.V = None if V is None or V.shape[1] == 0 else V.detach().float().to(self.device)
+        if strategy == "auto":
+            strategy = "covariance" if 4 * dim * dim <= memory_budget else "randomized"
+        self.strategy = strategy
+        if strategy == "covariance":
+            self.state = torch.zeros(dim, dim, device=self.device)
+        else:
+            width = width or max(1, min(dim, memory_budget // (4 * dim), 1024))
+            if not 1 <= width <= dim:
+                raise ValueError(f"width must be in [1, dim = {dim}], got {width}")
+            self.omega = _gaussian(dim, width, seed, self.device)
+            self.state = torch.zeros(dim, width, device=self.device)
+        self.width = self.state.shape[1]
+        # ‖X‖² and ‖X (I − VVᵀ)‖², accumulated in fp64
+        self.energy = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.tokens = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        extra = self.omega.numel() * 4 if self.strategy == "randomized" else 0
+        return self.state.numel() * 4 + extra
+
+    def update(self, X: torch.Tensor) -> None:
+        """Add a batch of inputs ``(..., dim)`` of any float dtype (accumulated in fp32)."""
+        check_tensor("X", X, min_ndim=1)
+        if X.shape[-1] != self.dim:
+            raise ValueError(f"X must have shape (..., {self.dim}), got {tuple(X.shape)}")
+        X = X.detach().reshape(-1, self.dim).to(self.device)
+        _check_finite("X", X)
+        R = _residual_rows(X, self.V)
+        if self.strategy == "covariance":
+            self.state.addmm_(X.float().mT, X.float())
+        else:
+            self.state.addmm_(R.mT, R @ self.omega)
+        self.energy += torch.stack([X.double().pow(2).sum(), R.double().pow(2).sum()])
+        self.tokens += X.shape[0]
+
+    def _check_compatible(self, other: "InputSketch") -> None:
+        if not isinstance(other, InputSketch):
+            raise TypeError(f"can only merge another InputSketch, got {type(other).__name__}")
+        mine = (self.dim, self.strategy, self.width, self.seed)
+        theirs = (other.dim, other.strategy, other.width, other.seed)
+        if mine != theirs:
+            raise ValueError(f"cannot merge sketches of different configuration (dim, strategy, width, seed): "
+                             f"{mine} vs {theirs}")
+        same_basis = (self.V is None and other.V is None) or (
+            self.V is not None and other.V is not None and self.V.shape == other.V.shape
+            and torch.equal(self.V, other.V.to(self.device)))
+        if not same_basis:
+            raise ValueError("cannot merge sketches taken against different bases V")
+
+    def merge(self, other: "InputSketch") -> "InputSketch":
+        """Add ``other`` (same configuration and basis) into this sketch; returns self."""
+        self._check_compatible(other)
+        self.state += other.state.to(self.device)
+        self.energy += other.energy.to(self.device)
+        self.tokens += other.tokens
+        return self
+
+    def all_reduce(self, group=None) -> "InputSketch":
+        """Sum the sketch over the ranks of ``group`` (a no-op without a process group)."""
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)
+        _all_reduce([self.state, self.energy, tokens], group)
+        self.tokens = int(tokens.item())
+        return self
+
+    def residual_spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (descending, ``s_j²`` of the residual inputs) and eigenvectors (``dim×m``)."""
+        if self.strategy == "covariance":
+            C = self.state.double()
+            if self.V is not None:
+                Vd = self.V.double()
+                C = C - Vd @ (Vd.mT @ C)
+                C = C - (C @ Vd) @ Vd.mT
+            evals, evecs = torch.linalg.eigh((C + C.mT) / 2)
+            return evals.flip(0).clamp_min(0), evecs.flip(1)
+        # stable single-pass Nyström approximation of the PSD residual covariance from Y = C Ω
+        Y, omega = self.state.double(), self.omega.double()
+        nu = math.sqrt(self.dim) * torch.finfo(torch.float32).eps * Y.norm().item()
+        Y_nu = Y + nu * omega
+        core = omega.mT @ Y_nu
+        L = torch.linalg.cholesky((core + core.mT) / 2)
+        B = torch.linalg.solve_triangular(L, Y_nu.mT, upper=False).mT  # Y_ν L⁻ᵀ
+        Uy, S, _ = torch.linalg.svd(B, full_matrices=False)
+        evals = (S.pow(2) - nu).clamp_min(0)
+        vecs = Uy
+        if self.V is not None:  # keep the estimate in the residual space
+            vecs = vecs - self.V.double() @ (self.V.double().mT @ vecs)
+        return evals, vecs
+
+    def expand(self, V: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """``V`` extended by the GPM rule: append residual directions while
+        ``(E − ‖R‖² + Σ_appended s_j²) / E < eps``. Returns ``dim×k'`` in fp32."""
+        eps = check_eps("eps", eps)
+        if V is not None and V.shape[1] == 0:
+            V = None
+        if (V is None) != (self.V is None) or (V is not None and (V.shape != self.V.shape or not torch.allclose(
+                V.float().to(self.device), self.V))):
+            raise ValueError("expand must be given the basis V the sketch was taken against")
+        base = torch.zeros(self.dim, 0, device=self.device) if V is None else self.V
+        total = self.energy[0].item()
+        if total == 0 or base.shape[1] == self.dim:
+            return base.clone()
+        evals, evecs = self.residual_spectrum()
+        captured = total - self.energy[1].item()  # energy V already holds
+        before = captured + torch.cat([evals.new_zeros(1), torch.cumsum(evals, 0)[:-1]])
+        count = int((before / total < eps).sum().item())
+        count = min(count, int((evals > evals[0] * 1e-10).sum().item()) if evals.numel() else 0,
+                    self.dim - base.shape[1])
+        if count == 0:
+            return base.clone()
+        new = evecs[:, :count]
+        new = new - base.double() @ (base.double().mT @ new)
+        new, _ = torch.linalg.qr(new)
+        return torch.cat([base, new.float()], dim=1)
+
+
+class GradientSketch:
+    """Accumulates the projected mean task gradient ``Ĝ`` (``out×in``) from ``(dY, X)`` batches and
+    returns the adapter's ``A`` (top-r right singular vectors of ``Ĝ``, ``r×in``).
+
+    ``"dense"`` keeps ``Ĝ`` itself (``out·in`` floats); ``"randomized"`` keeps the single-pass
+    two-sided sketch ``Y = Ĝ Ω`` (``out×(r+p)``) and ``W = Ψ Ĝ`` (``(2(r+p)+1)×in``) with shared-seed
+    ``Ω``, ``Ψ`` (Tropp et al., 2017), never forming ``Ĝ``. ``"auto"`` takes the dense one when it fits
+    in ``memory_budget`` bytes. ``U`` (``out×k_out``) and ``V`` (``in×k_in``) are the protected bases.
+    """
+
+    def __init__(self, out_features: int, in_features: int, rank: int, U: torch.Tensor | None = None,
+                 V: torch.Tensor | None = None, *, strategy: str = "auto", oversample: int = 8,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, seed: int = 0, device=None):
+        for name, value in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_features, in_features):
+            raise ValueError(f"rank must be an int in [1, {min(out_features, in_features)}], got {rank!r}")
+        if strategy not in ("auto", "dense", "randomized"):
+            raise ValueError(f"strategy must be 'auto', 'dense' or 'randomized', got {strategy!r}")
+        for name, B, dim in (("U", U, out_features), ("V", V, in_features)):
+            if B is not None:
+                check_basis(name, B, dim, f"{'out' if name == 'U' else 'in'}_features")
+                device = B.device if device is None else device
+        if V is not None and in_features - V.shape[1] < rank:
+            raise ValueError(f"V leaves {in_features - V.shape[1]} residual dimensions, fewer than rank = {rank}")
+        self.shape, self.rank, self.seed = (out_features, in_features), rank, seed
+        self.device = torch.device(device or "cpu")
+        prep = lambda B: None if B is None or B.shape[1] == 0 else B.detach().float().to(self.device)  # noqa: E731
+        self.U, self.V = prep(U), prep(V)
+        if strategy == "auto":
+            strategy = "dense" if 4 * out_features * in_features <= memory_budget else "randomized"
+        self.strategy = strategy
+        if strategy == "dense":
+            self.G = torch.zeros(out_features, in_features, device=self.device)
+        else:
+            k = min(rank + oversample, out_features, in_features)
+            l = min(2 * k + 1, out_features)
+            self.omega = _gaussian(in_features, k, seed, self.device)
+            self.psi = _gaussian(l, out_features, seed + 1, self.device)
+            self.Y = torch.zeros(out_features, k, device=self.device)
+            self.W = torch.zeros(l, in_features, device=self.device)
+        self.batches = 0
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.G] if self.strategy == "dense" else [self.Y, self.W]
+
+    @property
+    def memory_bytes(self) -> int:
+        extra = [] if self.strategy == "dense" else [self.omega, self.psi]
+        return sum(t.numel() * 4 for t in self._state() + extra)
+
+    def update(self, dY: torch.Tensor, X: torch.Tensor) -> None:
+        """Add one batch: output gradients ``dY`` (``(..., out)``) and inputs ``X`` (``(..., in)``)."""
+        check_tensor("dY", dY, min_ndim=1)
+        check_tensor("X", X, min_ndim=1)
+        out_f, in_f = self.shape
+        if dY.shape[-1] != out_f or X.shape[-1] != in_f or dY.shape[:-1] != X.shape[:-1]:
+            raise ValueError(f"dY must be (..., {out_f}) and X (..., {in_f}) with the same leading dims, "
+                             f"got {tuple(dY.shape)} and {tuple(X.shape)}")
+        dY = dY.detach().reshape(-1, out_f).to(self.device)
+        X = X.detach().reshape(-1, in_f).to(self.device)
+        _check_finite("dY", dY)
+        _check_finite("X", X)
+        dYh, Xh = _residual_rows(dY, self.U), _residual_rows(X, self.V)
+        if self.strategy == "dense":
+            self.G.addmm_(dYh.mT, Xh)
+        else:
+            self.Y.addmm_(dYh.mT, Xh @ self.omega)
+            self.W.addmm_((dYh @ self.psi.mT).mT, Xh)
+        self.batches += 1
+
+    def merge(self, other: "GradientSketch") -> "GradientSketch":
+        """Add ``other`` (same configuration, seed and bases) into this sketch; returns self."""
+        if not isinstance(other, GradientSketch):
+            raise TypeError(f"can only merge another GradientSketch, got {type(other).__name__}")
+        mine = (self.shape, self.rank, self.strategy, self.seed, [t.shape for t in self._state()])
+        theirs = (other.shape, other.rank, other.strategy, other.seed, [t.shape for t in other._state()])
+        if mine != theirs:
+            raise ValueError(f"cannot merge sketches of different configuration: {mine} vs {theirs}")
+        for a, b in ((self.U, other.U), (self.V, other.V)):
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(self.device))):
+                raise ValueError("cannot merge sketches taken against different bases")
+        for mine_t, theirs_t in zip(self._state(), other._state()):
+            mine_t += theirs_t.to(self.device)
+        self.batches += other.batches
+        return self
+
+    def all_reduce(self, group=None) -> "GradientSketch":
+        """Sum over the ranks of ``group`` (a no-op without a process group)."""
+        batches = torch.tensor([float(self.batches)], dtype=torch.float64, device=self.device)
+        _all_reduce(self._state() + [batches], group)
+        self.batches = int(batches.item())
+        return self
+
+    def mean_gradient(self) -> torch.Tensor:
+        """``Ĝ`` averaged over batches (``out×in``); dense strategy only."""
+        if self.strategy != "dense":
+            raise NotImplementedError("the randomized strategy never forms Ĝ; use adapter_init() or strategy='dense'")
+        return self.G / max(self.batches, 1)
+
+    def adapter_init(self) -> torch.Tensor:
+        """``A`` (``r×in``): orthonormal rows spanning the top-r right singular vectors of ``Ĝ``,
+        orthogonal to ``V``. Raises when no batch was seen."""
+        if self.batches == 0:
+            raise RuntimeError("adapter_init() before any update(): the gradient is unknown")
+        if self.strategy == "dense":
+            right = torch.linalg.svd(self.G.double(), full_matrices=False)[2]
+        else:
+            Q, _ = torch.linalg.qr(self.Y.double())
+            core = torch.linalg.lstsq(self.psi.double() @ Q, self.W.double()).solution  # Ĝ ≈ Q core
+            right = torch.linalg.svd(core, full_matrices=False)[2]
+        A = right[: self.rank].mT
+        if A.shape[1] < self.rank:  # fewer directions than rank (tiny layers): fill with random ones
+            A = torch.cat([A, _gaussian(self.shape[1], self.rank - A.shape[1], self.seed + 2, self.device).double()], 1)
+        if self.V is not None:
+            A = A - self.V.double() @ (self.V.double().mT @ A)
+        return torch.linalg.qr(A)[0].mT.float().contiguous()

@@ -1,0 +1,249 @@
+"""Streaming sketches against the exact computations on the stacked data."""
+import socket
+
+import pytest
+import torch
+
+from conftest import raises, random_basis
+from kplora_kernels import gpm_expand
+from kplora_kernels.subspace import GradientSketch, InputSketch
+
+
+def planted(n, dim, k, noise=0.05, seed=0, basis=None):
+    """``n×dim`` inputs: a ``k``-dimensional signal with decaying scales plus isotropic noise."""
+    gen = torch.Generator().manual_seed(seed)
+    if basis is None:
+        basis, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64))
+    scales = torch.linspace(6, 2, basis.shape[1], dtype=torch.float64)
+    signal = torch.randn(n, basis.shape[1], generator=gen, dtype=torch.float64) * scales
+    return (signal @ basis.T + noise * torch.randn(n, dim, generator=gen, dtype=torch.float64)).float()
+
+
+def captured_energy(X, V):
+    X = X.double()
+    return float(((X @ V.double()) ** 2).sum() / (X ** 2).sum())
+
+
+def stream(sketch, X, batch=50):
+    for start in range(0, X.shape[0], batch):
+        sketch.update(X[start:start + batch])
+    return sketch
+
+
+@pytest.mark.parametrize("with_basis", [False, True])
+def test_covariance_strategy_equals_exact_gpm(with_basis):
+    X = planted(600, 32, 6)
+    V0 = random_basis(32, 3, torch.float32) if with_basis else None
+    sketch = stream(InputSketch(32, V0, strategy="covariance"), X)
+    assert sketch.strategy == "covariance" and sketch.memory_bytes == 32 * 32 * 4
+    for eps in (0.5, 0.9, 0.99):
+        ours = sketch.expand(V0, eps)
+        exact = gpm_expand(V0, X.double(), eps)
+        assert ours.shape == exact.shape
+        torch.testing.assert_close((ours @ ours.T).double(), exact @ exact.T, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("with_basis", [False, True])
+def test_randomized_strategy_captures_the_exact_energy(with_basis):
+    X = planted(2000, 96, 8)
+    V0 = random_basis(96, 4, torch.float32) if with_basis else None
+    sketch = stream(InputSketch(96, V0, strategy="randomized", width=40), X)
+    assert sketch.strategy == "randomized" and sketch.memory_bytes == 2 * 96 * 40 * 4
+    for eps in (0.9, 0.97):
+        ours, exact = sketch.expand(V0, eps), gpm_expand(V0, X.double(), eps)
+        assert abs(captured_energy(X, ours) - captured_energy(X, exact)) <= 0.01
+        assert abs(ours.shape[1] - exact.shape[1]) <= 1
+        torch.testing.assert_close(ours.T @ ours, torch.eye(ours.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_auto_strategy_follows_the_memory_budget():
+    assert InputSketch(64, memory_budget=64 * 64 * 4).strategy == "covariance"
+    small = InputSketch(64, memory_budget=64 * 64 * 4 - 1)
+    assert small.strategy == "randomized" and small.memory_bytes <= 2 * 64 * 64 * 4
+
+
+def test_rule_stops_at_threshold_and_never_exceeds_dim():
+    X = planted(500, 16, 16, noise=0.0)
+    sketch = stream(InputSketch(16, strategy="covariance"), X)
+    V = sketch.expand(None, 1.0)
+    assert V.shape == (16, 16)
+    full = stream(InputSketch(16, V, strategy="covariance"), X)
+    assert full.expand(V, 1.0).shape == (16, 16)
+
+
+def test_merge_of_shards_equals_the_whole_stream():
+    X = planted(400, 24, 5)
+    for strategy in ("covariance", "randomized"):
+        whole = stream(InputSketch(24, strategy=strategy, width=12), X)
+        a = stream(InputSketch(24, strategy=strategy, width=12), X[:150])
+        b = stream(InputSketch(24, strategy=strategy, width=12), X[150:])
+        a.merge(b)
+        torch.testing.assert_close(a.state, whole.state, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(a.energy, whole.energy)
+        assert a.tokens == whole.tokens == 400
+
+
+def test_sketch_errors_and_nan_batches():
+    sketch = InputSketch(8)
+    with raises(ValueError, "(..., 8)", "(3, 7)"):
+        sketch.update(torch.randn(3, 7))
+    before = sketch.state.clone()
+    bad = torch.randn(4, 8)
+    bad[1, 2] = float("nan")
+    with raises(ValueError, "NaN"):
+        sketch.update(bad)
+    assert torch.equal(sketch.state, before) and sketch.tokens == 0
+    with raises(ValueError, "eps"):
+        sketch.expand(None, 1.5)
+    with raises(ValueError, "configuration"):
+        sketch.merge(InputSketch(8, strategy="randomized", width=4))
+    with raises(ValueError, "configuration"):
+        InputSketch(8, strategy="randomized", width=4, seed=1).merge(InputSketch(8, strategy="randomized", width=4))
+    with raises(ValueError, "bases"):
+        InputSketch(8, random_basis(8, 2, torch.float32)).merge(sketch)
+    with raises(ValueError, "basis V"):
+        sketch.expand(random_basis(8, 2, torch.float32), 0.9)
+    with raises(ValueError, "strategy"):
+        InputSketch(8, strategy="fd")
+
+
+def gradient_stream(out_f, in_f, batches=12, tokens=40, rank_signal=6, seed=0):
+    """(dY, X) batches whose mean gradient has a decaying spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(out_f, rank_signal, generator=gen))[0]
+    right = torch.linalg.qr(torch.randn(in_f, rank_signal, generator=gen))[0]
+    decay = 0.6 ** torch.arange(rank_signal, dtype=torch.float32)
+    pairs = []
+    for _ in range(batches):
+        z = torch.randn(tokens, rank_signal, generator=gen)
+        X = z @ right.T + 0.01 * torch.randn(tokens, in_f, generator=gen)
+        dY = (z * decay) @ left.T + 0.01 * torch.randn(tokens, out_f, generator=gen)
+        pairs.append((dY, X))
+    return pairs
+
+
+def projected_mean_gradient(pairs, U, V):
+    G = sum(dY.double().T @ X.double() for dY, X in pairs) / len(pairs)
+    if U is not None:
+        G = G - U.double() @ (U.double().T @ G)
+    if V is not None:
+        G = G - (G @ V.double()) @ V.double().T
+    return G
+
+
+@pytest.mark.parametrize("strategy", ["dense", "randomized"])
+@pytest.mark.parametrize("bases", [False, True])
+def test_gradient_sketch_adapter_captures_the_top_energy(strategy, bases):
+    out_f, in_f, r = 40, 56, 4
+    U = random_basis(out_f, 3, torch.float32, seed=7) if bases else None
+    V = random_basis(in_f, 5, torch.float32, seed=8) if bases else None
+    pairs = gradient_stream(out_f, in_f)
+    sketch = GradientSketch(out_f, in_f, r, U=U, V=V, strategy=strategy)
+    for dY, X in pairs:
+        sketch.update(dY, X)
+    A = sketch.adapter_init()
+    G = projected_mean_gradient(pairs, U, V)
+    exact = torch.linalg.svd(G)[2][:r]
+    ours_energy = (G @ A.double().T).pow(2).sum()
+    exact_energy = (G @ exact.T).pow(2).sum()
+    assert ours_energy >= 0.95 * exact_energy
+    assert A.shape == (r, in_f)
+    torch.testing.assert_close(A @ A.T, torch.eye(r), atol=1e-5, rtol=0)
+    if V is not None:
+        assert (A @ V).abs().max() < 1e-5
+    if strategy == "dense":
+        torch.testing.assert_close(sketch.mean_gradient().double(), G, atol=1e-4, rtol=1e-4)
+    else:
+        k, l = r + 8, 2 * (r + 8) + 1  # range and co-range widths, each with its test matrix
+        assert sketch.memory_bytes == 4 * (out_f * k + l * in_f + in_f * k + l * out_f)
+
+
+def test_gradient_sketch_memory_at_7b_scale():
+    sketch = GradientSketch(11008, 4096, 32)  # auto: the dense 11008×4096 gradient is over budget
+    assert sketch.strategy == "randomized"
+    assert sketch.memory_bytes < 0.05 * 11008 * 4096 * 4  # 7.3 MB against 180 MB
+
+
+def test_gradient_sketch_feeds_from_the_layer_hook_and_respects_U():
+    from torch import nn
+
+    from kplora_kernels.nn import FusedKeepLoRALinear
+
+    layer = FusedKeepLoRALinear.from_linear(nn.Linear(20, 16), rank=3)
+    U, V = random_basis(16, 4, torch.float32), random_basis(20, 5, torch.float32)
+    layer.set_bases(V=V, U=U)
+    layer.grad_accumulator = sketch = GradientSketch(16, 20, 3, U=U, V=V, strategy="dense")
+    x, target = torch.randn(32, 20), torch.randn(32, 16)
+    ((layer(x) - target) ** 2).mean().backward()
+    layer.grad_accumulator = None
+    assert layer.weight.grad is None and sketch.batches == 1
+    layer.reset_adapter(sketch.adapter_init())
+    opt = torch.optim.SGD([layer.lora_B], lr=0.1)
+    layer.lora_B.grad = None
+    ((layer(x) - target) ** 2).mean().backward()
+    opt.step()
+    delta = layer.delta_weight()
+    assert delta.abs().max() > 1e-4
+    assert (U.T @ delta).abs().max() < 1e-6 and (delta @ V).abs().max() < 1e-6
+
+
+def test_gradient_sketch_errors():
+    with raises(ValueError, "rank"):
+        GradientSketch(4, 5, 6)
+    sketch = GradientSketch(4, 5, 2)
+    with raises(RuntimeError, "before any update"):
+        sketch.adapter_init()
+    with raises(ValueError, "(..., 4)", "(3, 5)"):
+        sketch.update(torch.randn(3, 5), torch.randn(3, 5))
+    bad = torch.randn(3, 5)
+    bad[0, 0] = float("inf")
+    with raises(ValueError, "NaN or Inf"):
+        sketch.update(torch.randn(3, 4), bad)
+    assert sketch.batches == 0
+    with raises(ValueError, "configuration"):
+        sketch.merge(GradientSketch(4, 5, 2, seed=3, strategy="randomized"))
+    with raises(NotImplementedError, "never forms"):
+        GradientSketch(4, 5, 2, strategy="randomized").mean_gradient()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, X, pairs, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        inputs = stream(InputSketch(24, strategy="randomized", width=12), X[rank::world])
+        grads = GradientSketch(12, 24, 3, strategy="randomized")
+        for dY, Xb in pairs[rank::world]:
+            grads.update(dY, Xb)
+        inputs.all_reduce()
+        grads.all_reduce()
+        results[rank] = (inputs.state, inputs.energy, inputs.tokens, grads.Y, grads.W, grads.batches)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_across_two_gloo_processes():
+    import torch.multiprocessing as mp
+
+    X = planted(300, 24, 4)
+    pairs = gradient_stream(12, 24, batches=6)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_rank_main, args=(2, _free_port(), X, pairs, results), nprocs=2, join=True)
+    whole = stream(InputSketch(24, strategy="randomized", width=12), torch.cat([X[0::2], X[1::2]]))
+    grads = GradientSketch(12, 24, 3, strategy="randomized")
+    for dY, Xb in pairs:
+        grads.update(dY, Xb)
+    for rank in (0, 1):
+        state, energy, tokens, Y, W, batches = results[rank]
+        torch.testing.assert_close(state, whole.state, atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(energy, whole.energy)
+        torch.testing.assert_close(Y, grads.Y, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(W, grads.W, atol=1e-4, rtol=1e-4)
+        assert tokens == 300 and batches == 6
