@@ -30,17 +30,16 @@ def stream(sketch, X, batch=50):
     return sketch
 
 
-@pytest.mark.parametrize("with_basis", [False, True])
-def test_covariance_strategy_equals_exact_gpm(with_basis):
+def test_covariance_strategy_equals_exact_gpm_for_every_basis():
     X = planted(600, 32, 6)
-    V0 = random_basis(32, 3, torch.float32) if with_basis else None
-    sketch = stream(InputSketch(32, V0, strategy="covariance"), X)
+    sketch = stream(InputSketch(32, strategy="covariance"), X)  # one sketch, as for q, k, v of a block
     assert sketch.strategy == "covariance" and sketch.memory_bytes == 32 * 32 * 4
-    for eps in (0.5, 0.9, 0.99):
-        ours = sketch.expand(V0, eps)
-        exact = gpm_expand(V0, X.double(), eps)
-        assert ours.shape == exact.shape
-        torch.testing.assert_close((ours @ ours.T).double(), exact @ exact.T, atol=1e-4, rtol=0)
+    for V0 in (None, random_basis(32, 3, torch.float32, seed=1), random_basis(32, 5, torch.float32, seed=2)):
+        for eps in (0.5, 0.9, 0.99):
+            ours = sketch.expand(V0, eps)
+            exact = gpm_expand(V0, X.double(), eps)
+            assert ours.shape == exact.shape
+            torch.testing.assert_close((ours @ ours.T).double(), exact @ exact.T, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("with_basis", [False, True])
@@ -99,10 +98,13 @@ def test_sketch_errors_and_nan_batches():
         sketch.merge(InputSketch(8, strategy="randomized", width=4))
     with raises(ValueError, "configuration"):
         InputSketch(8, strategy="randomized", width=4, seed=1).merge(InputSketch(8, strategy="randomized", width=4))
+    residual = InputSketch(8, random_basis(8, 2, torch.float32), strategy="randomized", width=4)
     with raises(ValueError, "bases"):
-        InputSketch(8, random_basis(8, 2, torch.float32)).merge(sketch)
+        residual.merge(InputSketch(8, strategy="randomized", width=4))
     with raises(ValueError, "basis V"):
-        sketch.expand(random_basis(8, 2, torch.float32), 0.9)
+        residual.expand(random_basis(8, 2, torch.float32, seed=3), 0.9)
+    with raises(ValueError, "V", "8 rows"):
+        sketch.expand(random_basis(6, 2, torch.float32), 0.9)
     with raises(ValueError, "strategy"):
         InputSketch(8, strategy="fd")
 

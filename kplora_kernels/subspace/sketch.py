@@ -50,12 +50,13 @@ def _all_reduce(tensors, group) -> None:
 class InputSketch:
     """Accumulates inputs ``X`` (``(..., dim)``) of one task to expand the basis ``V`` by the GPM rule.
 
-    Strategies: ``"covariance"`` keeps ``Σ Xᵀ X`` exactly (``dim²`` floats) and gives exactly the GPM
-    result of the stacked inputs; ``"randomized"`` keeps a Nyström sketch ``Σ X̂ᵀ (X̂ Ω)`` of the
-    *residual* covariance (``X̂ = X (I − V Vᵀ)``, ``dim×width`` floats, ``Ω`` from ``seed``) and the
-    running energies, for large ``dim``. ``"auto"`` takes the exact one when it fits in
-    ``memory_budget`` bytes. ``V`` (``dim×k``, or None) is the basis the task starts from; pass the
-    same one to :meth:`expand`. ``strategy`` and ``memory_bytes`` tell what was chosen.
+    Strategies: ``"covariance"`` keeps ``Σ Xᵀ X`` exactly (``dim²`` floats), gives exactly the GPM
+    result of the stacked inputs and serves any basis at :meth:`expand`, so one sketch of an input
+    shared by several weights (q, k, v of a block) serves all of them. ``"randomized"`` keeps a
+    Nyström sketch ``Σ X̂ᵀ (X̂ Ω)`` of the *residual* covariance (``X̂ = X (I − V Vᵀ)``, ``dim×width``
+    floats, ``Ω`` from ``seed``) for large ``dim``; it is tied to the basis ``V`` (``dim×k``) given
+    here, which :meth:`expand` must be given again. ``"auto"`` takes the exact one when it fits in
+    ``memory_budget`` bytes. ``strategy`` and ``memory_bytes`` tell what was chosen.
     """
 
     def __init__(self, dim: int, V: torch.Tensor | None = None, *, strategy: str = "auto",
@@ -70,10 +71,11 @@ class InputSketch:
             device = V.device if device is None else device
         self.dim, self.seed = dim, seed
         self.device = torch.device(device or "cpu")
-        self.V = None if V is None or V.shape[1] == 0 else V.detach().float().to(self.device)
         if strategy == "auto":
             strategy = "covariance" if 4 * dim * dim <= memory_budget else "randomized"
         self.strategy = strategy
+        keep_V = strategy == "randomized" and V is not None and V.shape[1] > 0
+        self.V = V.detach().float().to(self.device) if keep_V else None
         if strategy == "covariance":
             self.state = torch.zeros(dim, dim, device=self.device)
         else:
@@ -83,7 +85,7 @@ class InputSketch:
             self.omega = _gaussian(dim, width, seed, self.device)
             self.state = torch.zeros(dim, width, device=self.device)
         self.width = self.state.shape[1]
-        # ‖X‖² and ‖X (I − VVᵀ)‖², accumulated in fp64
+        # ‖X‖² and ‖X (I − VVᵀ)‖² (the latter for the randomized strategy), accumulated in fp64
         self.energy = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.tokens = 0
 
@@ -99,10 +101,11 @@ class InputSketch:
             raise ValueError(f"X must have shape (..., {self.dim}), got {tuple(X.shape)}")
         X = X.detach().reshape(-1, self.dim).to(self.device)
         _check_finite("X", X)
-        R = _residual_rows(X, self.V)
         if self.strategy == "covariance":
-            self.state.addmm_(X.float().mT, X.float())
+            R = X.float()
+            self.state.addmm_(R.mT, R)
         else:
+            R = _residual_rows(X, self.V)
             self.state.addmm_(R.mT, R @ self.omega)
         self.energy += torch.stack([X.double().pow(2).sum(), R.double().pow(2).sum()])
         self.tokens += X.shape[0]
@@ -136,16 +139,17 @@ class InputSketch:
         self.tokens = int(tokens.item())
         return self
 
-    def residual_spectrum(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenvalues (descending, ``s_j²`` of the residual inputs) and eigenvectors (``dim×m``)."""
+    def residual_spectrum(self, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Eigenvalues (descending: ``s_j²`` of the residual inputs), eigenvectors (``dim×m``) and
+        ``‖X (I − VVᵀ)‖²``."""
         if self.strategy == "covariance":
             C = self.state.double()
-            if self.V is not None:
-                Vd = self.V.double()
+            if V is not None:
+                Vd = V.double()
                 C = C - Vd @ (Vd.mT @ C)
                 C = C - (C @ Vd) @ Vd.mT
             evals, evecs = torch.linalg.eigh((C + C.mT) / 2)
-            return evals.flip(0).clamp_min(0), evecs.flip(1)
+            return evals.flip(0).clamp_min(0), evecs.flip(1), C.trace().item()
         # stable single-pass Nyström approximation of the PSD residual covariance from Y = C Ω
         Y, omega = self.state.double(), self.omega.double()
         nu = math.sqrt(self.dim) * torch.finfo(torch.float32).eps * Y.norm().item()
@@ -158,23 +162,25 @@ class InputSketch:
         vecs = Uy
         if self.V is not None:  # keep the estimate in the residual space
             vecs = vecs - self.V.double() @ (self.V.double().mT @ vecs)
-        return evals, vecs
+        return evals, vecs, self.energy[1].item()
 
     def expand(self, V: torch.Tensor | None, eps: float) -> torch.Tensor:
         """``V`` extended by the GPM rule: append residual directions while
         ``(E − ‖R‖² + Σ_appended s_j²) / E < eps``. Returns ``dim×k'`` in fp32."""
         eps = check_eps("eps", eps)
-        if V is not None and V.shape[1] == 0:
-            V = None
-        if (V is None) != (self.V is None) or (V is not None and (V.shape != self.V.shape or not torch.allclose(
-                V.float().to(self.device), self.V))):
-            raise ValueError("expand must be given the basis V the sketch was taken against")
-        base = torch.zeros(self.dim, 0, device=self.device) if V is None else self.V
+        if V is not None:
+            check_basis("V", V, self.dim, "dim")
+            V = None if V.shape[1] == 0 else V.detach().float().to(self.device)
+        if self.strategy == "randomized" and ((V is None) != (self.V is None) or (
+                V is not None and (V.shape != self.V.shape or not torch.allclose(V, self.V)))):
+            raise ValueError("the randomized sketch projects against the basis V it was built with: "
+                             "expand must be given that basis")
+        base = torch.zeros(self.dim, 0, device=self.device) if V is None else V
         total = self.energy[0].item()
         if total == 0 or base.shape[1] == self.dim:
             return base.clone()
-        evals, evecs = self.residual_spectrum()
-        captured = total - self.energy[1].item()  # energy V already holds
+        evals, evecs, residual = self.residual_spectrum(V)
+        captured = total - residual  # the energy V already holds
         before = captured + torch.cat([evals.new_zeros(1), torch.cumsum(evals, 0)[:-1]])
         count = int((before / total < eps).sum().item())
         count = min(count, int((evals > evals[0] * 1e-10).sum().item()) if evals.numel() else 0,
@@ -294,7 +300,7 @@ class GradientSketch:
         if self.batches == 0:
             raise RuntimeError("adapter_init() before any update(): the gradient is unknown")
         if self.strategy == "dense":
-            right = torch.linalg.svd(self.G.double(), full_matrices=False)[2]
+            right = torch.linalg.svd(self.G, full_matrices=False)[2].double()  # fp32: directions only
         else:
             Q, _ = torch.linalg.qr(self.Y.double())
             core = torch.linalg.lstsq(self.psi.double() @ Q, self.W.double()).solution  # Ĝ ≈ Q core
