@@ -1,9 +1,5 @@
-"""Benchmark helpers: sizes (quick by default, full with KPLORA_BENCH_FULL=1) and a summary of
-speed-up ratios against the baselines, computed from the timings of the same run."""
-import os
+"""The summary of speed-up ratios against the baselines, computed from the timings of the same run."""
 from collections import defaultdict
-
-FULL = os.environ.get("KPLORA_BENCH_FULL") == "1"
 
 
 def pytest_terminal_summary(terminalreporter, config):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FULL
+from bench_sizes import FULL
 from kplora_kernels.nn import FusedKeepLoRALinear
 from kplora_kernels.profiling import saved_activation_bytes
 

@@ -11,7 +11,7 @@ Full sizes with ``KPLORA_BENCH_FULL=1`` (``make bench``); quick sizes otherwise.
 import pytest
 import torch
 
-from conftest import FULL
+from bench_sizes import FULL
 from kplora_kernels import ops
 from kplora_kernels.ops import cpp, reference
 

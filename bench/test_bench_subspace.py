@@ -9,7 +9,7 @@ or an SVD of ``tokens×11008`` (minutes on 2 cores): only the sketch runs there.
 import pytest
 import torch
 
-from conftest import FULL
+from bench_sizes import FULL
 from kplora_kernels import gpm_expand
 from kplora_kernels.subspace import GradientSketch, InputSketch
 

@@ -1,7 +1,5 @@
-"""Test helpers. The environment (TRITON_INTERPRET, HF_HUB_OFFLINE) is set in the root conftest.py,
-which pytest loads first, so that bench/ shares it."""
-import contextlib
-
+"""Fixtures for tests/. The environment (TRITON_INTERPRET, HF_HUB_OFFLINE) is set in the root
+conftest.py, which pytest loads first, so that bench/ shares it; helpers live in helpers.py."""
 import pytest
 import torch
 
@@ -9,20 +7,3 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def random_basis(dim: int, k: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """A random ``dim×k`` orthonormal basis."""
-    gen = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(dim, max(k, 1), generator=gen, dtype=torch.float64))
-    return Q[:, :k].to(dtype)
-
-
-@contextlib.contextmanager
-def raises(exc, *fragments):
-    """Like ``pytest.raises(exc)``, and the message must contain every fragment."""
-    with pytest.raises(exc) as info:
-        yield info
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import raises, random_basis
+from helpers import raises, random_basis
 from kplora_kernels.nn import FusedKeepLoRALinear, register_projection_hooks
 from kplora_kernels.nn.linear import _KeepLoRAFunction
 

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import raises, random_basis
+from helpers import raises, random_basis
 from kplora_kernels import ops
 from kplora_kernels.ops import cpp, reference
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import raises, random_basis
+from helpers import raises, random_basis
 from kplora_kernels import (LinearOperator, energy_rank, gpm_expand, layer_scales, principal_subspace,
                             project_rows, randomized_svd, residual_project, set_orthonormality_check)
 

@@ -4,7 +4,7 @@ import socket
 import pytest
 import torch
 
-from conftest import raises, random_basis
+from helpers import raises, random_basis
 from kplora_kernels import gpm_expand
 from kplora_kernels.subspace import GradientSketch, InputSketch
 

@@ -209,6 +209,13 @@ class FusedKeepLoRALinear(nn.Module):
         self.weight.copy_((self.weight.to(self.delta_weight().dtype) - self.delta_weight()).to(self.weight.dtype))
         self.merged = False
 
+    @torch.no_grad()
+    def absorb_(self) -> None:
+        """The task-end step: fold ``c·B A`` into the weight for good and zero ``B`` (``A`` stays)."""
+        self.merge_()
+        self.lora_B.zero_()
+        self.merged = False
+
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():

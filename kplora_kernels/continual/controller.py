@@ -1,0 +1,249 @@
+"""The KeepLoRA++ controller: wrap a model, then for each task ``begin_task`` → train → ``end_task``.
+
+``begin_task`` estimates the projected task gradient through the layers' gradient hook (no weight
+``.grad``), sets ``A`` to its top-r right singular vectors and zeroes ``B``. ``end_task`` merges the
+adapters into the weights, runs the task's data through the merged model collecting each adapted
+linear's inputs (once per shared input), and expands ``V`` by the GPM rule.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..nn import FusedKeepLoRALinear, register_projection_hooks
+from ..schedules import layer_scales
+from ..subspace import GradientSketch, InputSketch, principal_subspace
+from .adapters import find_targets, replace_module, split_multihead_attention
+from .config import KeepLoRAConfig
+
+FORMAT = "kplora-controller/1"
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+class KeepLoRA:
+    """Wraps ``model`` in place: every target linear becomes a :class:`FusedKeepLoRALinear` with its
+    layer scale and, except for ``method="lora"``, the principal subspace of its pre-trained weight
+    as protected basis ``V`` (and ``U`` with ``eps_w_out``). The model's outputs are unchanged."""
+
+    def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
+                 compute_bases: bool = True):
+        self.model, self.config, self.progress = model, config or KeepLoRAConfig(), progress
+        cfg = self.config
+        split_multihead_attention(model)
+        model.requires_grad_(False)
+        extra = [re.compile(p) for p in cfg.extra_trainable]
+        self.extra_parameters = {n: p.requires_grad_(True) for n, p in model.named_parameters()
+                                 if any(e.search(n) for e in extra)}
+        self.targets = find_targets(model, cfg.targets)
+        depth = {}
+        for t in self.targets:
+            depth[t.tower] = max(depth.get(t.tower, 0), t.index + 1)
+        self.layers: dict[str, FusedKeepLoRALinear] = {}
+        for t in self.targets:
+            scaled = cfg.method == "keeplora++" and t.tower in cfg.layer_scaling_towers
+            scale = layer_scales(depth[t.tower], cfg.gamma, cfg.schedule)[t.index] if scaled else 1.0
+            layer = FusedKeepLoRALinear.from_linear(model.get_submodule(t.name), cfg.rank, cfg.alpha, scale)
+            replace_module(model, t.name, layer)
+            self.layers[t.name] = layer
+            if compute_bases and cfg.method != "lora":
+                W = layer.weight.detach()
+                V = self._leave_room(layer, principal_subspace(W, cfg.eps_for(t.tower), "in"))
+                U = principal_subspace(W, cfg.eps_w_out, "out") if cfg.eps_w_out else None
+                layer.set_bases(V=V, U=U)
+        self.task_index = 0
+
+    @staticmethod
+    def _leave_room(layer: FusedKeepLoRALinear, V: torch.Tensor) -> torch.Tensor:
+        """Keep at most ``in − rank`` protected directions (the most important ones come first)."""
+        return V[:, : layer.in_features - layer.rank]
+
+    # --- the task lifecycle ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The adapters' trainable parameters and the ``extra_trainable`` ones, for the user's optimizer."""
+        adapters = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
+        return adapters + list(self.extra_parameters.values())
+
+    def register_projection_hook(self, optimizer: torch.optim.Optimizer):
+        """Re-project every adapter after each ``optimizer.step()``; returns the removable handle."""
+        return register_projection_hooks(self.model, optimizer)
+
+    def _batches(self, loader, fraction: float, desc: str):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        try:
+            total = max(1, math.ceil(fraction * len(loader)))
+        except TypeError:  # an iterable without len: use all of it
+            total = None
+        batches = loader if total is None else itertools.islice(loader, total)
+        return _progress(batches, total, f"{desc} (task {self.task_index})", self.progress)
+
+    def begin_task(self, loader, loss_fn, fraction: float = 1.0) -> None:
+        """Initialise the adapters for a new task: ``A`` from the projected task gradient (over the
+        first ``fraction`` of ``loader``; ``loss_fn(model, batch)`` returns the loss), ``B = 0``."""
+        cfg = self.config
+        if cfg.method == "lora":
+            gen = torch.Generator().manual_seed(cfg.seed + self.task_index)
+            for layer in self.layers.values():
+                A = torch.linalg.qr(torch.randn(layer.in_features, layer.rank, generator=gen))[0].mT
+                layer.reset_adapter(A.to(layer.weight))
+            return
+        sketches = {}
+        for name, layer in self.layers.items():
+            sketches[name] = GradientSketch(layer.out_features, layer.in_features, layer.rank,
+                                            U=layer.U if layer.U.shape[1] else None, V=layer.V,
+                                            memory_budget=cfg.sketch_memory_budget,
+                                            seed=cfg.seed + self.task_index, device=layer.weight.device)
+            layer.grad_accumulator = sketches[name]
+        try:
+            for batch in self._batches(loader, fraction, "task gradient"):
+                loss_fn(self.model, batch).backward()
+        finally:
+            for layer in self.layers.values():
+                layer.grad_accumulator = None
+        for p in self.trainable_parameters():
+            p.grad = None  # the estimation pass is not a training step
+        for name, layer in self.layers.items():
+            layer.reset_adapter(sketches[name].adapter_init().to(layer.weight))
+
+    def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
+        """Merge the adapters, then expand each ``V`` by the GPM rule from the inputs the merged model
+        sees on the first ``fraction`` of ``loader`` (``forward_fn(model, batch)`` runs a forward)."""
+        cfg = self.config
+        for layer in self.layers.values():
+            layer.absorb_()
+        if cfg.method != "lora":
+            self._expand_bases(loader, forward_fn, fraction)
+        self.task_index += 1
+
+    def _expand_bases(self, loader, forward_fn, fraction):
+        cfg = self.config
+        sketch_of: dict[str, InputSketch] = {}
+        shared: dict[str, InputSketch] = {}
+        for t in self.targets:
+            layer = self.layers[t.name]
+            exact = 4 * layer.in_features ** 2 <= cfg.sketch_memory_budget
+            if exact and t.input_group in shared:  # q, k, v: one exact sketch of their common input
+                sketch_of[t.name] = shared[t.input_group]
+                continue
+            sketch = InputSketch(layer.in_features, layer.V, memory_budget=cfg.sketch_memory_budget,
+                                 seed=cfg.seed + self.task_index, device=layer.weight.device)
+            sketch_of[t.name] = sketch
+            if exact:
+                shared[t.input_group] = sketch
+            layer.input_accumulator = sketch
+        try:
+            with torch.no_grad():
+                for batch in self._batches(loader, fraction, "input subspace"):
+                    forward_fn(self.model, batch)
+        finally:
+            for layer in self.layers.values():
+                layer.input_accumulator = None
+        for t in self.targets:
+            layer = self.layers[t.name]
+            layer.set_bases(V=self._leave_room(layer, sketch_of[t.name].expand(layer.V, cfg.eps_f)))
+
+    @contextmanager
+    def task(self, loader, loss_fn, forward_fn=None, fraction: float = 1.0):
+        """``with kl.task(loader, loss_fn): train...`` runs :meth:`begin_task` and :meth:`end_task`
+        (with ``forward_fn``, by default ``loss_fn`` without gradients)."""
+        self.begin_task(loader, loss_fn, fraction)
+        yield self
+        self.end_task(loader, forward_fn or loss_fn, fraction)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _layout(self) -> dict:
+        layout = {name: [layer.out_features, layer.in_features, layer.rank, layer.layer_scale]
+                  for name, layer in self.layers.items()}
+        layout.update({f"extra.{n}": list(p.shape) for n, p in self.extra_parameters.items()})
+        return layout
+
+    def save(self, path: str) -> None:
+        """Everything needed to continue the sequence (config, task index, the adapted layers' merged
+        weights, bases and adapters) as safetensors, written atomically (temp file + rename)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, layer in self.layers.items():
+            for key in ("weight", "lora_A", "lora_B", "V", "U"):
+                tensors[f"{name}.{key}"] = getattr(layer, key).detach().cpu().contiguous().clone()
+        for name, p in self.extra_parameters.items():
+            tensors[f"extra.{name}"] = p.detach().cpu().contiguous().clone()
+        meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
+                "layout": self._layout()}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @staticmethod
+    def _read(path: str):
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("kplora", "null"))
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad files
+            raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from exc
+        if not meta or meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a kplora controller checkpoint (format {FORMAT})")
+        return meta, tensors
+
+    def load(self, path: str) -> None:
+        """Restore a :meth:`save` d state into this (freshly wrapped) model; refuses a checkpoint of
+        another architecture or configuration."""
+        meta, tensors = self._read(path)
+        if meta["config"] != self.config.to_dict():
+            diff = {k: (v, self.config.to_dict().get(k)) for k, v in meta["config"].items()
+                    if self.config.to_dict().get(k) != v}
+            raise ValueError(f"checkpoint {path} was written with another configuration "
+                             f"(key: (checkpoint, this)): {diff}")
+        mine, theirs = self._layout(), meta["layout"]
+        if mine != theirs:
+            missing = sorted(set(theirs) - set(mine))[:3]
+            extra = sorted(set(mine) - set(theirs))[:3]
+            changed = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])[:3]
+            raise ValueError(f"checkpoint {path} is for another architecture: layers only in the checkpoint "
+                             f"{missing}, only in this model {extra}, of other shape {changed}")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                dev = layer.weight.device
+                layer.weight.copy_(tensors[f"{name}.weight"])
+                layer.V = tensors[f"{name}.V"].to(dev)
+                layer.U = tensors[f"{name}.U"].to(dev)
+                layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+                layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+            for name, p in self.extra_parameters.items():
+                p.copy_(tensors[f"extra.{name}"])
+        self.task_index = meta["task_index"]
+
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True) -> "KeepLoRA":
+        """Wrap a freshly built ``model`` with the checkpoint's configuration and restore its state."""
+        meta, _ = cls._read(path)
+        kl = cls(model, KeepLoRAConfig.from_dict(meta["config"]), progress=progress, compute_bases=False)
+        kl.load(path)
+        return kl
