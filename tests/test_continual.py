@@ -266,6 +266,27 @@ def test_load_refuses_another_architecture(tmp_path):
         kl.load(str(tmp_path / "missing.safetensors"))
 
 
+def test_generic_models_transformers_clip_and_explicit_layer_index():
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=2, vocab_size=99),
+                                 vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=2, image_size=32, patch_size=8),
+                                 projection_dim=16)).eval()
+    kl = KeepLoRA(model, KeepLoRAConfig(rank=2, targets=[r"self_attn\.(q|k|v|out)_proj$"],
+                                        layer_scaling_towers=["visual"]), progress=False)
+    towers = {name: next(t.tower for t in kl.targets if t.name == name) for name in kl.layers}
+    assert set(towers.values()) == {"visual", "text"} and len(kl.layers) == 16
+    assert {kl.layers[n].layer_scale for n, t in towers.items() if t == "text"} == {1.0}
+    flat = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    kl = KeepLoRA(flat, KeepLoRAConfig(rank=2, targets=[r"^\d+$"]), progress=False, layer_index={"0": 0, "2": 1})
+    assert [kl.layers[n].layer_scale for n in ("0", "2")] == pytest.approx([0.2, 1.0])
+    with raises(ValueError, "layer index", "layer_index"):
+        KeepLoRA(nn.Sequential(nn.Linear(8, 8)), KeepLoRAConfig(rank=2, targets=[r"^0$"]), progress=False)
+
+
 def test_config_errors():
     with raises(ValueError, "method"):
         KeepLoRAConfig(method="ewc")

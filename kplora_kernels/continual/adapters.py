@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 # Module-path prefixes naming a tower (layer indices and depths are counted per tower).
-_TOWERS = (("visual", r"(^|\.)(visual|vision_tower|vision_model)\."), ("text", r"^(transformer|text)\."))
+_TOWERS = (("visual", r"(^|\.)(visual|vision_tower|vision_model)\."),
+           ("text", r"^(transformer|text)\.|(^|\.)text_model\."))
 _INDEX = re.compile(r"(?:^|\.)(?:resblocks|layers|layer|blocks|h)\.(\d+)\.")
 
 
@@ -93,20 +94,26 @@ def tower_of(name: str) -> str:
     return "default"
 
 
-def find_targets(model: nn.Module, patterns) -> list[Target]:
+def find_targets(model: nn.Module, patterns, layer_index: dict | None = None) -> list[Target]:
     """Every ``nn.Linear`` whose module path matches one of ``patterns`` (``re.search``), with its
-    tower and layer index parsed from the path (``…layers.N…``, ``…resblocks.N…``)."""
+    tower and its layer index: ``layer_index[name]`` when given, else parsed from the path
+    (``…layers.N…``, ``…resblocks.N…``)."""
     compiled = [re.compile(p) for p in patterns]
+    layer_index = layer_index or {}
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not any(p.search(name) for p in compiled):
             continue
         match = _INDEX.search("." + name + ".")
-        if match is None:
+        if name in layer_index:
+            index = int(layer_index[name])
+        elif match is not None:
+            index = int(match.group(1))
+        else:
             raise ValueError(f"cannot parse a layer index from the module path {name!r}; "
-                             "pass layer indices explicitly or adjust the target patterns")
+                             "pass it in layer_index={name: index} or adjust the target patterns")
         group = name.rsplit(".", 1)[0] + ":qkv" if re.search(r"(q|k|v)_proj$", name) else name
-        targets.append(Target(name, tower_of(name), int(match.group(1)), group))
+        targets.append(Target(name, tower_of(name), index, group))
     if not targets:
         raise ValueError(f"no nn.Linear matches the target patterns {list(patterns)}")
     return targets

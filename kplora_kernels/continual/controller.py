@@ -39,10 +39,12 @@ def _progress(iterable, total, desc, enabled):
 class KeepLoRA:
     """Wraps ``model`` in place: every target linear becomes a :class:`FusedKeepLoRALinear` with its
     layer scale and, except for ``method="lora"``, the principal subspace of its pre-trained weight
-    as protected basis ``V`` (and ``U`` with ``eps_w_out``). The model's outputs are unchanged."""
+    as protected basis ``V`` (and ``U`` with ``eps_w_out``). The model's outputs are unchanged.
+    ``layer_index`` maps module paths to layer indices where they cannot be parsed from the path.
+    ``compute_bases=False`` skips the principal subspaces (when a checkpoint will provide them)."""
 
     def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
-                 compute_bases: bool = True):
+                 compute_bases: bool = True, layer_index: dict | None = None):
         self.model, self.config, self.progress = model, config or KeepLoRAConfig(), progress
         cfg = self.config
         split_multihead_attention(model)
@@ -50,7 +52,7 @@ class KeepLoRA:
         extra = [re.compile(p) for p in cfg.extra_trainable]
         self.extra_parameters = {n: p.requires_grad_(True) for n, p in model.named_parameters()
                                  if any(e.search(n) for e in extra)}
-        self.targets = find_targets(model, cfg.targets)
+        self.targets = find_targets(model, cfg.targets, layer_index)
         depth = {}
         for t in self.targets:
             depth[t.tower] = max(depth.get(t.tower, 0), t.index + 1)
