@@ -2,25 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
+def default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "kplora_kernels")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kplora", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kplora", description="KeepLoRA++ continual learning tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a small continual-learning run on embedded data (digits)")
-    demo.add_argument("--steps", type=int, default=300, help="optimizer steps per task (default 300)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--eps-f", type=float, default=0.97, help="GPM energy threshold in (0, 1]")
+    demo = sub.add_parser("demo", help="a continual-learning run on embedded data, compared across methods")
+    demo.add_argument("--config", help="a JSON or YAML file with any of the demo's settings (see README)")
+    demo.add_argument("--output", default="demo_output", help="where results go (default: demo_output)")
+    demo.add_argument("--cache-dir", default=None, help=f"where the stage-0 model is cached (default: {default_cache_dir()})")
+    demo.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        if args.steps < 1:
-            parser.error(f"--steps must be ≥ 1, got {args.steps}")
-        if not 0.0 < args.eps_f <= 1.0:
-            parser.error(f"--eps-f must be in (0, 1], got {args.eps_f}")
-        from .demo import run
+        from .demo import DemoConfig, DemoError, run
 
-        run(steps=args.steps, seed=args.seed, eps_f=args.eps_f)
+        try:
+            config = DemoConfig.from_file(args.config, seed=args.seed)
+            run(config, args.output, args.cache_dir or default_cache_dir())
+        except (DemoError, TypeError) as exc:  # TypeError: a setting of the wrong type in the file
+            print(f"kplora: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

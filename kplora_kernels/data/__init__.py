@@ -1,0 +1,1 @@
+"""Embedded data for the demo (no downloads)."""
