@@ -115,6 +115,18 @@ def test_principal_subspace_known_spectrum():
     assert principal_subspace(W.float(), 0.5).dtype == torch.float32
 
 
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_principal_subspace_gram_route_matches_svd(shape, side):
+    W, _, _ = known_spectrum(*shape, [2.0 ** -i for i in range(20)])
+    W = W + 1e-6 * torch.randn(*shape, dtype=torch.float64)
+    for eps in (0.6, 0.9, 0.999):
+        exact = principal_subspace(W, eps, side, method="svd")
+        gram = principal_subspace(W, eps, side, method="gram")
+        assert gram.shape == exact.shape
+        torch.testing.assert_close(gram @ gram.T, exact @ exact.T, atol=1e-8, rtol=0)
+
+
 def planted_inputs(n, dim, k, noise, seed=0):
     gen = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64))
@@ -244,6 +256,8 @@ def test_validation_messages():
         energy_rank(torch.ones(3), "0.5")
     with raises(ValueError, "side"):
         principal_subspace(G, 0.5, side="left")
+    with raises(ValueError, "method"):
+        principal_subspace(G, 0.5, method="lanczos")
     with raises(ValueError, "descending"):
         energy_rank(torch.tensor([1.0, 2.0]), 0.5)
     with raises(ValueError, "non-negative"):
