@@ -21,12 +21,13 @@ def main(argv=None) -> int:
     demo.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import DemoConfig, DemoError, run
+        from .config_file import ConfigError
+        from .demo import DemoConfig, run
 
         try:
             config = DemoConfig.from_file(args.config, seed=args.seed)
             run(config, args.output, args.cache_dir or default_cache_dir())
-        except (DemoError, TypeError) as exc:  # TypeError: a setting of the wrong type in the file
+        except ConfigError as exc:
             print(f"kplora: error: {exc}", file=sys.stderr)
             return 2
     return 0

@@ -20,11 +20,9 @@ import torch
 from torch import nn
 
 from .continual import KeepLoRA, metrics, preset
+from .config_file import ConfigError, load_settings
+from .continual.report import heatmap
 from .data.demo_tasks import build_domains
-
-
-class DemoError(ValueError):
-    """A user error (bad config, missing file): reported in one line, no traceback."""
 
 
 @dataclass
@@ -49,29 +47,7 @@ class DemoConfig:
 
     @classmethod
     def from_file(cls, path: str | None, **overrides) -> "DemoConfig":
-        data = {}
-        if path is not None:
-            if not os.path.isfile(path):
-                raise DemoError(f"config file not found: {path}")
-            with open(path) as f:
-                text = f.read()
-            try:
-                if path.endswith((".yaml", ".yml")):
-                    import yaml
-
-                    data = yaml.safe_load(text) or {}
-                else:
-                    data = json.loads(text)
-            except Exception as exc:
-                raise DemoError(f"cannot parse {path}: {exc}") from None
-            if not isinstance(data, dict):
-                raise DemoError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise DemoError(f"unknown config keys in {path}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        config = cls(**data)
+        config = load_settings(cls, path, **overrides)
         config.check()
         return config
 
@@ -80,17 +56,17 @@ class DemoConfig:
 
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
-            raise DemoError(f"methods must be a non-empty list from {METHODS}, got {self.methods}")
+            raise ConfigError(f"methods must be a non-empty list from {METHODS}, got {self.methods}")
         for name in ("width", "layers", "stage0_steps", "task_steps", "batch_size", "rank"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise DemoError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.width % 32:
-            raise DemoError(f"width must be a multiple of 32 (attention heads of 32), got {self.width}")
+            raise ConfigError(f"width must be a multiple of 32 (attention heads of 32), got {self.width}")
         if self.rank > self.width // 2:
-            raise DemoError(f"rank must be at most width/2 = {self.width // 2}, got {self.rank}")
+            raise ConfigError(f"rank must be at most width/2 = {self.width // 2}, got {self.rank}")
         for name in ("eps_w_visual", "eps_w_text", "eps_f", "gradient_fraction"):
             if not 0.0 < getattr(self, name) <= 1.0:
-                raise DemoError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
 
 # --- model and data ------------------------------------------------------------------------------
@@ -194,30 +170,6 @@ def run_method(method: str, cfg: DemoConfig, stage0: nn.Module, base: Task, task
     return {"accuracy": accuracy, "base_accuracy": base_acc, **metrics.summary(accuracy)}
 
 
-def heatmap(path: str, method: str, result: dict, task_names: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    import numpy as np
-
-    acc = np.array(result["accuracy"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(task_names) + 2, 1.0 * len(task_names) + 1.5))
-    image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
-    for i in range(acc.shape[0]):
-        for j in range(acc.shape[1]):
-            ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", color="white" if acc[i, j] < 0.6 else "black")
-    ax.set_xticks(range(len(task_names)), task_names, rotation=30, ha="right")
-    ax.set_yticks(range(len(task_names)), [f"after {n}" for n in task_names])
-    ax.set_xlabel("evaluated task")
-    ax.set_title(f"{method}: BWT {result['bwt']:+.3f}, Last {result['last']:.3f}")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
     """The whole demo; returns what it writes to ``output/results.json``."""
     from open_clip.tokenizer import SimpleTokenizer
@@ -226,7 +178,7 @@ def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
     try:
         base_domain, domains, source = build_domains(cfg.seed, cfg.fashion)
     except FileNotFoundError as exc:
-        raise DemoError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     domains = domains[: cfg.max_tasks] if cfg.max_tasks else domains
     tokenizer = SimpleTokenizer(context_length=12)
     base, tasks = Task(base_domain, tokenizer), [Task(d, tokenizer) for d in domains]
@@ -248,7 +200,8 @@ def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
         for i, row in enumerate(result["accuracy"]):
             log(f"{'after ' + names[i][:9]:<16}" + "".join(f"{a:>11.3f}" for a in row)
                 + f"{result['base_accuracy'][i]:>11.3f}")
-        heatmap(os.path.join(output, f"heatmap_{method.replace('+', 'p')}.png"), method, result, names)
+        heatmap(os.path.join(output, f"heatmap_{method.replace('+', 'p')}.png"),
+                f"{method}: BWT {result['bwt']:+.3f}, Last {result['last']:.3f}", result["accuracy"], names)
     log(f"\n{'method':<12}{'Transfer':>10}{'Average':>10}{'Last':>10}{'BWT':>10}{'base kept':>11}")
     for method, r in results.items():
         log(f"{method:<12}{r['transfer']:>10.3f}{r['average']:>10.3f}{r['last']:>10.3f}{r['bwt']:>+10.3f}"
