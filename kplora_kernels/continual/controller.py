@@ -15,6 +15,7 @@ import re
 from contextlib import contextmanager
 
 import torch
+import torch.distributed
 from torch import nn
 
 from ..nn import FusedKeepLoRALinear, register_projection_hooks
@@ -24,6 +25,26 @@ from .adapters import find_targets, replace_module, split_multihead_attention
 from .config import KeepLoRAConfig
 
 FORMAT = "kplora-controller/1"
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
+    """Every rank gets rank 0's tensor (shapes may differ before: they are sent first), so that
+    bases and adapters are identical everywhere even if decompositions round differently."""
+    if not _distributed():
+        return t
+    import torch.distributed as dist
+
+    shape = [list(t.shape)]
+    dist.broadcast_object_list(shape, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    out = t.contiguous() if list(t.shape) == shape[0] else t.new_empty(shape[0])
+    dist.broadcast(out, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    return out
 
 
 def _progress(iterable, total, desc, enabled):
@@ -41,11 +62,18 @@ class KeepLoRA:
     layer scale and, except for ``method="lora"``, the principal subspace of its pre-trained weight
     as protected basis ``V`` (and ``U`` with ``eps_w_out``). The model's outputs are unchanged.
     ``layer_index`` maps module paths to layer indices where they cannot be parsed from the path.
-    ``compute_bases=False`` skips the principal subspaces (when a checkpoint will provide them)."""
+    ``compute_bases=False`` skips the principal subspaces (when a checkpoint will provide them).
+
+    Under ``torch.distributed`` (DDP: wrap the model after this, train through the wrapper) each rank
+    passes its shard of the data to ``begin_task``/``end_task``; the sketches are summed over
+    ``process_group`` and rank 0's ``A`` and bases are broadcast, so every rank holds the same state
+    as a single process that saw the global batch. :meth:`save` writes from rank 0 only.
+    """
 
     def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
-                 compute_bases: bool = True, layer_index: dict | None = None):
-        self.model, self.config, self.progress = model, config or KeepLoRAConfig(), progress
+                 compute_bases: bool = True, layer_index: dict | None = None, process_group=None):
+        self.model, self.config, self.process_group = model, config or KeepLoRAConfig(), process_group
+        self.progress = progress and (not _distributed() or torch.distributed.get_rank() == 0)
         cfg = self.config
         split_multihead_attention(model)
         model.requires_grad_(False)
@@ -121,7 +149,9 @@ class KeepLoRA:
         for p in self.trainable_parameters():
             p.grad = None  # the estimation pass is not a training step
         for name, layer in self.layers.items():
-            layer.reset_adapter(sketches[name].adapter_init().to(layer.weight))
+            sketches[name].all_reduce(self.process_group)  # a no-op without torch.distributed
+            A = _from_rank0(sketches[name].adapter_init().to(layer.weight), self.process_group)
+            layer.reset_adapter(A)
 
     def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
         """Merge the adapters, then expand each ``V`` by the GPM rule from the inputs the merged model
@@ -156,9 +186,12 @@ class KeepLoRA:
         finally:
             for layer in self.layers.values():
                 layer.input_accumulator = None
+        for sketch in {id(s): s for s in sketch_of.values()}.values():
+            sketch.all_reduce(self.process_group)
         for t in self.targets:
             layer = self.layers[t.name]
-            layer.set_bases(V=self._leave_room(layer, sketch_of[t.name].expand(layer.V, cfg.eps_f)))
+            V = self._leave_room(layer, sketch_of[t.name].expand(layer.V, cfg.eps_f))
+            layer.set_bases(V=_from_rank0(V, self.process_group))
 
     @contextmanager
     def task(self, loader, loss_fn, forward_fn=None, fraction: float = 1.0):
@@ -177,7 +210,15 @@ class KeepLoRA:
 
     def save(self, path: str) -> None:
         """Everything needed to continue the sequence (config, task index, the adapted layers' merged
-        weights, bases and adapters) as safetensors, written atomically (temp file + rename)."""
+        weights, bases and adapters) as safetensors, written atomically (temp file + rename). Under
+        torch.distributed only rank 0 writes, and every rank waits for it; the file holds full
+        tensors, so it loads under any world size."""
+        if not _distributed() or torch.distributed.get_rank() == 0:
+            self._write(path)
+        if _distributed():
+            torch.distributed.barrier(group=self.process_group)
+
+    def _write(self, path: str) -> None:
         from safetensors.torch import save_file
 
         tensors = {}

@@ -1,0 +1,82 @@
+"""The controller under torch.distributed (gloo, 2 CPU processes, DDP): the same bases and the same
+merged update as one process that sees the global batch."""
+import socket
+
+import torch
+
+from test_continual import DigitsMLP, config, digits_tasks, task_loss
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_task(rank: int, world: int, batch, ckpt=None):
+    """begin_task → 5 SGD steps (through DDP when world > 1) → end_task on this rank's shard."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
+
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    # rank 2: the 3-class head's task gradient has rank 2, and directions beyond a gradient's rank
+    # are arbitrary (any rounding difference rotates them), so a larger rank would not compare
+    kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "rank": 2}), progress=False)
+    x, y, t = batch
+    local = (x[rank::world], y[rank::world], t)
+    kl.begin_task([local], task_loss)
+    trained = DistributedDataParallel(model) if world > 1 else model
+    opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.5)
+    kl.register_projection_hook(opt)
+    for _ in range(5):
+        opt.zero_grad()
+        task_loss(trained, local).backward()
+        opt.step()
+    kl.end_task([local], task_loss)
+    if ckpt:
+        kl.save(ckpt)
+    return {name: (layer.weight.detach().clone(), layer.V.clone()) for name, layer in kl.layers.items()}
+
+
+def _rank_main(rank, world, port, batch, ckpt, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results[rank] = one_task(rank, world, batch, ckpt)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_matches_a_single_process_on_the_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    from kplora_kernels.continual import KeepLoRA
+
+    train, _ = digits_tasks()[0]
+    batch = (train[0][:128], train[1][:128], 0)
+    single = one_task(0, 1, batch)
+    torch.manual_seed(0)
+    initial = {f"layers.{i}": layer.weight.detach().clone() for i, layer in enumerate(DigitsMLP().layers)}
+    manager = mp.Manager()
+    results = manager.dict()
+    ckpt = str(tmp_path / "ddp.safetensors")
+    mp.spawn(_rank_main, args=(2, _free_port(), batch, ckpt, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        for name, (weight, V) in single.items():
+            ddp_weight, ddp_V = results[rank][name]
+            assert ddp_V.shape == V.shape, name
+            torch.testing.assert_close(ddp_V @ ddp_V.T, V @ V.T, atol=1e-4, rtol=0)
+            # the merged update agrees to fp32 summation-order noise, amplified by 5 SGD steps
+            update, ddp_update = weight - initial[name], ddp_weight - initial[name]
+            assert (ddp_update - update).norm() <= 1e-3 * update.norm(), name
+    for name in single:  # identical on every rank, not merely close
+        assert torch.equal(results[0][name][1], results[1][name][1])
+        assert torch.equal(results[0][name][0], results[1][name][0])
+    # written once by rank 0, loadable without a process group
+    torch.manual_seed(0)
+    kl = KeepLoRA.from_checkpoint(DigitsMLP(), ckpt, progress=False)
+    for name, layer in kl.layers.items():
+        assert torch.equal(layer.weight, results[0][name][0])
