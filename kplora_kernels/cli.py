@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -23,9 +24,27 @@ def main(argv=None) -> int:
     demo.add_argument("--cache-dir", default=None, help=f"where the stage-0 model is cached (default: {default_cache_dir()})")
     demo.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     add_mtil_arguments(sub.add_parser("mtil", help="the MTIL benchmark (11 datasets) for an open_clip model"))
+    memory = sub.add_parser("memory", help="what the KeepLoRA++ state costs for an LLM config")
+    memory.add_argument("--model-config", required=True, help="llava-1.5-7b, llava-1.5-13b or a config.json")
+    memory.add_argument("--rank", type=int, default=32)
+    memory.add_argument("--basis-fraction", type=float, default=0.5, help="k_in / in (default 0.5)")
+    memory.add_argument("--param-dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
+    memory.add_argument("--basis-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
-        if args.command == "mtil":
+        if args.command == "memory":
+            from .memory import format_report, report, text_config
+
+            try:
+                cfg = text_config(args.model_config)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(str(exc)) from None
+            if not 0.0 <= args.basis_fraction < 1.0 or args.rank < 1:
+                raise ConfigError("--basis-fraction must be in [0, 1) and --rank ≥ 1")
+            result = report(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype)
+            print(json.dumps(result, indent=2) if args.json else format_report(result))
+        elif args.command == "mtil":
             from .mtil import main as run_mtil
 
             run_mtil(args)

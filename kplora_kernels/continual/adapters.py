@@ -79,7 +79,7 @@ def split_multihead_attention(model: nn.Module) -> int:
 @dataclass(frozen=True)
 class Target:
     """An adapted linear: its module path, tower, index within the tower, and input group (linears
-    of one group see the same input: q, k, v of one attention)."""
+    of one group see the same input: q, k, v of one attention; gate, up of one MLP)."""
 
     name: str
     tower: str
@@ -92,6 +92,16 @@ def tower_of(name: str) -> str:
         if re.search(pattern, name):
             return tower
     return "default"
+
+
+def _input_group(name: str) -> str:
+    """Linears that read the same tensor: q, k, v of an attention; gate and up of a gated MLP."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return parent + ":qkv"
+    if leaf in ("gate_proj", "up_proj"):
+        return parent + ":gate_up"
+    return name
 
 
 def find_targets(model: nn.Module, patterns, layer_index: dict | None = None) -> list[Target]:
@@ -112,7 +122,7 @@ def find_targets(model: nn.Module, patterns, layer_index: dict | None = None) ->
         else:
             raise ValueError(f"cannot parse a layer index from the module path {name!r}; "
                              "pass it in layer_index={name: index} or adjust the target patterns")
-        group = name.rsplit(".", 1)[0] + ":qkv" if re.search(r"(q|k|v)_proj$", name) else name
+        group = _input_group(name)
         targets.append(Target(name, tower_of(name), index, group))
     if not targets:
         raise ValueError(f"no nn.Linear matches the target patterns {list(patterns)}")
