@@ -7,6 +7,7 @@ import os
 import sys
 
 from .config_file import ConfigError
+from .llava import add_arguments as add_llava_arguments
 from .mtil import add_arguments as add_mtil_arguments
 
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
     demo.add_argument("--cache-dir", default=None, help=f"where the stage-0 model is cached (default: {default_cache_dir()})")
     demo.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     add_mtil_arguments(sub.add_parser("mtil", help="the MTIL benchmark (11 datasets) for an open_clip model"))
+    add_llava_arguments(sub.add_parser("llava", help="continual instruction tuning of a LLaVA model"))
     memory = sub.add_parser("memory", help="what the KeepLoRA++ state costs for an LLM config")
     memory.add_argument("--model-config", required=True, help="llava-1.5-7b, llava-1.5-13b or a config.json")
     memory.add_argument("--rank", type=int, default=32)
@@ -44,6 +46,10 @@ def main(argv=None) -> int:
                 raise ConfigError("--basis-fraction must be in [0, 1) and --rank ≥ 1")
             result = report(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype)
             print(json.dumps(result, indent=2) if args.json else format_report(result))
+        elif args.command == "llava":
+            from .llava import main as run_llava
+
+            run_llava(args)
         elif args.command == "mtil":
             from .mtil import main as run_mtil
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ import torch
 from torch import nn
 
 from .config_file import ConfigError, load_settings
-from .continual import KeepLoRA, metrics, preset
-from .continual.report import heatmap
+from .continual import KeepLoRA, preset
+from .continual.runs import ResumableRun
 from .data import mtil as datasets
 
 
@@ -44,13 +43,6 @@ class MTILConfig:
     max_eval_samples: int | None = None  # per dataset; None: the whole test split
     workers: int = 4
     seed: int = 0
-
-
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 class Benchmark:
@@ -135,21 +127,15 @@ class Benchmark:
         if args.dry_run:
             log("dry run: data and weights are in place")
             return None
-        os.makedirs(args.output, exist_ok=True)
-        progress_path = os.path.join(args.output, "progress.json")
-        checkpoint = os.path.join(args.output, "controller.safetensors")
-        identity = {"datasets": self.names, "model": args.model, "pretrained": args.pretrained,
-                    "config": dataclasses.asdict(cfg)}
-        rows, throughput = [], []
-        if os.path.isfile(progress_path):
-            with open(progress_path) as f:
-                progress = json.load(f)
-            if progress["identity"] != identity:
-                raise ConfigError(f"{args.output} holds a run with other settings; use another --output")
-            kl = KeepLoRA.from_checkpoint(model, checkpoint)
-            rows, throughput = progress["rows"], progress["images_per_second"]
+        run = ResumableRun(args.output, {"datasets": self.names, "model": args.model,
+                                         "pretrained": args.pretrained, "config": dataclasses.asdict(cfg)})
+        previous = run.previous()
+        if previous:
+            kl = KeepLoRA.from_checkpoint(model, run.checkpoint)
+            rows, throughput = previous["rows"], previous["images_per_second"]
             log(f"resuming after task {len(rows)} ({self.names[len(rows) - 1]})")
         else:
+            rows, throughput = [], []
             config = preset("clip", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
                             seed=cfg.seed, eps_w={"visual": cfg.eps_w_visual, "text": cfg.eps_w_text,
                                                   "default": cfg.eps_w_visual})
@@ -173,30 +159,21 @@ class Benchmark:
             throughput.append(seen / max(time.perf_counter() - start, 1e-9))
             kl.end_task(train, loss, fraction=min(1.0, cfg.subspace_batches / max(len(train), 1)))
             rows.append([self.evaluate(model, s, preprocess_val) for s in splits])
-            kl.save(checkpoint)
-            _write_json(progress_path, {"identity": identity, "rows": rows, "images_per_second": throughput})
+            run.record(kl, rows, images_per_second=throughput)
             log(f"task {t} ({split.name}): {throughput[-1]:.1f} images/s; accuracy " +
                 ", ".join(f"{n} {a:.3f}" for n, a in zip(self.names, rows[-1])))
-        return self.report(rows, throughput)
+        return self.report(run, rows, throughput)
 
-    def report(self, rows, throughput):
-        out, log = self.args.output, self.log
-        summary = metrics.summary(rows)
+    def report(self, run, rows, throughput):
+        log = self.log
         log("\n" + f"{'':<14}" + "".join(f"{n[:9]:>10}" for n in self.names))
         for name, row in zip(self.names, rows):
             log(f"{'after ' + name[:8]:<14}" + "".join(f"{100 * a:>10.1f}" for a in row))
-        per_dataset = {n: {"transfer": (sum(rows[i][j] for i in range(j)) / j) if j else None,
-                           "last": rows[-1][j], "average": sum(r[j] for r in rows) / len(rows)}
-                       for j, n in enumerate(self.names)}
-        log(f"\nTransfer {100 * summary['transfer']:.1f}  Average {100 * summary['average']:.1f}  "
-            f"Last {100 * summary['last']:.1f}  (BWT {100 * summary['bwt']:+.1f}); "
+        result = run.finish(self.names, rows, f"MTIL order {self.args.order}", images_per_second=throughput)
+        log(f"\nTransfer {100 * result['transfer']:.1f}  Average {100 * result['average']:.1f}  "
+            f"Last {100 * result['last']:.1f}  (BWT {100 * result['bwt']:+.1f}); "
             f"{sum(throughput) / len(throughput):.1f} images/s training")
-        report = {**{k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()},
-                  "datasets": self.names, "per_dataset": per_dataset, "images_per_second": throughput}
-        _write_json(os.path.join(out, "results.json"), report)
-        heatmap(os.path.join(out, "heatmap.png"), f"MTIL order {self.args.order}: Last {100 * summary['last']:.1f}",
-                rows, self.names)
-        return report
+        return result
 
 
 def add_arguments(parser) -> None:

@@ -215,9 +215,9 @@ def test_mtil_command_runs_and_resumes(data_root, tiny_model, tmp_path, monkeypa
     full = tmp_path / "full"
     assert main(mtil_args(data_root, tiny_model, full, str(config_path))) == 0
     results = json.loads((full / "results.json").read_text())
-    assert results["datasets"] == ["DTD", "EuroSAT", "MNIST"]  # Order I keeps its sequence
+    assert results["tasks"] == ["DTD", "EuroSAT", "MNIST"]  # Order I keeps its sequence
     assert len(results["accuracy"]) == 3 and all(len(r) == 3 for r in results["accuracy"])
-    assert set(results["per_dataset"]) == {"DTD", "EuroSAT", "MNIST"}
+    assert set(results["per_task"]) == {"DTD", "EuroSAT", "MNIST"}
     assert all(v > 0 for v in results["images_per_second"])
     assert (full / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 

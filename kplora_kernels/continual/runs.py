@@ -1,0 +1,56 @@
+"""Bookkeeping of a resumable task-sequence run (``kplora mtil``, ``kplora llava``): after every
+task the controller checkpoint and ``progress.json`` (the accuracy rows so far) are written
+atomically; a rerun with the same output folder and settings continues after the last task."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..config_file import ConfigError
+from . import metrics
+
+
+def write_json(path: str, data) -> None:
+    """Write JSON atomically (temp file + rename); NaN becomes null."""
+    clean = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data if not isinstance(data, dict) else {k: clean(v) for k, v in data.items()}, f, indent=2)
+    os.replace(tmp, path)
+
+
+class ResumableRun:
+    def __init__(self, output: str, identity: dict):
+        os.makedirs(output, exist_ok=True)
+        self.output, self.identity = output, identity
+        self.progress_path = os.path.join(output, "progress.json")
+        self.checkpoint = os.path.join(output, "controller.safetensors")
+
+    def previous(self) -> dict | None:
+        """The saved progress (``rows`` and whatever else was recorded), or None for a fresh run."""
+        if not os.path.isfile(self.progress_path):
+            return None
+        with open(self.progress_path) as f:
+            progress = json.load(f)
+        if progress.get("identity") != self.identity:
+            raise ConfigError(f"{self.output} holds a run with other settings; use another --output")
+        if not os.path.isfile(self.checkpoint):
+            raise ConfigError(f"{self.progress_path} exists but {self.checkpoint} is missing")
+        return progress
+
+    def record(self, controller, rows: list, **extra) -> None:
+        controller.save(self.checkpoint)
+        write_json(self.progress_path, {"identity": self.identity, "rows": rows, **extra})
+
+    def finish(self, names: list, rows: list, title: str, **extra) -> dict:
+        """``results.json`` (matrix, metrics, per-dataset rows) and ``heatmap.png``."""
+        from .report import heatmap
+
+        summary = metrics.summary(rows)
+        per_task = {n: {"transfer": (sum(rows[i][j] for i in range(j)) / j) if j else None,
+                        "last": rows[-1][j], "average": sum(r[j] for r in rows) / len(rows)}
+                    for j, n in enumerate(names)}
+        result = {**summary, "tasks": names, "per_task": per_task, **extra}
+        write_json(os.path.join(self.output, "results.json"), result)
+        heatmap(os.path.join(self.output, "heatmap.png"), f"{title}: Last {100 * summary['last']:.1f}", rows, names)
+        return result

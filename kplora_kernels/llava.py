@@ -1,0 +1,235 @@
+"""``kplora llava``: continual instruction tuning of a transformers ``LlavaForConditionalGeneration``.
+
+The task sequence is a JSON list ``[{"name": …, "train": FILE, "test": FILE}, …]`` (paths relative
+to that list); each file holds LLaVA-style conversations
+``{"image": PATH, "conversations": [{"from": "human", "value": "<image>\\n…"}, {"from": "gpt", …}]}``
+with image paths relative to ``--image-root``. Trains with the controller (``preset("llava")``:
+q, k, v, o, gate, up, down of every language-model layer; the projector trained plainly), in bf16
+with gradient checkpointing by default, evaluates every task after every task by exact match of
+greedy answers, and resumes after the last finished task like ``kplora mtil``. Under ``torchrun``
+each rank trains on its shard through DDP and the controller keeps the state identical on all ranks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .config_file import ConfigError, load_settings
+from .continual import KeepLoRA, preset
+from .continual.runs import ResumableRun
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LLaVAConfig:
+    """Defaults: the authors' LLaVA-1.5-7B settings (r = 32, α = r/4, ε_w = 0.6), bf16."""
+
+    method: str = "keeplora++"
+    rank: int = 32
+    alpha: float = 8.0
+    eps_w: float = 0.6
+    eps_f: float = 0.99
+    lr: float = 2e-4
+    batch_size: int = 4
+    epochs: int = 1
+    gradient_batches: int = 16
+    subspace_batches: int = 16
+    max_new_tokens: int = 16
+    max_eval_samples: int | None = None
+    dtype: str = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 0
+
+
+def normalize(answer: str) -> str:
+    return re.sub(r"\s+", " ", answer.strip().lower()).rstrip(".").strip()
+
+
+class Conversations:
+    """Encodes LLaVA conversations: ``USER: {human} ASSISTANT: {gpt}</s>`` turns, the ``<image>``
+    token expanded to the vision tower's patch count, labels only on the answers."""
+
+    def __init__(self, model, tokenizer, image_processor, image_root: str):
+        cfg = model.config
+        self.tokenizer, self.image_processor, self.image_root = tokenizer, image_processor, image_root
+        self.image_token_id = cfg.image_token_id
+        patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        self.image_tokens = patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        out = []
+        for i in ids:
+            out.extend([i] * self.image_tokens if i == self.image_token_id else [i])
+        return out
+
+    def image(self, path: str) -> torch.Tensor:
+        from PIL import Image
+
+        full = os.path.join(self.image_root, path)
+        if not os.path.isfile(full):
+            raise ConfigError(f"image not found: {full}")
+        return self.image_processor(Image.open(full).convert("RGB"), return_tensors="pt").pixel_values[0]
+
+    def training_example(self, sample: dict):
+        ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        labels = [-100] * len(ids)
+        turns = sample["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2]):
+            prompt = self._ids(f"USER: {human['value']} ASSISTANT:")
+            answer = self._ids(" " + gpt["value"]) + [self.tokenizer.eos_token_id]
+            ids += prompt + answer
+            labels += [-100] * len(prompt) + answer
+        return torch.tensor(ids), torch.tensor(labels), self.image(sample["image"])
+
+    def question(self, sample: dict):
+        human, gpt = sample["conversations"][0], sample["conversations"][1]
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return torch.tensor(bos + self._ids(f"USER: {human['value']} ASSISTANT:")), self.image(sample["image"]), gpt["value"]
+
+    def collate(self, examples):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        length = max(len(ids) for ids, _, _ in examples)
+        input_ids = torch.full((len(examples), length), pad)
+        labels = torch.full((len(examples), length), -100)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, (ids, lab, _) in enumerate(examples):
+            input_ids[row, :len(ids)], labels[row, :len(ids)], mask[row, :len(ids)] = ids, lab, 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+                "pixel_values": torch.stack([img for _, _, img in examples])}
+
+
+def read_tasks(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"task list not found: {path}")
+    with open(path) as f:
+        tasks = json.load(f)
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    for task in tasks:
+        missing = {"name", "train", "test"} - set(task)
+        if missing:
+            raise ConfigError(f"{path}: every task needs name, train and test; {task} lacks {sorted(missing)}")
+        files = {}
+        for split in ("train", "test"):
+            file = os.path.join(base, task[split])
+            if not os.path.isfile(file):
+                raise ConfigError(f"{path}: task {task['name']!r}: {split} file not found: {file}")
+            with open(file) as f:
+                files[split] = json.load(f)
+        out.append({"name": task["name"], **files})
+    return out
+
+
+def _shard(items: list) -> list:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return items[dist.get_rank()::dist.get_world_size()]
+    return items
+
+
+def run(args, cfg: LLaVAConfig, log=print) -> dict:
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+    tasks = read_tasks(args.data)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not os.path.isdir(args.model):
+        raise ConfigError(f"model folder not found: {args.model}")
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[cfg.dtype]).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        image_processor = AutoImageProcessor.from_pretrained(args.model)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the model from {args.model}: {exc}") from None
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data = Conversations(model, tokenizer, image_processor, args.image_root)
+    names = [t["name"] for t in tasks]
+    run_state = ResumableRun(args.output, {"tasks": names, "model": os.path.abspath(args.model),
+                                           "config": dataclasses.asdict(cfg)})
+    previous = run_state.previous()
+    if previous:
+        kl = KeepLoRA.from_checkpoint(model, run_state.checkpoint)
+        rows = previous["rows"]
+        log(f"resuming after task {len(rows)} ({names[len(rows) - 1]})")
+    else:
+        rows = []
+        kl = KeepLoRA(model, preset("llava", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
+                                    eps_w={"default": cfg.eps_w}, seed=cfg.seed))
+    trained = model
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model)
+
+    def loss_fn(m, batch):
+        return m(**{k: v.to(device) for k, v in batch.items()}).loss
+
+    for t in range(len(rows), len(tasks)):
+        torch.manual_seed(cfg.seed + t)
+        examples = [data.training_example(s) for s in _shard(tasks[t]["train"])]
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + t)).tolist()
+        batches = [data.collate([examples[i] for i in order[k:k + cfg.batch_size]])
+                   for k in range(0, len(order), cfg.batch_size)]
+        model.train()
+        kl.begin_task(batches[: cfg.gradient_batches], loss_fn)
+        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
+        kl.register_projection_hook(opt)
+        for _ in range(cfg.epochs):
+            for batch in batches:
+                opt.zero_grad()
+                loss_fn(trained, batch).backward()
+                opt.step()
+        kl.end_task(batches[: cfg.subspace_batches], loss_fn)
+        rows.append([evaluate(model, data, task, cfg, device) for task in tasks])
+        run_state.record(kl, rows)
+        log(f"task {t} ({names[t]}): exact match " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, rows[-1])))
+    result = run_state.finish(names, rows, "LLaVA continual instruction tuning")
+    log(f"Transfer {100 * result['transfer']:.1f}  Average {100 * result['average']:.1f}  "
+        f"Last {100 * result['last']:.1f}  BWT {100 * result['bwt']:+.1f}")
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, data: Conversations, task: dict, cfg: LLaVAConfig, device) -> float:
+    """Exact match of greedy answers (case, surrounding space and a final period ignored)."""
+    model.eval()
+    samples = task["test"][: cfg.max_eval_samples] if cfg.max_eval_samples else task["test"]
+    correct = 0
+    for sample in samples:
+        ids, image, answer = data.question(sample)
+        ids = ids.unsqueeze(0).to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                             pixel_values=image.unsqueeze(0).to(device, model.dtype), do_sample=False,
+                             pad_token_id=data.tokenizer.pad_token_id or data.tokenizer.eos_token_id)
+        text = data.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        correct += normalize(text) == normalize(answer)
+    return correct / max(len(samples), 1)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="a LLaVA model folder (save_pretrained layout)")
+    parser.add_argument("--data", required=True, help="the task list: JSON [{name, train, test}, …]")
+    parser.add_argument("--image-root", required=True, help="folder the conversations' image paths start from")
+    parser.add_argument("--config", help="JSON or YAML with any LLaVAConfig settings")
+    parser.add_argument("--output", default="llava_output")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available; under torchrun set "
+                                         "CUDA_VISIBLE_DEVICES or LOCAL_RANK devices yourself)")
+
+
+def main(args) -> dict:
+    return run(args, load_settings(LLaVAConfig, args.config))

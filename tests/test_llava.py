@@ -1,0 +1,124 @@
+"""`kplora llava` on a tiny random LLaVA (saved with save_pretrained, a word-level tokenizer) and
+two fabricated conversation tasks with images: runs end to end on CPU and resumes exactly."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kplora_kernels.cli import main
+from kplora_kernels.llava import normalize
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "what", "color", "shape", "is", "it",
+         "red", "blue", "round", "square", "?"]
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, PreTrainedTokenizerFast)
+
+    folder = tmp_path_factory.mktemp("tiny-llava")
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=len(WORDS), bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=4,
+                                              vision_feature_layer=-2)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def task_list(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("llava-data")
+    rng = np.random.default_rng(0)
+    os.makedirs(root / "images")
+    tasks = []
+    for name, question, answers in (("color", "what color is it ?", ["red", "blue"]),
+                                    ("shape", "what shape is it ?", ["round", "square"])):
+        for split, count in (("train", 6), ("test", 2)):
+            samples = []
+            for i in range(count):
+                image = f"images/{name}_{split}_{i}.png"
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / image)
+                samples.append({"id": f"{name}-{i}", "image": image, "conversations": [
+                    {"from": "human", "value": f"<image> {question}"}, {"from": "gpt", "value": answers[i % 2]}]})
+            (root / f"{name}_{split}.json").write_text(json.dumps(samples))
+        tasks.append({"name": name, "train": f"{name}_train.json", "test": f"{name}_test.json"})
+    (root / "tasks.json").write_text(json.dumps(tasks))
+    return str(root / "tasks.json"), str(root)
+
+
+SMALL = {"rank": 2, "batch_size": 3, "epochs": 2, "gradient_batches": 1, "subspace_batches": 1,
+         "max_new_tokens": 2, "dtype": "fp32", "eps_w": 0.5, "lr": 1e-2}
+
+
+def llava_args(llava_dir, task_list, out, config):
+    tasks, images = task_list
+    return ["llava", "--model", llava_dir, "--data", tasks, "--image-root", images, "--config", config,
+            "--output", str(out), "--device", "cpu"]
+
+
+def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from kplora_kernels import llava
+
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(SMALL))
+    full = tmp_path / "full"
+    assert main(llava_args(llava_dir, task_list, full, str(config))) == 0
+    result = json.loads((full / "results.json").read_text())
+    assert result["tasks"] == ["color", "shape"]
+    assert len(result["accuracy"]) == 2 and all(0 <= a <= 1 for row in result["accuracy"] for a in row)
+    checkpoint = load_file(str(full / "controller.safetensors"))
+    assert any("multi_modal_projector" in k for k in checkpoint)  # trained without protection, saved
+    assert sum("language_model" in k and k.endswith(".V") for k in checkpoint) == 2 * 7
+
+    crashed, calls = tmp_path / "crashed", {"n": 0}
+    evaluate = llava.evaluate
+
+    def crash_in_task_two(*args):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("simulated crash")
+        return evaluate(*args)
+
+    monkeypatch.setattr(llava, "evaluate", crash_in_task_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(llava_args(llava_dir, task_list, crashed, str(config)))
+    monkeypatch.setattr(llava, "evaluate", evaluate)
+    capsys.readouterr()
+    assert main(llava_args(llava_dir, task_list, crashed, str(config))) == 0
+    assert "resuming after task 1 (color)" in capsys.readouterr().out
+    resumed = load_file(str(crashed / "controller.safetensors"))
+    assert checkpoint.keys() == resumed.keys() and all(torch.equal(checkpoint[k], resumed[k]) for k in checkpoint)
+
+
+def test_llava_user_errors(llava_dir, task_list, tmp_path, capsys):
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(SMALL))
+    args = llava_args(llava_dir, task_list, tmp_path / "o", str(config))
+    args[args.index("--data") + 1] = str(tmp_path / "missing.json")
+    assert main(args) == 2 and "task list not found" in capsys.readouterr().err
+    args = llava_args(str(tmp_path / "no-model"), task_list, tmp_path / "o", str(config))
+    assert main(args) == 2 and "model folder not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**SMALL, "dtype": "int8"}))
+    assert main(llava_args(llava_dir, task_list, tmp_path / "o", str(bad))) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+def test_normalize():
+    assert normalize("  Red. ") == "red" and normalize("two  words") == "two words"
