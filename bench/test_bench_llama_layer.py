@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from bench_sizes import FULL
 

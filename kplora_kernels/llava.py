@@ -127,6 +127,21 @@ def read_tasks(path: str) -> list[dict]:
     return out
 
 
+def _init_distributed(device_arg: str | None) -> torch.device:
+    """Under torchrun (``WORLD_SIZE`` > 1) join the process group (nccl on GPUs, else gloo) and
+    return this rank's device."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and device_arg != "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = torch.device(device_arg or f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(device_arg or "cpu")
+
+
 def _shard(items: list) -> list:
     import torch.distributed as dist
 
@@ -141,7 +156,7 @@ def run(args, cfg: LLaVAConfig, log=print) -> dict:
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     tasks = read_tasks(args.data)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _init_distributed(args.device)
     if not os.path.isdir(args.model):
         raise ConfigError(f"model folder not found: {args.model}")
     try:

@@ -1,5 +1,6 @@
 """Helpers shared by the tests (imported as ``helpers``; ``conftest`` is ambiguous with bench/)."""
 import contextlib
+import socket
 
 import pytest
 import torch
@@ -20,3 +21,10 @@ def raises(exc, *fragments):
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

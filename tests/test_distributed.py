@@ -1,16 +1,9 @@
 """The controller under torch.distributed (gloo, 2 CPU processes, DDP): the same bases and the same
 merged update as one process that sees the global batch."""
-import socket
-
 import torch
 
+from helpers import free_port
 from test_continual import DigitsMLP, config, digits_tasks, task_loss
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_task(rank: int, world: int, batch, ckpt=None):
@@ -63,7 +56,7 @@ def test_ddp_matches_a_single_process_on_the_global_batch(tmp_path):
     manager = mp.Manager()
     results = manager.dict()
     ckpt = str(tmp_path / "ddp.safetensors")
-    mp.spawn(_rank_main, args=(2, _free_port(), batch, ckpt, results), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), batch, ckpt, results), nprocs=2, join=True)
     for rank in (0, 1):
         for name, (weight, V) in single.items():
             ddp_weight, ddp_V = results[rank][name]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import free_port
 from kplora_kernels.cli import main
 from kplora_kernels.llava import normalize
 
@@ -122,3 +123,26 @@ def test_llava_user_errors(llava_dir, task_list, tmp_path, capsys):
 
 def test_normalize():
     assert normalize("  Red. ") == "red" and normalize("two  words") == "two words"
+
+
+def test_llava_under_torchrun_with_two_gloo_processes(llava_dir, task_list, tmp_path):
+    """The README's torchrun command on CPU: both ranks train their shard through DDP; rank 0 writes."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(SMALL))
+    out = tmp_path / "ddp"
+    tasks, images = task_list
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "kplora_kernels", "llava", "--model", llava_dir,
+                           "--data", tasks, "--image-root", images, "--config", str(config), "--output", str(out),
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["accuracy"]) == 2
+    state = load_file(str(out / "controller.safetensors"))
+    assert sum(k.endswith(".V") for k in state) == 2 * 7

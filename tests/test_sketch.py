@@ -1,10 +1,8 @@
 """Streaming sketches against the exact computations on the stacked data."""
-import socket
-
 import pytest
 import torch
 
-from helpers import raises, random_basis
+from helpers import free_port, raises, random_basis
 from kplora_kernels import gpm_expand
 from kplora_kernels.subspace import GradientSketch, InputSketch
 
@@ -208,11 +206,6 @@ def test_gradient_sketch_errors():
         GradientSketch(4, 5, 2, strategy="randomized").mean_gradient()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_main(rank, world, port, X, pairs, results):
     import torch.distributed as dist
@@ -237,7 +230,7 @@ def test_all_reduce_across_two_gloo_processes():
     pairs = gradient_stream(12, 24, batches=6)
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_rank_main, args=(2, _free_port(), X, pairs, results), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), X, pairs, results), nprocs=2, join=True)
     whole = stream(InputSketch(24, strategy="randomized", width=12), torch.cat([X[0::2], X[1::2]]))
     grads = GradientSketch(12, 24, 3, strategy="randomized")
     for dY, Xb in pairs:
