@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kplora-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test bench clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py kplora_kernels/ops/cpp_build.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,6 @@ demo: $(STAMP)
 # have built: KPLORA_REQUIRE_CPP=1 turns a missing extension into a failure instead of a skip.
 test: $(STAMP)
 	KPLORA_REQUIRE_CPP=1 $(PY) -m pytest -q --benchmark-disable $(PYTEST_ARGS)
-
-test-slow: $(STAMP)
-	KPLORA_REQUIRE_CPP=1 $(PY) -m pytest -q --benchmark-disable --run-slow $(PYTEST_ARGS)
 
 # Timed benchmarks at full size (minutes on 2 cores); see bench/README.md.
 bench: $(STAMP)
