@@ -7,7 +7,8 @@ with image paths relative to ``--image-root``. Trains with the controller (``pre
 q, k, v, o, gate, up, down of every language-model layer; the projector trained plainly), in bf16
 with gradient checkpointing by default, evaluates every task after every task by exact match of
 greedy answers, and resumes after the last finished task like ``kplora mtil``. Under ``torchrun``
-each rank trains on its shard through DDP and the controller keeps the state identical on all ranks.
+each rank trains on its shard through DDP or FSDP2 (``--strategy``) and the controller keeps the
+state identical on all ranks.
 """
 from __future__ import annotations
 
@@ -187,9 +188,19 @@ def run(args, cfg: LLaVAConfig, log=print) -> dict:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        from torch.nn.parallel import DistributedDataParallel
+        if args.strategy == "fsdp2":  # shard every language-model layer, then the rest
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-        trained = DistributedDataParallel(model)
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+            for name, module in model.named_modules():
+                if re.fullmatch(r".*language_model\.layers\.\d+", name):
+                    fully_shard(module, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(model)
 
     def loss_fn(m, batch):
         return m(**{k: v.to(device) for k, v in batch.items()}).loss
@@ -242,8 +253,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-root", required=True, help="folder the conversations' image paths start from")
     parser.add_argument("--config", help="JSON or YAML with any LLaVAConfig settings")
     parser.add_argument("--output", default="llava_output")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available; under torchrun set "
-                                         "CUDA_VISIBLE_DEVICES or LOCAL_RANK devices yourself)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
+                        help="under torchrun: DDP, or FSDP2 (fully_shard per language-model layer)")
 
 
 def main(args) -> dict:

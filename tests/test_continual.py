@@ -287,6 +287,29 @@ def test_generic_models_transformers_clip_and_explicit_layer_index():
         KeepLoRA(nn.Sequential(nn.Linear(8, 8)), KeepLoRAConfig(rank=2, targets=[r"^0$"]), progress=False)
 
 
+def test_bf16_bases_halve_the_memory_and_still_protect():
+    tasks = digits_tasks()
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "basis_dtype": "bf16"}), progress=False)
+    assert all(layer.V.dtype == torch.bfloat16 for layer in kl.layers.values())
+    train, _ = tasks[0]
+    before = {n: (layer.weight.detach().clone(), layer.V.float()) for n, layer in kl.layers.items()}
+    kl.begin_task([train], task_loss)
+    opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
+    kl.register_projection_hook(opt)
+    for _ in range(20):
+        opt.zero_grad()
+        task_loss(model, train).backward()
+        opt.step()
+    kl.end_task([train], task_loss)
+    for name, layer in kl.layers.items():
+        W0, V = before[name]
+        delta = layer.weight.detach() - W0
+        assert (delta @ V).norm() <= 1e-2 * delta.norm(), name  # bf16 rounding of V: ~1e-3 leaks
+        assert layer.V.dtype == torch.bfloat16
+
+
 def test_config_errors():
     with raises(ValueError, "method"):
         KeepLoRAConfig(method="ewc")
@@ -294,6 +317,8 @@ def test_config_errors():
         KeepLoRAConfig(eps_f=0.0)
     with raises(ValueError, "unknown config keys", "rnak"):
         KeepLoRAConfig.from_dict({"rnak": 4})
+    with raises(ValueError, "basis_dtype"):
+        KeepLoRAConfig(basis_dtype="int8")
     with raises(ValueError, "preset"):
         preset("bert")
     with raises(ValueError, "no nn.Linear matches"):

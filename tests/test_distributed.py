@@ -1,26 +1,40 @@
-"""The controller under torch.distributed (gloo, 2 CPU processes, DDP): the same bases and the same
-merged update as one process that sees the global batch."""
+"""The controller under torch.distributed (gloo, 2 CPU processes, DDP and FSDP2): the same bases and
+the same merged update as one process that sees the global batch."""
+import pytest
 import torch
 
 from helpers import free_port
 from test_continual import DigitsMLP, config, digits_tasks, task_loss
 
 
-def one_task(rank: int, world: int, batch, ckpt=None):
-    """begin_task → 5 SGD steps (through DDP when world > 1) → end_task on this rank's shard."""
+def one_task(rank: int, world: int, batch, ckpt=None, mode="ddp"):
+    """begin_task → 5 SGD steps (through DDP, or on the FSDP2-sharded model, when world > 1) →
+    end_task on this rank's shard; returns the full merged weights and bases."""
     from torch.nn.parallel import DistributedDataParallel
 
     from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
+    from kplora_kernels.nn.linear import full
 
     torch.manual_seed(0)
     model = DigitsMLP()
     # rank 2: the 3-class head's task gradient has rank 2, and directions beyond a gradient's rank
     # are arbitrary (any rounding difference rotates them), so a larger rank would not compare
     kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "rank": 2}), progress=False)
+    trained = model
+    if world > 1 and mode == "fsdp2":  # shard after wrapping: the wrap reads whole weights
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert all(hasattr(p, "device_mesh") for p in kl.trainable_parameters())  # really sharded
     x, y, t = batch
     local = (x[rank::world], y[rank::world], t)
     kl.begin_task([local], task_loss)
-    trained = DistributedDataParallel(model) if world > 1 else model
+    if world > 1 and mode == "ddp":
+        trained = DistributedDataParallel(model)
     opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.5)
     kl.register_projection_hook(opt)
     for _ in range(5):
@@ -30,20 +44,21 @@ def one_task(rank: int, world: int, batch, ckpt=None):
     kl.end_task([local], task_loss)
     if ckpt:
         kl.save(ckpt)
-    return {name: (layer.weight.detach().clone(), layer.V.clone()) for name, layer in kl.layers.items()}
+    return {name: (full(layer.weight.detach()).clone(), layer.V.clone()) for name, layer in kl.layers.items()}
 
 
-def _rank_main(rank, world, port, batch, ckpt, results):
+def _rank_main(rank, world, port, batch, ckpt, mode, results):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results[rank] = one_task(rank, world, batch, ckpt)
+        results[rank] = one_task(rank, world, batch, ckpt, mode)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_matches_a_single_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_matches_a_single_process_on_the_global_batch(tmp_path, mode):
     import torch.multiprocessing as mp
 
     from kplora_kernels.continual import KeepLoRA
@@ -55,8 +70,8 @@ def test_ddp_matches_a_single_process_on_the_global_batch(tmp_path):
     initial = {f"layers.{i}": layer.weight.detach().clone() for i, layer in enumerate(DigitsMLP().layers)}
     manager = mp.Manager()
     results = manager.dict()
-    ckpt = str(tmp_path / "ddp.safetensors")
-    mp.spawn(_rank_main, args=(2, free_port(), batch, ckpt, results), nprocs=2, join=True)
+    ckpt = str(tmp_path / f"{mode}.safetensors")
+    mp.spawn(_rank_main, args=(2, free_port(), batch, ckpt, mode, results), nprocs=2, join=True)
     for rank in (0, 1):
         for name, (weight, V) in single.items():
             ddp_weight, ddp_V = results[rank][name]

@@ -125,8 +125,9 @@ def test_normalize():
     assert normalize("  Red. ") == "red" and normalize("two  words") == "two words"
 
 
-def test_llava_under_torchrun_with_two_gloo_processes(llava_dir, task_list, tmp_path):
-    """The README's torchrun command on CPU: both ranks train their shard through DDP; rank 0 writes."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_llava_under_torchrun_with_two_gloo_processes(llava_dir, task_list, tmp_path, strategy):
+    """The README's torchrun command on CPU: both ranks train their shard; rank 0 writes."""
     import subprocess
     import sys
 
@@ -140,7 +141,7 @@ def test_llava_under_torchrun_with_two_gloo_processes(llava_dir, task_list, tmp_
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", str(free_port()), "-m", "kplora_kernels", "llava", "--model", llava_dir,
                            "--data", tasks, "--image-root", images, "--config", str(config), "--output", str(out),
-                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+                           "--device", "cpu", "--strategy", strategy], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     assert len(result["accuracy"]) == 2

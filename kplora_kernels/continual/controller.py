@@ -19,6 +19,7 @@ import torch.distributed
 from torch import nn
 
 from ..nn import FusedKeepLoRALinear, register_projection_hooks
+from ..nn.linear import assign_, full
 from ..schedules import layer_scales
 from ..subspace import GradientSketch, InputSketch, principal_subspace
 from .adapters import find_targets, replace_module, split_multihead_attention
@@ -92,16 +93,17 @@ class KeepLoRA:
             replace_module(model, t.name, layer)
             self.layers[t.name] = layer
             if compute_bases and cfg.method != "lora":
-                W = layer.weight.detach()
+                W = full(layer.weight.detach())
                 V = self._leave_room(layer, principal_subspace(W, cfg.eps_for(t.tower), "in"))
-                U = principal_subspace(W, cfg.eps_w_out, "out") if cfg.eps_w_out else None
+                U = principal_subspace(W, cfg.eps_w_out, "out").to(V.dtype) if cfg.eps_w_out else None
                 layer.set_bases(V=V, U=U)
         self.task_index = 0
 
-    @staticmethod
-    def _leave_room(layer: FusedKeepLoRALinear, V: torch.Tensor) -> torch.Tensor:
-        """Keep at most ``in − rank`` protected directions (the most important ones come first)."""
-        return V[:, : layer.in_features - layer.rank]
+    def _leave_room(self, layer: FusedKeepLoRALinear, V: torch.Tensor) -> torch.Tensor:
+        """Keep at most ``in − rank`` protected directions (the most important ones come first),
+        stored in the configured basis dtype."""
+        dtype = torch.bfloat16 if self.config.basis_dtype == "bf16" else torch.float32
+        return V[:, : layer.in_features - layer.rank].to(dtype)
 
     # --- the task lifecycle ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -131,7 +133,7 @@ class KeepLoRA:
             gen = torch.Generator().manual_seed(cfg.seed + self.task_index)
             for layer in self.layers.values():
                 A = torch.linalg.qr(torch.randn(layer.in_features, layer.rank, generator=gen))[0].mT
-                layer.reset_adapter(A.to(layer.weight))
+                layer.reset_adapter(A)
             return
         sketches = {}
         for name, layer in self.layers.items():
@@ -150,7 +152,7 @@ class KeepLoRA:
             p.grad = None  # the estimation pass is not a training step
         for name, layer in self.layers.items():
             sketches[name].all_reduce(self.process_group)  # a no-op without torch.distributed
-            A = _from_rank0(sketches[name].adapter_init().to(layer.weight), self.process_group)
+            A = _from_rank0(sketches[name].adapter_init().to(layer.V.device), self.process_group)
             layer.reset_adapter(A)
 
     def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
@@ -213,20 +215,20 @@ class KeepLoRA:
         weights, bases and adapters) as safetensors, written atomically (temp file + rename). Under
         torch.distributed only rank 0 writes, and every rank waits for it; the file holds full
         tensors, so it loads under any world size."""
+        tensors = {}  # gathered on every rank (DTensor shards under FSDP2), written by rank 0
+        for name, layer in self.layers.items():
+            for key in ("weight", "lora_A", "lora_B", "V", "U"):
+                tensors[f"{name}.{key}"] = full(getattr(layer, key).detach()).cpu().contiguous().clone()
+        for name, p in self.extra_parameters.items():
+            tensors[f"extra.{name}"] = full(p.detach()).cpu().contiguous().clone()
         if not _distributed() or torch.distributed.get_rank() == 0:
-            self._write(path)
+            self._write(path, tensors)
         if _distributed():
             torch.distributed.barrier(group=self.process_group)
 
-    def _write(self, path: str) -> None:
+    def _write(self, path: str, tensors: dict) -> None:
         from safetensors.torch import save_file
 
-        tensors = {}
-        for name, layer in self.layers.items():
-            for key in ("weight", "lora_A", "lora_B", "V", "U"):
-                tensors[f"{name}.{key}"] = getattr(layer, key).detach().cpu().contiguous().clone()
-        for name, p in self.extra_parameters.items():
-            tensors[f"extra.{name}"] = p.detach().cpu().contiguous().clone()
         meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
                 "layout": self._layout()}
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -274,13 +276,13 @@ class KeepLoRA:
         with torch.no_grad():
             for name, layer in self.layers.items():
                 dev = layer.weight.device
-                layer.weight.copy_(tensors[f"{name}.weight"])
+                assign_(layer.weight, tensors[f"{name}.weight"])
                 layer.V = tensors[f"{name}.V"].to(dev)
                 layer.U = tensors[f"{name}.U"].to(dev)
-                layer.lora_A.copy_(tensors[f"{name}.lora_A"])
-                layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+                assign_(layer.lora_A, tensors[f"{name}.lora_A"])
+                assign_(layer.lora_B, tensors[f"{name}.lora_B"])
             for name, p in self.extra_parameters.items():
-                p.copy_(tensors[f"extra.{name}"])
+                assign_(p, tensors[f"extra.{name}"])
         self.task_index = meta["task_index"]
 
     @classmethod

@@ -18,6 +18,24 @@ from ..ops.reference import residual_project_unchecked
 from .hooks import GradientAccumulator, InputAccumulator
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from its shards for a DTensor (FSDP2; a collective: every rank
+    must call it), the tensor itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def assign_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param ← value`` for a whole ``value``, which a DTensor parameter keeps only its shard of
+    (``value`` must be the same on every rank)."""
+    value = value.to(dtype=param.dtype, device=param.device)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, param.device_mesh, param.placements)
+    param.copy_(value)
+
+
 class _KeepLoRAFunction(torch.autograd.Function):
     """Forward and backward of the layer. ``x_d`` is the input after the adapter's dropout, or None
     without dropout. Saves ``h = x_d Aᵀ`` (``tokens×r``) and the input only when a gradient or the
@@ -146,17 +164,19 @@ class FusedKeepLoRALinear(nn.Module):
             setattr(self, name, B.detach().to(self.weight.device).clone())
         with torch.no_grad():
             if self.V.shape[1]:
-                A = residual_project_unchecked(self.lora_A.double(), None, self.V.double(), 1.0)
-                self.lora_A.copy_(torch.linalg.qr(A.mT)[0].mT)
+                A = residual_project_unchecked(full(self.lora_A).double(), None, self.V.double(), 1.0)
+                assign_(self.lora_A, torch.linalg.qr(A.mT)[0].mT)
             if self.U.shape[1]:
-                self.lora_B.copy_(residual_project_unchecked(self.lora_B, self.U.to(self.lora_B.dtype), None, 1.0))
+                B = full(self.lora_B)
+                assign_(self.lora_B, residual_project_unchecked(B, self.U.to(B.dtype), None, 1.0))
 
     def _check_A_against_V(self, A: torch.Tensor) -> None:
         if self.V.shape[1] == 0:
             return
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
-        leak = (A.detach().to(work) @ self.V.to(work)).abs().max().item()
-        scale = A.detach().abs().max().item() or 1.0
+        A = full(A.detach())
+        leak = (A.to(work) @ self.V.to(work)).abs().max().item()
+        scale = A.abs().max().item() or 1.0
         tol = max(1e-4, 16 * torch.finfo(A.dtype).eps) * math.sqrt(self.in_features)
         if not leak <= tol * scale:
             raise ValueError(f"lora_A has components in span(V): max |A V| = {leak:.3g} (relative tolerance "
@@ -171,7 +191,7 @@ class FusedKeepLoRALinear(nn.Module):
                              f"got {tuple(A.shape)}")
         self._check_A_against_V(A)
         with torch.no_grad():
-            self.lora_A.copy_(A)
+            assign_(self.lora_A, A)
             self.lora_B.zero_()
         self.merged = False
 
@@ -179,9 +199,9 @@ class FusedKeepLoRALinear(nn.Module):
     def project_(self) -> None:
         """Restore the constraints after an optimizer step: ``B ← (I−UUᵀ)B``, ``A ← A(I−VVᵀ)``."""
         if self.U.shape[1]:
-            self.lora_B.copy_(residual_project_unchecked(self.lora_B, self.U, None, 1.0))
+            assign_(self.lora_B, residual_project_unchecked(full(self.lora_B), self.U, None, 1.0))
         if self.lora_A.requires_grad and self.V.shape[1]:
-            self.lora_A.copy_(residual_project_unchecked(self.lora_A, None, self.V, 1.0))
+            assign_(self.lora_A, residual_project_unchecked(full(self.lora_A), None, self.V, 1.0))
 
     def register_projection_hook(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`project_` after every ``optimizer.step()``; returns the removable handle."""
@@ -190,14 +210,15 @@ class FusedKeepLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``c · B A`` (``out×in``) in fp32 (fp64 for fp64 weights)."""
         work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return self.scaling * (self.lora_B.detach().to(work) @ self.lora_A.detach().to(work))
+        return self.scaling * (full(self.lora_B.detach()).to(work) @ full(self.lora_A.detach()).to(work))
 
     @torch.no_grad()
     def merge_(self) -> None:
         """Fold ``c·B A`` into the (shared) weight; the forward then skips the adapter branch."""
         if self.merged:
             raise RuntimeError("the adapter is already merged")
-        self.weight.copy_((self.weight.to(self.delta_weight().dtype) + self.delta_weight()).to(self.weight.dtype))
+        delta = self.delta_weight()
+        assign_(self.weight, full(self.weight).to(delta.dtype) + delta)
         self.merged = True
 
     @torch.no_grad()
@@ -206,7 +227,8 @@ class FusedKeepLoRALinear(nn.Module):
         weight's dtype for bf16/fp16)."""
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
-        self.weight.copy_((self.weight.to(self.delta_weight().dtype) - self.delta_weight()).to(self.weight.dtype))
+        delta = self.delta_weight()
+        assign_(self.weight, full(self.weight).to(delta.dtype) - delta)
         self.merged = False
 
     @torch.no_grad()

@@ -75,7 +75,7 @@ class InputSketch:
             strategy = "covariance" if 4 * dim * dim <= memory_budget else "randomized"
         self.strategy = strategy
         keep_V = strategy == "randomized" and V is not None and V.shape[1] > 0
-        self.V = V.detach().float().to(self.device) if keep_V else None
+        self.V = V.detach().to(self.device) if keep_V else None  # its own dtype: validated as such
         if strategy == "covariance":
             self.state = torch.zeros(dim, dim, device=self.device)
         else:
@@ -170,7 +170,7 @@ class InputSketch:
         eps = check_eps("eps", eps)
         if V is not None:
             check_basis("V", V, self.dim, "dim")
-            V = None if V.shape[1] == 0 else V.detach().float().to(self.device)
+            V = None if V.shape[1] == 0 else V.detach().to(self.device)
         if self.strategy == "randomized" and ((V is None) != (self.V is None) or (
                 V is not None and (V.shape != self.V.shape or not torch.allclose(V, self.V)))):
             raise ValueError("the randomized sketch projects against the basis V it was built with: "
@@ -221,7 +221,7 @@ class GradientSketch:
             raise ValueError(f"V leaves {in_features - V.shape[1]} residual dimensions, fewer than rank = {rank}")
         self.shape, self.rank, self.seed = (out_features, in_features), rank, seed
         self.device = torch.device(device or "cpu")
-        prep = lambda B: None if B is None or B.shape[1] == 0 else B.detach().float().to(self.device)  # noqa: E731
+        prep = lambda B: None if B is None or B.shape[1] == 0 else B.detach().to(self.device)  # noqa: E731
         self.U, self.V = prep(U), prep(V)
         if strategy == "auto":
             strategy = "dense" if 4 * out_features * in_features <= memory_budget else "randomized"
