@@ -146,8 +146,9 @@ def _init_distributed(device_arg: str | None) -> torch.device:
 def _shard(items: list) -> list:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return items[dist.get_rank()::dist.get_world_size()]
+    if dist.is_available() and dist.is_initialized():  # equal shards: every rank runs as many
+        world = dist.get_world_size()                      # batches (each one is a collective)
+        return items[: len(items) // world * world][dist.get_rank()::world]
     return items
 
 

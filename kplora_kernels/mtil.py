@@ -45,6 +45,12 @@ class MTILConfig:
     seed: int = 0
 
 
+def _epochs(loader):
+    """The loader's batches, epoch after epoch (fresh shuffles and augmentations, nothing kept)."""
+    while len(loader):
+        yield from loader
+
+
 class Benchmark:
     def __init__(self, args, config: MTILConfig, log=print):
         self.args, self.config, self.log = args, config, log
@@ -150,7 +156,7 @@ class Benchmark:
             opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
             kl.register_projection_hook(opt)
             start, seen = time.perf_counter(), 0
-            batches = itertools.islice(itertools.cycle(train) if len(train) else iter(()), cfg.iterations)
+            batches = itertools.islice(_epochs(train), cfg.iterations)
             for batch in batches:
                 opt.zero_grad()
                 loss(model, batch).backward()

@@ -242,3 +242,16 @@ def test_all_reduce_across_two_gloo_processes():
         torch.testing.assert_close(Y, grads.Y, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(W, grads.W, atol=1e-4, rtol=1e-4)
         assert tokens == 300 and batches == 6
+
+
+def test_adapter_init_when_the_gradient_has_fewer_directions_than_rank():
+    V = random_basis(24, 10, torch.float32)
+    sketch = GradientSketch(16, 24, 4, V=V, strategy="dense")
+    x = torch.randn(5, 1) @ torch.randn(1, 24)  # rank-1 inputs: the gradient has one direction
+    sketch.update(torch.randn(5, 16), x)
+    A = sketch.adapter_init()
+    torch.testing.assert_close(A @ A.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert (A @ V).abs().max() < 1e-5
+    G = sketch.mean_gradient().double()
+    top = torch.linalg.svd(G)[2][:1]
+    assert (top @ A.double().T).norm() > 0.999  # the one real direction is kept

@@ -79,8 +79,9 @@ class KeepLoRA:
         split_multihead_attention(model)
         model.requires_grad_(False)
         extra = [re.compile(p) for p in cfg.extra_trainable]
-        self.extra_parameters = {n: p.requires_grad_(True) for n, p in model.named_parameters()
-                                 if any(e.search(n) for e in extra)}
+        self._extra_names = [n for n, _ in model.named_parameters() if any(e.search(n) for e in extra)]
+        for p in self.extra_parameters.values():
+            p.requires_grad_(True)
         self.targets = find_targets(model, cfg.targets, layer_index)
         depth = {}
         for t in self.targets:
@@ -96,8 +97,15 @@ class KeepLoRA:
                 W = full(layer.weight.detach())
                 V = self._leave_room(layer, principal_subspace(W, cfg.eps_for(t.tower), "in"))
                 U = principal_subspace(W, cfg.eps_w_out, "out").to(V.dtype) if cfg.eps_w_out else None
-                layer.set_bases(V=V, U=U)
+                layer.set_bases(V=_from_rank0(V, process_group),
+                                U=None if U is None else _from_rank0(U, process_group))
         self.task_index = 0
+
+    @property
+    def extra_parameters(self) -> dict[str, nn.Parameter]:
+        """The ``extra_trainable`` parameters, looked up afresh: FSDP2 replaces parameter objects."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self._extra_names}
 
     def _leave_room(self, layer: FusedKeepLoRALinear, V: torch.Tensor) -> torch.Tensor:
         """Keep at most ``in − rank`` protected directions (the most important ones come first),

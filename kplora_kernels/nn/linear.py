@@ -171,16 +171,18 @@ class FusedKeepLoRALinear(nn.Module):
                 assign_(self.lora_B, residual_project_unchecked(B, self.U.to(B.dtype), None, 1.0))
 
     def _check_A_against_V(self, A: torch.Tensor) -> None:
+        """Each row of ``A`` must lie (to its dtype's rounding) outside span(V)."""
         if self.V.shape[1] == 0:
             return
-        work = torch.float64 if A.dtype == torch.float64 else torch.float32
         A = full(A.detach())
-        leak = (A.to(work) @ self.V.to(work)).abs().max().item()
-        scale = A.abs().max().item() or 1.0
-        tol = max(1e-4, 16 * torch.finfo(A.dtype).eps) * math.sqrt(self.in_features)
-        if not leak <= tol * scale:
-            raise ValueError(f"lora_A has components in span(V): max |A V| = {leak:.3g} (relative tolerance "
-                             f"{tol:.1g}); its rows must be orthogonal to the protected basis V")
+        work = torch.float64 if A.dtype == torch.float64 else torch.float32
+        Aw = A.to(work)
+        leak = ((Aw @ self.V.to(work)).norm(dim=1) / Aw.norm(dim=1).clamp_min(torch.finfo(work).tiny)).max().item()
+        tol = max(1e-4, 16 * torch.finfo(A.dtype).eps)
+        if not leak <= tol:
+            raise ValueError(f"lora_A has components in span(V): max over rows of |a V| / |a| = {leak:.3g} "
+                             f"(tolerance {tol:.1g} for {A.dtype}); its rows must be orthogonal to the "
+                             "protected basis V")
 
     def reset_adapter(self, A: torch.Tensor) -> None:
         """Start a task: ``lora_A ← A`` (``r×in``, rows orthogonal to ``V``), ``lora_B ← 0``. After
@@ -223,8 +225,8 @@ class FusedKeepLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge_(self) -> None:
-        """Subtract ``c·B A`` from the weight again (exact in fp32/fp64; within one rounding of the
-        weight's dtype for bf16/fp16)."""
+        """Subtract ``c·B A`` from the weight again (equal to the weight before :meth:`merge_` to within
+        rounding in the weight's dtype)."""
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
         delta = self.delta_weight()

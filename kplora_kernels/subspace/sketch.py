@@ -296,17 +296,20 @@ class GradientSketch:
 
     def adapter_init(self) -> torch.Tensor:
         """``A`` (``r×in``): orthonormal rows spanning the top-r right singular vectors of ``Ĝ``,
-        orthogonal to ``V``. Raises when no batch was seen."""
+        orthogonal to ``V``; where ``Ĝ`` has fewer than r directions the rest are seeded random ones
+        in the residual space. Raises when no batch was seen."""
         if self.batches == 0:
             raise RuntimeError("adapter_init() before any update(): the gradient is unknown")
         if self.strategy == "dense":
-            right = torch.linalg.svd(self.G, full_matrices=False)[2].double()  # fp32: directions only
+            _, S, right = torch.linalg.svd(self.G, full_matrices=False)  # fp32: directions only
         else:
             Q, _ = torch.linalg.qr(self.Y.double())
             core = torch.linalg.lstsq(self.psi.double() @ Q, self.W.double()).solution  # Ĝ ≈ Q core
-            right = torch.linalg.svd(core, full_matrices=False)[2]
-        A = right[: self.rank].mT
-        if A.shape[1] < self.rank:  # fewer directions than rank (tiny layers): fill with random ones
+            _, S, right = torch.linalg.svd(core, full_matrices=False)
+        # directions the gradient spans; beyond its numerical rank the singular vectors are arbitrary
+        kept = int((S > S[0] * 1e-6).sum()) if S.numel() and S[0] > 0 else 0
+        A = right[: min(kept, self.rank)].mT.double()
+        if A.shape[1] < self.rank:  # fill with seeded random directions (projected off V below)
             A = torch.cat([A, _gaussian(self.shape[1], self.rank - A.shape[1], self.seed + 2, self.device).double()], 1)
         if self.V is not None:
             A = A - self.V.double() @ (self.V.double().mT @ A)
