@@ -58,7 +58,7 @@ class LinearState:
 
     adapter: int          # A, B and B's gradient, in the parameter dtype
     optimizer: int        # AdamW's two moments of B (torch keeps them in the parameter dtype)
-    basis: int            # V, in the basis dtype
+    basis: int            # V or its complement, whichever is smaller, in the basis dtype
     gradient_sketch: int  # transient, at task start
     input_sketch: int     # transient, at task end (0 for k, v, up when they share q's, gate's)
 
@@ -70,6 +70,7 @@ class LinearState:
 def linear_state(name: str, out: int, in_: int, rank: int, basis_fraction: float, param_bytes: int,
                  basis_bytes: int, budget: int = DEFAULT_MEMORY_BUDGET, oversample: int = 8) -> LinearState:
     k_in = min(int(round(basis_fraction * in_)), in_ - rank)
+    stored = in_ - k_in if k_in > in_ / 2 else k_in  # past half the space the complement is kept
     if 4 * out * in_ <= budget:
         gradient = 4 * out * in_
     else:
@@ -84,7 +85,7 @@ def linear_state(name: str, out: int, in_: int, rank: int, basis_fraction: float
         width = max(1, min(in_, budget // (4 * in_), 1024))
         inputs = 2 * 4 * in_ * width  # the residual sketch and its test matrix
     return LinearState(adapter=param_bytes * (rank * in_ + 2 * out * rank), optimizer=2 * param_bytes * out * rank,
-                       basis=basis_bytes * in_ * k_in, gradient_sketch=gradient, input_sketch=inputs)
+                       basis=basis_bytes * in_ * stored, gradient_sketch=gradient, input_sketch=inputs)
 
 
 def report(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: str = "bf16",

@@ -74,18 +74,25 @@ def llava_loss(model, batch):
     return model(**batch).loss
 
 
+def protected(layer):
+    """The protected input basis, whichever way the layer stores it."""
+    from kplora_kernels.subspace.sketch import complement_basis
+
+    return complement_basis(layer.V.float()) if layer.V_complement else layer.V.float()
+
+
 def snapshot_weights(kl):
     return {name: layer.weight.detach().clone() for name, layer in kl.layers.items()}
 
 
 def run_one_task(kl, loader, loss_fn, steps=3):
-    bases_before = {name: layer.V.clone() for name, layer in kl.layers.items()}
+    bases_before = {name: protected(layer) for name, layer in kl.layers.items()}
     weights_before = snapshot_weights(kl)
     kl.begin_task(loader, loss_fn)
     for name, layer in kl.layers.items():
         assert layer.weight.grad is None
         assert torch.count_nonzero(layer.lora_B) == 0
-        assert (layer.lora_A @ layer.V).abs().max() < 1e-4, name
+        assert (layer.lora_A @ bases_before[name]).abs().max() < 1e-4, name
     opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
     kl.register_projection_hook(opt)
     for step in range(steps):
@@ -99,8 +106,8 @@ def run_one_task(kl, loader, loss_fn, steps=3):
         # old-input invariance: the update is zero on the protected inputs of the task start
         V = bases_before[name]
         assert (delta @ V).abs().max() <= 1e-4 * max(1.0, delta.abs().max().item()), name
-        assert layer.V.shape[1] >= V.shape[1]
-    assert any(layer.V.shape[1] > bases_before[name].shape[1] for name, layer in kl.layers.items())
+        assert layer.k_in >= V.shape[1]
+    assert any(layer.k_in > bases_before[name].shape[1] for name, layer in kl.layers.items())
 
 
 def test_open_clip_wrap_keeps_outputs_and_scales_layers():
@@ -116,7 +123,7 @@ def test_open_clip_wrap_keeps_outputs_and_scales_layers():
         block = int(name.split("resblocks.")[1].split(".")[0])
         expected = layer_scales(3)[block] if name.startswith("visual.") else 1.0  # text: no scaling
         assert layer.layer_scale == pytest.approx(expected)
-        assert layer.V.shape[1] > 0
+        assert layer.k_in > 0
 
 
 def test_open_clip_one_task():
@@ -230,6 +237,7 @@ def test_save_resume_is_exact_and_checkpoints_are_atomic(tmp_path, monkeypatch):
     for name, layer in kl_full.layers.items():
         assert torch.equal(layer.weight, kl_resumed.layers[name].weight)
         assert torch.equal(layer.V, kl_resumed.layers[name].V)
+        assert layer.V_complement == kl_resumed.layers[name].V_complement
     # a truncated file fails with a clear error; a failed save leaves the previous checkpoint intact
     truncated = str(tmp_path / "truncated.safetensors")
     with open(path, "rb") as src, open(truncated, "wb") as dst:
@@ -294,7 +302,7 @@ def test_bf16_bases_halve_the_memory_and_still_protect():
     kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "basis_dtype": "bf16"}), progress=False)
     assert all(layer.V.dtype == torch.bfloat16 for layer in kl.layers.values())
     train, _ = tasks[0]
-    before = {n: (layer.weight.detach().clone(), layer.V.float()) for n, layer in kl.layers.items()}
+    before = {n: (layer.weight.detach().clone(), protected(layer)) for n, layer in kl.layers.items()}
     kl.begin_task([train], task_loss)
     opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
     kl.register_projection_hook(opt)
@@ -323,3 +331,25 @@ def test_config_errors():
         preset("bert")
     with raises(ValueError, "no nn.Linear matches"):
         KeepLoRA(DigitsMLP(), KeepLoRAConfig(targets=[r"nothing$"]), progress=False)
+
+
+def test_bases_past_half_the_space_are_stored_as_complements(tmp_path):
+    tasks = digits_tasks()
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "eps_w": {"default": 0.95}}),
+                  progress=False)
+    stored = {n: (layer.V_complement, layer.V.shape[1], layer.k_in) for n, layer in kl.layers.items()}
+    assert any(c for c, _, _ in stored.values())
+    for name, (complement, columns, k_in) in stored.items():
+        layer = kl.layers[name]
+        assert complement == (k_in > layer.in_features / 2) and columns == min(k_in, layer.in_features - k_in)
+    train, _ = tasks[0]
+    run_one_task(kl, [train], task_loss, steps=10)
+    path = str(tmp_path / "c.safetensors")
+    kl.save(path)
+    torch.manual_seed(0)
+    resumed = KeepLoRA.from_checkpoint(DigitsMLP(), path, progress=False)
+    for name, layer in kl.layers.items():
+        assert resumed.layers[name].V_complement == layer.V_complement
+        assert torch.equal(resumed.layers[name].V, layer.V)

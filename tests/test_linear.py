@@ -36,10 +36,10 @@ def test_gradcheck_float64():
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)
     x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, W, b, A, B: _KeepLoRAFunction.apply(x, None, W, b, A, B, None, None, 0.25, None)  # noqa: E731
+    fn = lambda x, W, b, A, B: _KeepLoRAFunction.apply(x, None, W, b, A, B, None, None, False, 0.25, None)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, W, b, A, B))
     x_d = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)  # the dropout branch input
-    fn_d = lambda x, x_d, A, B: _KeepLoRAFunction.apply(x, x_d, W, b, A, B, None, None, 0.25, None)  # noqa: E731
+    fn_d = lambda x, x_d, A, B: _KeepLoRAFunction.apply(x, x_d, W, b, A, B, None, None, False, 0.25, None)  # noqa: E731
     assert torch.autograd.gradcheck(fn_d, (x, x_d, A, B))
 
 
@@ -301,3 +301,30 @@ def test_saved_activation_memory_not_more_than_peft(train_A):
     assert mine <= theirs
     tokens_r = 4 * 32 * 8 * 4  # h = x Aᵀ, tokens × r in fp32
     assert mine == (tokens_r + x.numel() * 4 if train_A else tokens_r)  # x only when dA needs it
+
+
+def test_complement_stored_basis_behaves_like_the_basis():
+    from kplora_kernels.subspace.sketch import complement_basis
+
+    V = random_basis(16, 11, torch.float32)
+    plain, compl = make_layer(dtype=torch.float32, train_A=True), make_layer(dtype=torch.float32, train_A=True)
+    plain.set_bases(V=V)
+    compl.set_bases(V=complement_basis(V), V_complement=True)
+    assert compl.k_in == 11 and compl.V.shape == (16, 5) and "complement stored" in repr(compl)
+    torch.testing.assert_close(compl.lora_A @ compl.lora_A.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert (compl.lora_A @ V).abs().max() < 1e-5
+    with torch.no_grad():
+        compl.lora_A.copy_(plain.lora_A)
+        compl.lora_B.copy_(plain.lora_B)
+    x = torch.randn(6, 16)
+    for layer in (plain, compl):
+        layer(x).pow(2).sum().backward()
+    torch.testing.assert_close(compl.lora_A.grad, plain.lora_A.grad, atol=1e-5, rtol=1e-5)
+    with raises(ValueError, "span(V)"):
+        compl.reset_adapter(torch.randn(4, 16))
+    with raises(ValueError, "residual space of 3"):
+        compl.set_bases(V=random_basis(16, 3, torch.float32), V_complement=True)
+    state = compl.state_dict()
+    fresh = FusedKeepLoRALinear(16, 12, rank=4)
+    fresh.load_state_dict(state)
+    assert fresh.V_complement and fresh.k_in == 11

@@ -15,25 +15,32 @@ SMALL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "nu
          "num_key_value_heads": 2}
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.75], ids=["basis", "complement"])
 @pytest.mark.parametrize("budget", [2**30, 8 * 1024], ids=["exact sketches", "randomized sketches"])
-def test_report_matches_the_allocated_state(budget):
-    rank, fraction = 4, 0.5
+def test_report_matches_the_allocated_state(budget, fraction):
+    from kplora_kernels.subspace.sketch import complement_basis
+
+    rank = 4
     shared_inputs = {}
     for name, out, in_ in linear_shapes(SMALL):
         predicted = linear_state(name, out, in_, rank, fraction, param_bytes=2, basis_bytes=4, budget=budget)
         layer = FusedKeepLoRALinear.from_linear(nn.Linear(in_, out, dtype=torch.bfloat16), rank)
         k_in = min(round(fraction * in_), in_ - rank)
-        layer.set_bases(V=random_basis(in_, k_in, torch.float32))
+        V = random_basis(in_, k_in, torch.float32)
+        if k_in > in_ / 2:  # what the controller stores past half the space
+            layer.set_bases(V=complement_basis(V), V_complement=True)
+        else:
+            layer.set_bases(V=V)
         opt = torch.optim.AdamW([layer.lora_B], lr=1e-3)
         layer(torch.randn(3, in_, dtype=torch.bfloat16)).float().sum().backward()
         opt.step()
         adapter = sum(t.nbytes for t in (layer.lora_A, layer.lora_B, layer.lora_B.grad))
         optimizer = sum(v.nbytes for v in opt.state[layer.lora_B].values() if v.dim() > 0)
         assert (adapter, optimizer, layer.V.nbytes) == (predicted.adapter, predicted.optimizer, predicted.basis)
-        grad = GradientSketch(out, in_, rank, V=layer.V, memory_budget=budget)
+        grad = GradientSketch(out, in_, rank, V=layer.V, V_complement=layer.V_complement, memory_budget=budget)
         assert grad.memory_bytes == predicted.gradient_sketch, name
         group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(name, name)
-        sketch = InputSketch(in_, layer.V, memory_budget=budget)
+        sketch = InputSketch(in_, layer.V, V_complement=layer.V_complement, memory_budget=budget)
         reused = group in shared_inputs and sketch.strategy == "covariance"
         shared_inputs.setdefault(group, sketch)
         assert (0 if reused else sketch.memory_bytes) == predicted.input_sketch, name

@@ -255,3 +255,33 @@ def test_adapter_init_when_the_gradient_has_fewer_directions_than_rank():
     G = sketch.mean_gradient().double()
     top = torch.linalg.svd(G)[2][:1]
     assert (top @ A.double().T).norm() > 0.999  # the one real direction is kept
+
+
+@pytest.mark.parametrize("strategy", ["covariance", "randomized"])
+def test_expand_in_complement_form_matches_the_plain_form(strategy):
+    from kplora_kernels.subspace.sketch import complement_basis
+
+    X = planted(800, 32, 6)
+    V0 = random_basis(32, 20, torch.float32, seed=4)  # more than half: stored as a complement
+    Vc = complement_basis(V0)
+    plain = stream(InputSketch(32, V0, strategy=strategy, width=16), X)
+    compl = stream(InputSketch(32, Vc, V_complement=True, strategy=strategy, width=16), X)
+    V1 = plain.expand(V0, 0.99, keep_free=2)
+    Vc1 = compl.expand(Vc, 0.99, V_complement=True, keep_free=2)
+    assert V1.shape[1] + Vc1.shape[1] == 32 and Vc1.shape[1] >= 2
+    torch.testing.assert_close((Vc1 @ Vc1.T).double(), torch.eye(32, dtype=torch.float64) - (V1 @ V1.T).double(),
+                               atol=1e-3 if strategy == "randomized" else 1e-5, rtol=0)
+
+
+def test_gradient_sketch_with_a_complement_basis():
+    from kplora_kernels.subspace.sketch import complement_basis
+
+    V = random_basis(24, 16, torch.float32)
+    pairs = gradient_stream(12, 24)
+    plain, compl = GradientSketch(12, 24, 3, V=V), GradientSketch(12, 24, 3, V=complement_basis(V), V_complement=True)
+    for dY, X in pairs:
+        plain.update(dY, X)
+        compl.update(dY, X)
+    torch.testing.assert_close(compl.mean_gradient(), plain.mean_gradient(), atol=1e-5, rtol=1e-5)
+    A = compl.adapter_init()
+    assert (A @ V).abs().max() < 1e-5

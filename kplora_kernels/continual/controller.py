@@ -22,6 +22,7 @@ from ..nn import FusedKeepLoRALinear, register_projection_hooks
 from ..nn.linear import assign_, full
 from ..schedules import layer_scales
 from ..subspace import GradientSketch, InputSketch, principal_subspace
+from ..subspace.sketch import complement_basis
 from .adapters import find_targets, replace_module, split_multihead_attention
 from .config import KeepLoRAConfig
 
@@ -95,10 +96,11 @@ class KeepLoRA:
             self.layers[t.name] = layer
             if compute_bases and cfg.method != "lora":
                 W = full(layer.weight.detach())
-                V = self._leave_room(layer, principal_subspace(W, cfg.eps_for(t.tower), "in"))
-                U = principal_subspace(W, cfg.eps_w_out, "out").to(V.dtype) if cfg.eps_w_out else None
-                layer.set_bases(V=_from_rank0(V, process_group),
-                                U=None if U is None else _from_rank0(U, process_group))
+                V = principal_subspace(W, cfg.eps_for(t.tower), "in")[:, : layer.in_features - layer.rank]
+                U = principal_subspace(W, cfg.eps_w_out, "out").to(self._basis_dtype) if cfg.eps_w_out else None
+                self._set_input_basis(layer, V, complement=False)
+                if U is not None:
+                    layer.set_bases(U=_from_rank0(U, process_group))
         self.task_index = 0
 
     @property
@@ -107,11 +109,19 @@ class KeepLoRA:
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in self._extra_names}
 
-    def _leave_room(self, layer: FusedKeepLoRALinear, V: torch.Tensor) -> torch.Tensor:
-        """Keep at most ``in − rank`` protected directions (the most important ones come first),
-        stored in the configured basis dtype."""
-        dtype = torch.bfloat16 if self.config.basis_dtype == "bf16" else torch.float32
-        return V[:, : layer.in_features - layer.rank].to(dtype)
+    @property
+    def _basis_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.config.basis_dtype == "bf16" else torch.float32
+
+    def _set_input_basis(self, layer: FusedKeepLoRALinear, V: torch.Tensor, complement: bool) -> None:
+        """Store ``V`` (or, with ``complement``, its complement) in the cheaper form: the complement
+        once the protected subspace covers more than half of the input space. Rank 0's is used."""
+        k = layer.in_features - V.shape[1] if complement else V.shape[1]
+        if not complement and k > layer.in_features / 2:
+            V, complement = complement_basis(V), True
+        elif complement and k <= layer.in_features / 2:
+            V, complement = complement_basis(V), False
+        layer.set_bases(V=_from_rank0(V.to(self._basis_dtype), self.process_group), V_complement=complement)
 
     # --- the task lifecycle ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -147,6 +157,7 @@ class KeepLoRA:
         for name, layer in self.layers.items():
             sketches[name] = GradientSketch(layer.out_features, layer.in_features, layer.rank,
                                             U=layer.U if layer.U.shape[1] else None, V=layer.V,
+                                            V_complement=layer.V_complement,
                                             memory_budget=cfg.sketch_memory_budget,
                                             seed=cfg.seed + self.task_index, device=layer.weight.device)
             layer.grad_accumulator = sketches[name]
@@ -183,7 +194,8 @@ class KeepLoRA:
             if exact and t.input_group in shared:  # q, k, v: one exact sketch of their common input
                 sketch_of[t.name] = shared[t.input_group]
                 continue
-            sketch = InputSketch(layer.in_features, layer.V, memory_budget=cfg.sketch_memory_budget,
+            sketch = InputSketch(layer.in_features, layer.V, V_complement=layer.V_complement,
+                                 memory_budget=cfg.sketch_memory_budget,
                                  seed=cfg.seed + self.task_index, device=layer.weight.device)
             sketch_of[t.name] = sketch
             if exact:
@@ -200,8 +212,8 @@ class KeepLoRA:
             sketch.all_reduce(self.process_group)
         for t in self.targets:
             layer = self.layers[t.name]
-            V = self._leave_room(layer, sketch_of[t.name].expand(layer.V, cfg.eps_f))
-            layer.set_bases(V=_from_rank0(V, self.process_group))
+            V = sketch_of[t.name].expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+            self._set_input_basis(layer, V, layer.V_complement)
 
     @contextmanager
     def task(self, loader, loss_fn, forward_fn=None, fraction: float = 1.0):
@@ -238,7 +250,7 @@ class KeepLoRA:
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
-                "layout": self._layout()}
+                "layout": self._layout(), "V_complement": {n: l.V_complement for n, l in self.layers.items()}}
         tmp = f"{path}.tmp-{os.getpid()}"
         try:
             save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)})
@@ -286,6 +298,7 @@ class KeepLoRA:
                 dev = layer.weight.device
                 assign_(layer.weight, tensors[f"{name}.weight"])
                 layer.V = tensors[f"{name}.V"].to(dev)
+                layer.V_complement = bool(meta.get("V_complement", {}).get(name, False))
                 layer.U = tensors[f"{name}.U"].to(dev)
                 assign_(layer.lora_A, tensors[f"{name}.lora_A"])
                 assign_(layer.lora_B, tensors[f"{name}.lora_B"])

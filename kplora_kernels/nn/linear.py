@@ -42,7 +42,7 @@ class _KeepLoRAFunction(torch.autograd.Function):
     gradient accumulator needs it."""
 
     @staticmethod
-    def forward(ctx, x, x_d, W, b, A, B, U, V, c, grad_accumulator):
+    def forward(ctx, x, x_d, W, b, A, B, U, V, V_complement, c, grad_accumulator):
         h = nn.functional.linear(x if x_d is None else x_d, A)
         y = nn.functional.linear(x, W, b)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.to(y.dtype).mT, alpha=c)  # no extra pass
@@ -50,6 +50,7 @@ class _KeepLoRAFunction(torch.autograd.Function):
         keep_x_d = x_d is not None and A.requires_grad
         ctx.save_for_backward(h, x if keep_x else None, x_d if keep_x_d else None, W, A, B, U, V)
         ctx.c, ctx.grad_accumulator, ctx.has_dropout = c, grad_accumulator, x_d is not None
+        ctx.V_complement = V_complement
         return y
 
     @staticmethod
@@ -78,10 +79,10 @@ class _KeepLoRAFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             dA = c * (dYB.mT @ flat(x if x_d is None else x_d).to(dt))  # r×in
             if V is not None:
-                dA = residual_project_unchecked(dA, None, V.to(dt), 1.0)
+                dA = residual_project_unchecked(dA, None, V.to(dt), 1.0, V_complement=ctx.V_complement)
         if ctx.grad_accumulator is not None:
             ctx.grad_accumulator.update(dY2.detach(), flat(x).detach())
-        return dx, dx_d, dW, db, dA, dB, None, None, None, None
+        return dx, dx_d, dW, db, dA, dB, None, None, None, None, None
 
 
 class FusedKeepLoRALinear(nn.Module):
@@ -135,6 +136,7 @@ class FusedKeepLoRALinear(nn.Module):
         self.register_buffer("U", torch.zeros(out_features, 0, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.V_complement = False  # V holds the complement of the protected basis (cheaper past in/2)
         self.grad_accumulator: GradientAccumulator | None = None
         self.input_accumulator: InputAccumulator | None = None
 
@@ -143,28 +145,49 @@ class FusedKeepLoRALinear(nn.Module):
         """``c = (alpha / r) · layer_scale``, the factor on the adapter branch."""
         return self.alpha / self.rank * self.layer_scale
 
+    @property
+    def protects_input(self) -> bool:
+        return self.V_complement or self.V.shape[1] > 0
+
+    @property
+    def k_in(self) -> int:
+        """The dimension of the protected input subspace (whichever way ``V`` stores it)."""
+        return self.in_features - self.V.shape[1] if self.V_complement else self.V.shape[1]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"scaling={self.scaling:.4g}, k_in={self.V.shape[1]}, k_out={self.U.shape[1]}, "
-                f"merged={self.merged}")
+                f"scaling={self.scaling:.4g}, k_in={self.k_in}{' (complement stored)' if self.V_complement else ''}, "
+                f"k_out={self.U.shape[1]}, merged={self.merged}")
+
+    def project_input_side(self, A: torch.Tensor) -> torch.Tensor:
+        """``A (I − V Vᵀ)`` for rows ``A`` (``…×in``), whichever way ``V`` is stored."""
+        if not self.protects_input:
+            return A
+        return residual_project_unchecked(A, None, self.V.to(A.dtype), 1.0, V_complement=self.V_complement)
 
     # --- bases and the task lifecycle -----------------------------------------------------------
-    def set_bases(self, V: torch.Tensor | None = None, U: torch.Tensor | None = None) -> None:
+    def set_bases(self, V: torch.Tensor | None = None, U: torch.Tensor | None = None, *,
+                  V_complement: bool = False) -> None:
         """Set the protected bases: ``V`` ``in×k_in`` and/or ``U`` ``out×k_out``, orthonormal columns.
-        A side given as None keeps its current basis. The adapter is projected to satisfy the new
-        constraints: ``A``'s rows are re-orthonormalised in the residual of ``V``, ``B ← (I−UUᵀ)B``."""
+        With ``V_complement=True``, ``V`` spans the *residual* input space instead (``in×(in−k_in)``,
+        the cheaper form once ``k_in > in/2``). A side given as None keeps its current basis. The
+        adapter is projected to satisfy the new constraints: ``A``'s rows are re-orthonormalised in
+        the residual input space, ``B ← (I−UUᵀ)B``."""
         for name, B, dim, what in (("V", V, self.in_features, "in_features"),
                                    ("U", U, self.out_features, "out_features")):
             if B is None:
                 continue
             check_basis(name, B, dim, what)
-            if name == "V" and dim - B.shape[1] < self.rank:
-                raise ValueError(f"V leaves a residual space of {dim - B.shape[1]} dimensions, fewer than "
-                                 f"rank = {self.rank}: the adapter would have no room")
+            if name == "V":
+                room = B.shape[1] if V_complement else dim - B.shape[1]
+                if room < self.rank:
+                    raise ValueError(f"V leaves a residual space of {room} dimensions, fewer than "
+                                     f"rank = {self.rank}: the adapter would have no room")
+                self.V_complement = V_complement
             setattr(self, name, B.detach().to(self.weight.device).clone())
         with torch.no_grad():
-            if self.V.shape[1]:
-                A = residual_project_unchecked(full(self.lora_A).double(), None, self.V.double(), 1.0)
+            if self.protects_input:
+                A = self.project_input_side(full(self.lora_A).double())
                 assign_(self.lora_A, torch.linalg.qr(A.mT)[0].mT)
             if self.U.shape[1]:
                 B = full(self.lora_B)
@@ -172,12 +195,13 @@ class FusedKeepLoRALinear(nn.Module):
 
     def _check_A_against_V(self, A: torch.Tensor) -> None:
         """Each row of ``A`` must lie (to its dtype's rounding) outside span(V)."""
-        if self.V.shape[1] == 0:
+        if not self.protects_input:
             return
         A = full(A.detach())
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
         Aw = A.to(work)
-        leak = ((Aw @ self.V.to(work)).norm(dim=1) / Aw.norm(dim=1).clamp_min(torch.finfo(work).tiny)).max().item()
+        inside = Aw - self.project_input_side(Aw)
+        leak = (inside.norm(dim=1) / Aw.norm(dim=1).clamp_min(torch.finfo(work).tiny)).max().item()
         tol = max(1e-4, 16 * torch.finfo(A.dtype).eps)
         if not leak <= tol:
             raise ValueError(f"lora_A has components in span(V): max over rows of |a V| / |a| = {leak:.3g} "
@@ -202,8 +226,8 @@ class FusedKeepLoRALinear(nn.Module):
         """Restore the constraints after an optimizer step: ``B ← (I−UUᵀ)B``, ``A ← A(I−VVᵀ)``."""
         if self.U.shape[1]:
             assign_(self.lora_B, residual_project_unchecked(full(self.lora_B), self.U, None, 1.0))
-        if self.lora_A.requires_grad and self.V.shape[1]:
-            assign_(self.lora_A, residual_project_unchecked(full(self.lora_A), None, self.V, 1.0))
+        if self.lora_A.requires_grad and self.protects_input:
+            assign_(self.lora_A, self.project_input_side(full(self.lora_A)))
 
     def register_projection_hook(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`project_` after every ``optimizer.step()``; returns the removable handle."""
@@ -254,17 +278,19 @@ class FusedKeepLoRALinear(nn.Module):
         x_d = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else None
         return _KeepLoRAFunction.apply(x, x_d, self.weight, self.bias, self.lora_A, self.lora_B,
                                        self.U if self.U.shape[1] else None,
-                                       self.V if self.V.shape[1] else None,
+                                       self.V if self.protects_input else None, self.V_complement,
                                        self.scaling, self.grad_accumulator)
 
     # --- state ------------------------------------------------------------------------------------
     def get_extra_state(self):
-        return {"merged": self.merged, "rank": self.rank, "alpha": self.alpha, "layer_scale": self.layer_scale}
+        return {"merged": self.merged, "rank": self.rank, "alpha": self.alpha, "layer_scale": self.layer_scale,
+                "V_complement": self.V_complement}
 
     def set_extra_state(self, state) -> None:
         if state["rank"] != self.rank:
             raise ValueError(f"state_dict has rank {state['rank']}, this layer has rank {self.rank}")
         self.merged, self.alpha, self.layer_scale = bool(state["merged"]), state["alpha"], state["layer_scale"]
+        self.V_complement = bool(state.get("V_complement", False))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("U", "V"):  # the bases grow from task to task: take the stored size

@@ -32,10 +32,19 @@ def _gaussian(rows: int, cols: int, seed: int, device) -> torch.Tensor:
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
 
-def _residual_rows(X: torch.Tensor, V: torch.Tensor | None) -> torch.Tensor:
-    """``X (I − V Vᵀ)`` in fp32 (``X`` itself when ``V`` is empty)."""
+def _residual_rows(X: torch.Tensor, V: torch.Tensor | None, complement: bool = False) -> torch.Tensor:
+    """``X (I − V Vᵀ)`` in fp32 (``X (V Vᵀ)`` when ``V`` spans the residual space; ``X`` itself when
+    there is no ``V``)."""
     X = X.float()
-    return X if V is None or V.shape[1] == 0 else project_rows(X, V)
+    if V is None or (V.shape[1] == 0 and not complement):
+        return X
+    return project_rows(X, V, V_complement=complement)
+
+
+def complement_basis(V: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (``dim×(dim−k)``) of the orthogonal complement of ``V`` (``dim×k``)."""
+    Q = torch.linalg.qr(V.double(), mode="complete")[0]
+    return Q[:, V.shape[1]:].to(V.dtype).contiguous()
 
 
 def _all_reduce(tensors, group) -> None:
@@ -59,9 +68,9 @@ class InputSketch:
     ``memory_budget`` bytes. ``strategy`` and ``memory_bytes`` tell what was chosen.
     """
 
-    def __init__(self, dim: int, V: torch.Tensor | None = None, *, strategy: str = "auto",
-                 width: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, seed: int = 0,
-                 device=None):
+    def __init__(self, dim: int, V: torch.Tensor | None = None, *, V_complement: bool = False,
+                 strategy: str = "auto", width: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 seed: int = 0, device=None):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an int ≥ 1, got {dim!r}")
         if strategy not in ("auto", "covariance", "randomized"):
@@ -74,8 +83,9 @@ class InputSketch:
         if strategy == "auto":
             strategy = "covariance" if 4 * dim * dim <= memory_budget else "randomized"
         self.strategy = strategy
-        keep_V = strategy == "randomized" and V is not None and V.shape[1] > 0
+        keep_V = strategy == "randomized" and V is not None and (V.shape[1] > 0 or V_complement)
         self.V = V.detach().to(self.device) if keep_V else None  # its own dtype: validated as such
+        self.V_complement = V_complement and keep_V
         if strategy == "covariance":
             self.state = torch.zeros(dim, dim, device=self.device)
         else:
@@ -105,7 +115,7 @@ class InputSketch:
             R = X.float()
             self.state.addmm_(R.mT, R)
         else:
-            R = _residual_rows(X, self.V)
+            R = _residual_rows(X, self.V, self.V_complement)
             self.state.addmm_(R.mT, R @ self.omega)
         self.energy += torch.stack([X.double().pow(2).sum(), R.double().pow(2).sum()])
         self.tokens += X.shape[0]
@@ -113,8 +123,8 @@ class InputSketch:
     def _check_compatible(self, other: "InputSketch") -> None:
         if not isinstance(other, InputSketch):
             raise TypeError(f"can only merge another InputSketch, got {type(other).__name__}")
-        mine = (self.dim, self.strategy, self.width, self.seed)
-        theirs = (other.dim, other.strategy, other.width, other.seed)
+        mine = (self.dim, self.strategy, self.width, self.seed, self.V_complement)
+        theirs = (other.dim, other.strategy, other.width, other.seed, other.V_complement)
         if mine != theirs:
             raise ValueError(f"cannot merge sketches of different configuration (dim, strategy, width, seed): "
                              f"{mine} vs {theirs}")
@@ -139,11 +149,16 @@ class InputSketch:
         self.tokens = int(tokens.item())
         return self
 
-    def residual_spectrum(self, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Eigenvalues (descending: ``s_j²`` of the residual inputs), eigenvectors (``dim×m``) and
-        ``‖X (I − VVᵀ)‖²``."""
+    def residual_spectrum(self, V: torch.Tensor | None, complement: bool = False):
+        """Eigenvalues (descending: ``s_j²`` of the residual inputs), eigenvectors (``dim×m``, in the
+        residual space) and ``‖X (I − VVᵀ)‖²``; ``complement``: ``V`` spans the residual space."""
         if self.strategy == "covariance":
             C = self.state.double()
+            if complement:  # the residual covariance lives in span(V): decompose Vᵀ C V
+                Vd = V.double()
+                M = Vd.mT @ C @ Vd
+                evals, W = torch.linalg.eigh((M + M.mT) / 2)
+                return evals.flip(0).clamp_min(0), Vd @ W.flip(1), M.trace().item()
             if V is not None:
                 Vd = V.double()
                 C = C - Vd @ (Vd.mT @ C)
@@ -161,36 +176,49 @@ class InputSketch:
         evals = (S.pow(2) - nu).clamp_min(0)
         vecs = Uy
         if self.V is not None:  # keep the estimate in the residual space
-            vecs = vecs - self.V.double() @ (self.V.double().mT @ vecs)
+            inside = self.V.double() @ (self.V.double().mT @ vecs)
+            vecs = inside if self.V_complement else vecs - inside
         return evals, vecs, self.energy[1].item()
 
-    def expand(self, V: torch.Tensor | None, eps: float) -> torch.Tensor:
+    def expand(self, V: torch.Tensor | None, eps: float, *, V_complement: bool = False,
+               keep_free: int = 0) -> torch.Tensor:
         """``V`` extended by the GPM rule: append residual directions while
-        ``(E − ‖R‖² + Σ_appended s_j²) / E < eps``. Returns ``dim×k'`` in fp32."""
+        ``(E − ‖R‖² + Σ_appended s_j²) / E < eps``, leaving at least ``keep_free`` residual dimensions.
+        With ``V_complement=True`` both the given and the returned basis span the residual space
+        (the complement shrinks instead of ``V`` growing). Returns ``dim×k'`` in fp32 (or V's dtype)."""
         eps = check_eps("eps", eps)
         if V is not None:
             check_basis("V", V, self.dim, "dim")
-            V = None if V.shape[1] == 0 else V.detach().to(self.device)
-        if self.strategy == "randomized" and ((V is None) != (self.V is None) or (
-                V is not None and (V.shape != self.V.shape or not torch.allclose(V, self.V)))):
+            V = V.detach().to(self.device)
+            if V.shape[1] == 0 and not V_complement:
+                V = None
+        if V is None and V_complement:
+            raise ValueError("V_complement=True needs the complement basis V")
+        if self.strategy == "randomized" and ((V is None) != (self.V is None) or V_complement != self.V_complement
+                                              or (V is not None and (V.shape != self.V.shape or not torch.allclose(V, self.V)))):
             raise ValueError("the randomized sketch projects against the basis V it was built with: "
                              "expand must be given that basis")
         base = torch.zeros(self.dim, 0, device=self.device) if V is None else V
+        residual_dims = base.shape[1] if V_complement else self.dim - base.shape[1]
         total = self.energy[0].item()
-        if total == 0 or base.shape[1] == self.dim:
+        if total == 0 or residual_dims <= keep_free:
             return base.clone()
-        evals, evecs, residual = self.residual_spectrum(V)
+        evals, evecs, residual = self.residual_spectrum(V, V_complement)
         captured = total - residual  # the energy V already holds
         before = captured + torch.cat([evals.new_zeros(1), torch.cumsum(evals, 0)[:-1]])
         count = int((before / total < eps).sum().item())
         count = min(count, int((evals > evals[0] * 1e-10).sum().item()) if evals.numel() else 0,
-                    self.dim - base.shape[1])
+                    residual_dims - keep_free)
         if count == 0:
             return base.clone()
         new = evecs[:, :count]
+        if V_complement:  # the new complement: the part of span(V) orthogonal to the new directions
+            w = torch.linalg.qr(base.double().mT @ new)[0]
+            rest = torch.linalg.qr(w, mode="complete")[0][:, count:]
+            return (base.double() @ rest).to(base.dtype if base.is_floating_point() else torch.float32)
         new = new - base.double() @ (base.double().mT @ new)
         new, _ = torch.linalg.qr(new)
-        return torch.cat([base, new.float()], dim=1)
+        return torch.cat([base, new.to(base.dtype if base.shape[1] else torch.float32)], dim=1)
 
 
 class GradientSketch:
@@ -204,7 +232,7 @@ class GradientSketch:
     """
 
     def __init__(self, out_features: int, in_features: int, rank: int, U: torch.Tensor | None = None,
-                 V: torch.Tensor | None = None, *, strategy: str = "auto", oversample: int = 8,
+                 V: torch.Tensor | None = None, *, V_complement: bool = False, strategy: str = "auto", oversample: int = 8,
                  memory_budget: int = DEFAULT_MEMORY_BUDGET, seed: int = 0, device=None):
         for name, value in (("out_features", out_features), ("in_features", in_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -217,12 +245,15 @@ class GradientSketch:
             if B is not None:
                 check_basis(name, B, dim, f"{'out' if name == 'U' else 'in'}_features")
                 device = B.device if device is None else device
-        if V is not None and in_features - V.shape[1] < rank:
-            raise ValueError(f"V leaves {in_features - V.shape[1]} residual dimensions, fewer than rank = {rank}")
+        room = (V.shape[1] if V_complement else in_features - V.shape[1]) if V is not None else in_features
+        if room < rank:
+            raise ValueError(f"V leaves {room} residual dimensions, fewer than rank = {rank}")
         self.shape, self.rank, self.seed = (out_features, in_features), rank, seed
         self.device = torch.device(device or "cpu")
         prep = lambda B: None if B is None or B.shape[1] == 0 else B.detach().to(self.device)  # noqa: E731
-        self.U, self.V = prep(U), prep(V)
+        self.U = prep(U)
+        self.V = V.detach().to(self.device) if V is not None and (V.shape[1] or V_complement) else None
+        self.V_complement = V_complement and self.V is not None
         if strategy == "auto":
             strategy = "dense" if 4 * out_features * in_features <= memory_budget else "randomized"
         self.strategy = strategy
@@ -257,7 +288,7 @@ class GradientSketch:
         X = X.detach().reshape(-1, in_f).to(self.device)
         _check_finite("dY", dY)
         _check_finite("X", X)
-        dYh, Xh = _residual_rows(dY, self.U), _residual_rows(X, self.V)
+        dYh, Xh = _residual_rows(dY, self.U), _residual_rows(X, self.V, self.V_complement)
         if self.strategy == "dense":
             self.G.addmm_(dYh.mT, Xh)
         else:
@@ -269,8 +300,9 @@ class GradientSketch:
         """Add ``other`` (same configuration, seed and bases) into this sketch; returns self."""
         if not isinstance(other, GradientSketch):
             raise TypeError(f"can only merge another GradientSketch, got {type(other).__name__}")
-        mine = (self.shape, self.rank, self.strategy, self.seed, [t.shape for t in self._state()])
-        theirs = (other.shape, other.rank, other.strategy, other.seed, [t.shape for t in other._state()])
+        mine = (self.shape, self.rank, self.strategy, self.seed, self.V_complement, [t.shape for t in self._state()])
+        theirs = (other.shape, other.rank, other.strategy, other.seed, other.V_complement,
+                  [t.shape for t in other._state()])
         if mine != theirs:
             raise ValueError(f"cannot merge sketches of different configuration: {mine} vs {theirs}")
         for a, b in ((self.U, other.U), (self.V, other.V)):
@@ -312,5 +344,6 @@ class GradientSketch:
         if A.shape[1] < self.rank:  # fill with seeded random directions (projected off V below)
             A = torch.cat([A, _gaussian(self.shape[1], self.rank - A.shape[1], self.seed + 2, self.device).double()], 1)
         if self.V is not None:
-            A = A - self.V.double() @ (self.V.double().mT @ A)
+            inside = self.V.double() @ (self.V.double().mT @ A)
+            A = inside if self.V_complement else A - inside
         return torch.linalg.qr(A)[0].mT.float().contiguous()
