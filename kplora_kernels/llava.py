@@ -23,6 +23,7 @@ import torch
 from .config_file import ConfigError, load_settings
 from .continual import KeepLoRA, preset
 from .continual.runs import ResumableRun
+from .distributed import is_distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -144,11 +145,9 @@ def _init_distributed(device_arg: str | None) -> torch.device:
 
 
 def _shard(items: list) -> list:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # equal shards: every rank runs as many
-        world = dist.get_world_size()                      # batches (each one is a collective)
-        return items[: len(items) // world * world][dist.get_rank()::world]
+    if is_distributed():  # equal shards: every rank runs as many batches (each one is a collective)
+        world = torch.distributed.get_world_size()
+        return items[: len(items) // world * world][torch.distributed.get_rank()::world]
     return items
 
 
@@ -186,14 +185,12 @@ def run(args, cfg: LLaVAConfig, log=print) -> dict:
         kl = KeepLoRA(model, preset("llava", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
                                     eps_w={"default": cfg.eps_w}, seed=cfg.seed))
     trained = model
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         if args.strategy == "fsdp2":  # shard every language-model layer, then the rest
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+            mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
             for name, module in model.named_modules():
                 if re.fullmatch(r".*language_model\.layers\.\d+", name):
                     fully_shard(module, mesh=mesh)

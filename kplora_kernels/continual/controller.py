@@ -18,6 +18,7 @@ import torch
 import torch.distributed
 from torch import nn
 
+from ..distributed import is_distributed, is_rank0
 from ..nn import FusedKeepLoRALinear, register_projection_hooks
 from ..nn.linear import assign_, full
 from ..schedules import layer_scales
@@ -29,23 +30,16 @@ from .config import KeepLoRAConfig
 FORMAT = "kplora-controller/1"
 
 
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
     """Every rank gets rank 0's tensor (shapes may differ before: they are sent first), so that
     bases and adapters are identical everywhere even if decompositions round differently."""
-    if not _distributed():
+    if not is_distributed():
         return t
-    import torch.distributed as dist
-
+    src = torch.distributed.get_global_rank(group, 0) if group else 0
     shape = [list(t.shape)]
-    dist.broadcast_object_list(shape, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    torch.distributed.broadcast_object_list(shape, src=src, group=group)
     out = t.contiguous() if list(t.shape) == shape[0] else t.new_empty(shape[0])
-    dist.broadcast(out, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    torch.distributed.broadcast(out, src=src, group=group)
     return out
 
 
@@ -75,7 +69,7 @@ class KeepLoRA:
     def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
                  compute_bases: bool = True, layer_index: dict | None = None, process_group=None):
         self.model, self.config, self.process_group = model, config or KeepLoRAConfig(), process_group
-        self.progress = progress and (not _distributed() or torch.distributed.get_rank() == 0)
+        self.progress = progress and is_rank0()
         cfg = self.config
         split_multihead_attention(model)
         model.requires_grad_(False)
@@ -114,13 +108,11 @@ class KeepLoRA:
         return torch.bfloat16 if self.config.basis_dtype == "bf16" else torch.float32
 
     def _set_input_basis(self, layer: FusedKeepLoRALinear, V: torch.Tensor, complement: bool) -> None:
-        """Store ``V`` (or, with ``complement``, its complement) in the cheaper form: the complement
-        once the protected subspace covers more than half of the input space. Rank 0's is used."""
-        k = layer.in_features - V.shape[1] if complement else V.shape[1]
-        if not complement and k > layer.in_features / 2:
+        """Store ``V`` (with ``complement``: already its complement) in the cheaper form, switching to
+        the complement once the protected subspace covers more than half of the input space (it only
+        grows, so a complement never switches back). Rank 0's is used."""
+        if not complement and V.shape[1] > layer.in_features / 2:
             V, complement = complement_basis(V), True
-        elif complement and k <= layer.in_features / 2:
-            V, complement = complement_basis(V), False
         layer.set_bases(V=_from_rank0(V.to(self._basis_dtype), self.process_group), V_complement=complement)
 
     # --- the task lifecycle ------------------------------------------------------------------------
@@ -241,9 +233,9 @@ class KeepLoRA:
                 tensors[f"{name}.{key}"] = full(getattr(layer, key).detach()).cpu().contiguous().clone()
         for name, p in self.extra_parameters.items():
             tensors[f"extra.{name}"] = full(p.detach()).cpu().contiguous().clone()
-        if not _distributed() or torch.distributed.get_rank() == 0:
+        if is_rank0():
             self._write(path, tensors)
-        if _distributed():
+        if is_distributed():
             torch.distributed.barrier(group=self.process_group)
 
     def _write(self, path: str, tensors: dict) -> None:

@@ -7,14 +7,8 @@ import json
 import os
 
 from ..config_file import ConfigError
+from ..distributed import is_rank0
 from . import metrics
-
-
-def _is_writer() -> bool:
-    """Rank 0 under torch.distributed, else always."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def write_json(path: str, data) -> None:
@@ -47,7 +41,7 @@ class ResumableRun:
 
     def record(self, controller, rows: list, **extra) -> None:
         controller.save(self.checkpoint)  # rank 0 writes, all ranks wait
-        if _is_writer():
+        if is_rank0():
             write_json(self.progress_path, {"identity": self.identity, "rows": rows, **extra})
 
     def finish(self, names: list, rows: list, title: str, **extra) -> dict:
@@ -59,7 +53,7 @@ class ResumableRun:
                         "last": rows[-1][j], "average": sum(r[j] for r in rows) / len(rows)}
                     for j, n in enumerate(names)}
         result = {**summary, "tasks": names, "per_task": per_task, **extra}
-        if _is_writer():
+        if is_rank0():
             write_json(os.path.join(self.output, "results.json"), result)
             heatmap(os.path.join(self.output, "heatmap.png"), f"{title}: Last {100 * summary['last']:.1f}", rows, names)
         return result

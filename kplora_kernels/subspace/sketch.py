@@ -16,6 +16,7 @@ import math
 import torch
 
 from .._checks import check_basis, check_eps, check_tensor
+from ..distributed import is_distributed
 from ..ops import project_rows
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes per sketch
@@ -48,12 +49,10 @@ def complement_basis(V: torch.Tensor) -> torch.Tensor:
 
 
 def _all_reduce(tensors, group) -> None:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
 
 
 class InputSketch:
