@@ -28,3 +28,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def crash_during(monkeypatch, owner, name: str, after_calls: int, run) -> None:
+    """Run ``run()`` with ``owner.name`` raising "simulated crash" once it has been called
+    ``after_calls`` times, expect that crash, then restore ``owner.name``."""
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after_calls:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(owner, name, original)
+
+
+def assert_same_checkpoint(path_a, path_b) -> None:
+    """Two safetensors files hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

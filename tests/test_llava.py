@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import free_port
+from helpers import assert_same_checkpoint, crash_during, free_port
 from kplora_kernels.cli import main
 from kplora_kernels.llava import normalize
 
@@ -87,24 +87,13 @@ def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, m
     assert any("multi_modal_projector" in k for k in checkpoint)  # trained without protection, saved
     assert sum("language_model" in k and k.endswith(".V") for k in checkpoint) == 2 * 7
 
-    crashed, calls = tmp_path / "crashed", {"n": 0}
-    evaluate = llava.evaluate
-
-    def crash_in_task_two(*args):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise RuntimeError("simulated crash")
-        return evaluate(*args)
-
-    monkeypatch.setattr(llava, "evaluate", crash_in_task_two)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(llava_args(llava_dir, task_list, crashed, str(config)))
-    monkeypatch.setattr(llava, "evaluate", evaluate)
+    crashed = tmp_path / "crashed"
+    args = llava_args(llava_dir, task_list, crashed, str(config))
+    crash_during(monkeypatch, llava, "evaluate", 2, lambda: main(args))  # 2 = one task's evaluations
     capsys.readouterr()
-    assert main(llava_args(llava_dir, task_list, crashed, str(config))) == 0
+    assert main(args) == 0
     assert "resuming after task 1 (color)" in capsys.readouterr().out
-    resumed = load_file(str(crashed / "controller.safetensors"))
-    assert checkpoint.keys() == resumed.keys() and all(torch.equal(checkpoint[k], resumed[k]) for k in checkpoint)
+    assert_same_checkpoint(full / "controller.safetensors", crashed / "controller.safetensors")
 
 
 def test_llava_user_errors(llava_dir, task_list, tmp_path, capsys):

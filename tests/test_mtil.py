@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_same_checkpoint, crash_during
 from kplora_kernels.cli import main
 from kplora_kernels.data import mtil
 
@@ -223,28 +224,14 @@ def test_mtil_command_runs_and_resumes(data_root, tiny_model, tmp_path, monkeypa
 
     # a crash during the second task's evaluation, then a rerun that resumes after the first task
     crashed = tmp_path / "crashed"
-    calls = {"n": 0}
-    evaluate = command.Benchmark.evaluate
-
-    def crash_in_task_two(self, *args):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            raise RuntimeError("simulated crash")
-        return evaluate(self, *args)
-
-    monkeypatch.setattr(command.Benchmark, "evaluate", crash_in_task_two)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(mtil_args(data_root, tiny_model, crashed, str(config_path)))
-    monkeypatch.setattr(command.Benchmark, "evaluate", evaluate)
+    args = mtil_args(data_root, tiny_model, crashed, str(config_path))
+    crash_during(monkeypatch, command.Benchmark, "evaluate", 3, lambda: main(args))  # 3 = one task's
     capsys.readouterr()
-    assert main(mtil_args(data_root, tiny_model, crashed, str(config_path))) == 0
+    assert main(args) == 0
     assert "resuming after task 1 (DTD)" in capsys.readouterr().out
     resumed = json.loads((crashed / "results.json").read_text())
     assert resumed["accuracy"] == results["accuracy"]
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(full / "controller.safetensors")), load_file(str(crashed / "controller.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_checkpoint(full / "controller.safetensors", crashed / "controller.safetensors")
 
 
 def test_mtil_dry_run_and_user_errors(data_root, tiny_model, tmp_path, capsys):
