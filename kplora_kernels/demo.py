@@ -21,6 +21,7 @@ from torch import nn
 
 from .continual import KeepLoRA, metrics, preset
 from .config_file import ConfigError, load_settings
+from .continual import zero_shot
 from .continual.report import heatmap
 from .data.demo_tasks import build_domains
 
@@ -102,17 +103,14 @@ class Task:
 
 def classification_loss(model, batch):
     images, labels, prompts = batch
-    img = nn.functional.normalize(model.encode_image(images), dim=-1)
-    txt = nn.functional.normalize(model.encode_text(prompts), dim=-1)
-    return nn.functional.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
+    return zero_shot.classification_loss(model, images, labels, prompts)
 
 
 @torch.no_grad()
 def zero_shot_accuracy(model, task: Task) -> float:
     model.eval()
-    txt = nn.functional.normalize(model.encode_text(task.prompts), dim=-1)
-    img = nn.functional.normalize(model.encode_image(to_images(task.domain.x_test)), dim=-1)
-    return (img @ txt.T).argmax(1).eq(task.domain.y_test).float().mean().item()
+    logits = zero_shot.class_logits(model, to_images(task.domain.x_test), zero_shot.text_features(model, task.prompts))
+    return logits.argmax(1).eq(task.domain.y_test).float().mean().item()
 
 
 def pretrain(cfg: DemoConfig, base: Task, cache_dir: str, log):

@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .config_file import ConfigError, load_settings
 from .continual import KeepLoRA, preset
+from .continual import zero_shot
 from .continual.runs import ResumableRun
 from .data import mtil as datasets
 
@@ -109,20 +109,18 @@ class Benchmark:
     def loss_fn(self, tokens):
         def loss(model, batch):
             images, labels = (t.to(self.device, non_blocking=True) for t in batch)
-            img = nn.functional.normalize(model.encode_image(images), dim=-1)
-            txt = nn.functional.normalize(model.encode_text(tokens), dim=-1)
-            return nn.functional.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
+            return zero_shot.classification_loss(model, images, labels, tokens)
         return loss
 
     @torch.no_grad()
     def evaluate(self, model, split, transform) -> float:
         model.eval()
         items = split.test[: self.config.max_eval_samples] if self.config.max_eval_samples else split.test
-        txt = nn.functional.normalize(model.encode_text(self.class_tokens(split)), dim=-1)
+        texts = zero_shot.text_features(model, self.class_tokens(split))
         correct = 0
         for images, labels in self.loader(items, transform, train=False, seed=0):
-            img = nn.functional.normalize(model.encode_image(images.to(self.device)), dim=-1)
-            correct += (img @ txt.T).argmax(1).cpu().eq(labels).sum().item()
+            logits = zero_shot.class_logits(model, images.to(self.device), texts)
+            correct += logits.argmax(1).cpu().eq(labels).sum().item()
         return correct / max(len(items), 1)
 
     def run(self):
