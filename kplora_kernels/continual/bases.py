@@ -1,0 +1,156 @@
+"""Principal subspaces of the pre-trained weights at wrap time: with progress, cached, shared out.
+
+Wrapping a model computes the principal subspace of every target weight (docs/design.md §1,
+"Protected bases"): an SVD or Gram ``eigh`` per weight, minutes for a ViT-B/16 and hours of CPU for
+a 7B LLM. :func:`principal_bases` makes that cost visible and pays it once:
+
+- a tqdm bar (rank 0 only) over the weights;
+- a cache (``cache_dir``): one safetensors file per weight keyed by :func:`weight_fingerprint` of the
+  weight, the energy and the side, so a second run, or a second method on the same model, reads the
+  bases back instead of decomposing (a file that cannot be read is recomputed and rewritten);
+- under ``torch.distributed``, rank ``i mod world`` decomposes weight ``i`` and broadcasts the result,
+  so the wall time divides by the world size and every rank holds the same bases.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+import torch.distributed
+
+from ..distributed import is_distributed, is_rank0
+from ..subspace import principal_subspace
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = "kplora-bases/1"  # part of every key: a change of the decomposition invalidates old files
+
+
+def weight_fingerprint(W: torch.Tensor) -> str:
+    """A BLAKE2b digest (32 hex digits) of ``W``'s shape, dtype and bytes: equal for equal weights,
+    different (with overwhelming probability) for any changed element. Reads the whole tensor once
+    (about 1 GB/s on one core); a CUDA tensor is copied to the CPU for it.
+
+    Raises:
+        TypeError: ``W`` is not a tensor.
+    """
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W: expected a torch.Tensor, got {type(W).__name__}")
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(W.shape)}|{W.dtype}".encode())
+    flat = W.detach().to("cpu").contiguous().reshape(-1)
+    h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _cache_file(cache_dir: str, fingerprint: str, eps: float, side: str) -> str:
+    key = hashlib.blake2b(f"{CACHE_VERSION}|{fingerprint}|{side}|{float(eps)!r}".encode(), digest_size=16)
+    return os.path.join(cache_dir, f"{key.hexdigest()}.safetensors")
+
+
+def _load(path: str, rows: int) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        basis = load_file(path)["basis"]
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        logger.warning("bases cache: %s is unreadable (%s); recomputing it", path, exc)
+        return None
+    if basis.dim() != 2 or basis.shape[0] != rows:
+        logger.warning("bases cache: %s holds a %s basis, expected %d rows; recomputing it",
+                       path, tuple(basis.shape), rows)
+        return None
+    return basis
+
+
+def _store(path: str, basis: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({"basis": basis.detach().cpu().contiguous()}, tmp, metadata={"format": CACHE_VERSION})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _broadcast_from(t: torch.Tensor | None, src: int, group, device, dtype) -> torch.Tensor:
+    """Rank ``src``'s tensor on every rank (its shape is sent first: kept counts differ per weight)."""
+    shape = [list(t.shape) if t is not None else None]
+    torch.distributed.broadcast_object_list(shape, src=src, group=group)
+    out = t.to(device).contiguous() if t is not None else torch.empty(shape[0], device=device, dtype=dtype)
+    torch.distributed.broadcast(out, src=src, group=group)
+    return out
+
+
+def principal_bases(requests, *, cache_dir: str | None = None, process_group=None, progress: bool = True,
+                    desc: str = "principal subspaces") -> dict:
+    """The principal subspace of each requested weight (:func:`~kplora_kernels.principal_subspace`).
+
+    Args:
+        requests: an iterable of ``(key, W, eps, side)``: any hashable ``key``, ``W`` the whole
+            ``out×in`` weight (not a shard), ``eps`` the energy in (0, 1], ``side`` ``"in"`` (right
+            singular vectors, ``in×p``) or ``"out"`` (left, ``out×p``).
+        cache_dir: folder of the safetensors cache (created when missing); None: no cache.
+        process_group: under ``torch.distributed``, the ranks that share the work (default: world).
+        progress: show a tqdm bar on rank 0.
+
+    Returns:
+        ``{key: basis}`` in fp32 (fp64 for fp64 weights), on each weight's device, identical on all ranks.
+
+    Raises:
+        TypeError / ValueError: from :func:`~kplora_kernels.principal_subspace` for a bad weight,
+            energy or side; ``ValueError`` when ``cache_dir`` exists and is not a folder.
+    """
+    requests = list(requests)
+    if cache_dir is not None:
+        cache_dir = os.fspath(cache_dir)
+        if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
+            raise ValueError(f"cache_dir: expected a folder, got the file {cache_dir!r}")
+    world, rank = 1, 0
+    if is_distributed():
+        world = torch.distributed.get_world_size(process_group)
+        rank = torch.distributed.get_rank(process_group)
+    mine = [i for i in range(len(requests)) if i % world == rank]
+    bar = None
+    if progress and is_rank0():
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(mine), desc=desc + (f" (rank 0 of {world})" if world > 1 else ""), leave=False)
+        except ImportError:  # tqdm is optional
+            bar = None
+    local, hits = {}, 0
+    for i in mine:
+        key, W, eps, side = requests[i]
+        path = _cache_file(cache_dir, weight_fingerprint(W), eps, side) if cache_dir else None
+        rows = W.shape[1] if side == "in" else W.shape[0]
+        basis = _load(path, rows) if path else None
+        if basis is None:
+            basis = principal_subspace(W, eps, side)
+            if path:
+                _store(path, basis)
+        else:
+            hits += 1
+        local[i] = basis.to(W.device)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if cache_dir:
+        logger.info("principal subspaces: %d of %d read from the cache in %s", hits, len(mine), cache_dir)
+    out = {}
+    for i, (key, W, _, _) in enumerate(requests):
+        if world == 1:
+            out[key] = local[i]
+        else:
+            src = torch.distributed.get_global_rank(process_group, i % world) if process_group else i % world
+            dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # principal_subspace's
+            out[key] = _broadcast_from(local.get(i), src, process_group, W.device, dtype)
+    return out
