@@ -1,0 +1,90 @@
+"""Bases off the training device between task boundaries: the mmap placement on CPU (observable in
+the process's memory maps), training steps that never touch them, boundaries that bring them back,
+results bit-identical to resident bases, layers that need their bases in training left resident."""
+import pytest
+import torch
+
+from helpers import random_basis, raises
+from kplora_kernels.continual.placement import BasisPlacement
+from kplora_kernels.nn import FusedKeepLoRALinear
+
+
+def layer_with_bases(train_A=False, U=False, seed=0):
+    torch.manual_seed(seed)
+    layer = FusedKeepLoRALinear.from_linear(torch.nn.Linear(32, 24), 4, train_A=train_A)
+    layer.set_bases(V=random_basis(32, 10, torch.float32, seed), U=random_basis(24, 3, torch.float32, seed) if U else None)
+    return layer
+
+
+def mapped_files():
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+def test_mmap_placement_maps_the_bases_and_a_step_never_touches_them(tmp_path):
+    layer = layer_with_bases()
+    V = layer.V.clone()
+    placement = BasisPlacement("mmap", tmp_path)
+    placement.offload({"l": layer})
+    assert placement.is_offloaded("l")
+    assert str(tmp_path / "bases.safetensors") in mapped_files()
+    assert torch.equal(layer.V, V)
+    ptr = layer.V.data_ptr()
+    opt = torch.optim.AdamW([layer.lora_B], lr=1e-2)
+    layer.register_projection_hook(opt)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(torch.randn(6, 32)).square().sum().backward()
+        opt.step()
+    assert layer.V.data_ptr() == ptr, "a training step moved the bases"
+    with placement.resident({"l": layer}):
+        assert not placement.is_offloaded("l") and torch.equal(layer.V, V)
+        assert layer.V.data_ptr() != ptr
+    assert placement.is_offloaded("l") and torch.equal(layer.V, V)
+
+
+def test_training_is_bit_identical_in_every_placement(tmp_path):
+    outputs = []
+    for mode in ("device", "cpu", "mmap"):
+        layer = layer_with_bases()
+        placement = BasisPlacement(mode, tmp_path / mode)
+        placement.offload({"l": layer})
+        opt = torch.optim.AdamW([layer.lora_B], lr=1e-2)
+        torch.manual_seed(1)
+        for _ in range(3):
+            opt.zero_grad()
+            layer(torch.randn(6, 32)).square().sum().backward()
+            opt.step()
+        with placement.resident({"l": layer}):
+            layer.absorb_()
+            outputs.append((layer.weight.detach().clone(), layer.V.clone()))
+    for weight, V in outputs[1:]:
+        assert torch.equal(weight, outputs[0][0]) and torch.equal(V, outputs[0][1])
+
+
+@pytest.mark.parametrize("kind", ["train_A", "U"])
+def test_layers_that_read_bases_in_training_stay_resident(tmp_path, kind):
+    layer = layer_with_bases(train_A=kind == "train_A", U=kind == "U")
+    placement = BasisPlacement("mmap", tmp_path)
+    placement.offload({"l": layer})
+    assert not placement.is_offloaded("l")
+    assert str(tmp_path / "bases.safetensors") not in mapped_files()
+
+
+def test_placement_errors():
+    with raises(ValueError, "placement", "'device', 'cpu', 'mmap'", "'disk'"):
+        BasisPlacement("disk")
+    with raises(ValueError, "folder", "mmap"):
+        BasisPlacement("mmap")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_placement_keeps_bases_in_pinned_host_memory_on_cuda():
+    layer = layer_with_bases().cuda()
+    placement = BasisPlacement("cpu")
+    placement.offload({"l": layer})
+    assert layer.V.device.type == "cpu" and layer.V.is_pinned()
+    layer(torch.randn(6, 32, device="cuda")).sum().backward()
+    with placement.resident({"l": layer}):
+        assert layer.V.device.type == "cuda"
+    assert layer.V.device.type == "cpu"
