@@ -564,8 +564,8 @@ def test_to_linear_folds_the_adapter_and_restores_the_class(merged):
 
 def test_set_bases_fills_inside_directions_with_a_bf16_basis():
     """A bf16 basis is orthonormal only to ~4e-3: rows inside its span must still be replaced."""
-    layer = make_layer(dtype=torch.float32)
-    V = random_basis(16, 6, torch.bfloat16, seed=4)
+    layer = make_layer(in_f=64, dtype=torch.float32)
+    V = random_basis(64, 30, torch.bfloat16, seed=4)
     with torch.no_grad():
         layer.lora_A.copy_(V[:, :4].float().T)
     layer.set_bases(V=V)
@@ -573,3 +573,12 @@ def test_set_bases_fills_inside_directions_with_a_bf16_basis():
     inside = A - layer.project_input_side(A)  # against the stored (bf16-rounded) basis
     assert inside.norm(dim=1).max() < 1e-4
     torch.testing.assert_close(A @ A.T, torch.eye(4), atol=1e-5, rtol=0)
+
+
+def test_from_linear_keeps_eval_mode():
+    layer = FusedKeepLoRALinear.from_linear(nn.Linear(16, 12).eval(), 4, dropout=0.5)
+    assert not layer.training
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(layer(x), plain(layer, x))  # no dropout in eval mode

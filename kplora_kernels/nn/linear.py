@@ -109,6 +109,7 @@ class FusedKeepLoRALinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._init_from(linear, rank, alpha, layer_scale, dropout, train_A)
+        module.train(linear.training)  # in an eval model the adapter's dropout stays off
         return module
 
     def _init_from(self, linear, rank, alpha, layer_scale, dropout, train_A):
@@ -216,14 +217,22 @@ class FusedKeepLoRALinear(nn.Module):
         norms = A.norm(dim=1).clamp_min(torch.finfo(A.dtype).tiny)
         gen = torch.Generator(device="cpu").manual_seed(0)
         signed = lambda Q, R: Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)  # noqa: E731
+
+        def residual(X):
+            # With V orthonormal to δ (fp32: 1e-7, bf16: 1e-2), one projection leaves δ·|X V| inside
+            # span(V); each further one multiplies that by δ. Three reach fp32 rounding even for bf16.
+            for _ in range(3):
+                X = self.project_input_side(X)
+            return X
+
         rows = self.project_input_side(A)
         for _ in range(4):
             Q, R = torch.linalg.qr(rows.mT)  # n×r; |R_jj| = distance of row j from V and the rows before
             lost = torch.diagonal(R).abs() <= 1e-6 * norms
             if not lost.any():
-                # a second projection removes what rounding (and a basis orthonormal only to its own
+                # projecting again removes what rounding (and a basis orthonormal only to its own
                 # precision) left inside span(V); a direction that was only rounding shrinks under it
-                P = self.project_input_side(signed(Q, R).mT)
+                P = residual(signed(Q, R).mT)
                 lost = P.norm(dim=1) < 0.5
                 if not lost.any():
                     Q2, R2 = torch.linalg.qr(P.mT)
@@ -233,7 +242,7 @@ class FusedKeepLoRALinear(nn.Module):
             kept = torch.linalg.qr(rows[~lost].mT)[0]  # n×(r − lost)
             fill = torch.randn(int(lost.sum()), n, generator=gen, dtype=A.dtype).to(A.device)
             for _ in range(2):
-                fill = self.project_input_side(fill)
+                fill = residual(fill)
                 fill = fill - (fill @ kept) @ kept.mT
             rows = rows.clone()
             rows[lost] = fill
