@@ -8,7 +8,7 @@ from torch import nn
 
 from helpers import raises
 from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
-from kplora_kernels.continual.adapters import (SplitMultiheadAttention, find_targets, merge_and_unload,
+from kplora_kernels.continual.adapters import (SplitMultiheadAttention, find_targets, merge_and_unload, replace_module,
                                                peft_matcher, regex_matcher, split_multihead_attention,
                                                target_matcher)
 from kplora_kernels.nn import FusedKeepLoRALinear
@@ -267,3 +267,38 @@ def test_merge_and_unload_gives_back_packed_attentions_with_every_option():
     assert model.state_dict().keys() == stock_state.keys()
     changed = [k for k in stock_state if not torch.equal(stock_state[k], model.state_dict()[k])]
     assert sorted(changed) == sorted(k for k in stock_state if "proj_weight" in k or "out_proj.weight" in k)
+
+
+def encoder(**kw):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, dim_feedforward=32, dropout=0.0, batch_first=True, **kw)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+
+
+@pytest.mark.parametrize("targets", [[r"linear1$"], [r"self_attn\.out_proj$", r"linear2$"], [r"(q|v)_proj$"]], ids=str)
+def test_transformer_encoder_fused_path_does_not_skip_adapters(targets):
+    """nn.TransformerEncoderLayer's fused inference path reads linear1/linear2 and the packed
+    attention weights directly: an adapter there must still run (its attention is split)."""
+    model = encoder()
+    x = torch.randn(N, L, E)
+    padding = torch.zeros(N, L, dtype=torch.bool)
+    padding[0, -2:] = True
+    if "proj$" not in targets[0]:  # before the split: refused, the adapter would be skipped
+        with raises(ValueError, "never run", "split_multihead_attention"):
+            find_targets(model, targets)
+    split_multihead_attention(model, targets)
+    layers = []
+    for target in find_targets(model, targets):
+        layer = FusedKeepLoRALinear.from_linear(model.get_submodule(target.name), rank=2)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        replace_module(model, target.name, layer)
+        layers.append(layer)
+    with torch.no_grad():
+        wrapped = [model(x), model(x, src_key_padding_mask=padding)]
+    merge_and_unload(model)  # the stock model again, fused paths and all, with the adapters merged
+    with torch.no_grad():
+        stock = [model(x), model(x, src_key_padding_mask=padding)]
+    torch.testing.assert_close(wrapped[0], stock[0], atol=1e-5, rtol=1e-5)
+    keep = ~padding.unsqueeze(-1).expand_as(stock[1])  # the nested path zeroes padded positions
+    torch.testing.assert_close(wrapped[1][keep], stock[1][keep], atol=1e-5, rtol=1e-5)

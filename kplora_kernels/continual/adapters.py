@@ -100,7 +100,13 @@ class SplitMultiheadAttention(nn.Module):
     ``key_padding_mask``, ``need_weights`` (default True, as there; head-averaged unless
     ``average_attn_weights=False``) and ``is_causal``. Returns ``(output, weights or None)``.
     The outputs equal the packed module's to rounding (the packed module may take a fused path).
+
+    ``_qkv_same_embed_dim`` is False, as for an attention with separate weights: the fused inference
+    paths of ``nn.TransformerEncoderLayer`` check it and then call the module instead of reading
+    its packed weights (which would skip the adapters).
     """
+
+    _qkv_same_embed_dim = False
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -124,6 +130,14 @@ class SplitMultiheadAttention(nn.Module):
             setattr(self, name, linear)
         self.out_proj = mha.out_proj
         self.train(mha.training)  # a split attention in an eval model stays in eval mode (no dropout)
+
+    @property
+    def in_proj_bias(self):
+        """The packed bias ``[b_q; b_k; b_v]`` (``3·embed_dim``), or None, as ``nn.MultiheadAttention``
+        has it (biases are not adapted)."""
+        if self.q_proj.bias is None:
+            return None
+        return torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -227,9 +241,34 @@ class SplitMultiheadAttention(nn.Module):
         return mha
 
 
-def _attention_targeted(name: str, matches: Callable[[str], bool]) -> bool:
+def _attention_targeted(model: nn.Module, name: str, matches: Callable[[str], bool]) -> bool:
+    """Is a projection of the attention ``name`` a target, or (for the ``self_attn`` of an
+    ``nn.TransformerEncoderLayer``) one of the layer's linears, which its fused path reads directly?"""
     prefix = name + "." if name else ""
-    return any(matches(prefix + p) for p in _PROJECTIONS)
+    if any(matches(prefix + p) for p in _PROJECTIONS):
+        return True
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.TransformerEncoderLayer) and child == "self_attn":
+        parent_prefix = parent_name + "." if parent_name else ""
+        return any(matches(parent_prefix + linear) for linear in ("linear1", "linear2"))
+    return False
+
+
+def _fused_path_readers(model: nn.Module) -> dict[str, str]:
+    """Linears that a fused inference path reads by ``.weight`` instead of calling, so that an
+    adapter in their place would be skipped: ``{linear path: why}``."""
+    readers = {}
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(module, nn.MultiheadAttention):
+            readers[prefix + "out_proj"] = ("the out_proj of an nn.MultiheadAttention that is still packed: it reads "
+                                            "out_proj.weight directly")
+        elif isinstance(module, nn.TransformerEncoderLayer) and isinstance(module.self_attn, nn.MultiheadAttention):
+            for linear in ("linear1", "linear2"):
+                readers[prefix + linear] = (f"the {linear} of an nn.TransformerEncoderLayer whose self_attn is still "
+                                            f"packed: its fused inference path reads {linear}.weight directly")
+    return readers
 
 
 def split_multihead_attention(model: nn.Module, patterns=None, *, target_modules=None) -> int:
@@ -245,10 +284,14 @@ def split_multihead_attention(model: nn.Module, patterns=None, *, target_modules
             full_name = f"{name}.{child_name}" if name else child_name
             if not isinstance(child, nn.MultiheadAttention):
                 continue
-            if matches is not None and not _attention_targeted(full_name, matches):
+            if matches is not None and not _attention_targeted(model, full_name, matches):
                 continue
             setattr(module, child_name, SplitMultiheadAttention(child))
             count += 1
+    for module in model.modules():  # its nested-tensor path reads the packed weights of layer 0
+        if isinstance(module, nn.TransformerEncoder) and any(
+                isinstance(layer.self_attn, SplitMultiheadAttention) for layer in module.layers):
+            module.use_nested_tensor = False
     return count
 
 
@@ -289,25 +332,24 @@ def find_targets(model: nn.Module, patterns=None, layer_index: dict | None = Non
     tower and its layer index: ``layer_index[name]`` when given, else parsed from the path
     (``…layers.N…``, ``…resblocks.N…``).
 
-    Raises ``ValueError`` when nothing matches, when a layer index cannot be parsed, and for an
-    ``out_proj`` inside an ``nn.MultiheadAttention`` that is still packed (it reads
-    ``out_proj.weight`` directly, so an adapter there would never run: split it first with
-    :func:`split_multihead_attention` given the same spec)."""
+    Raises ``ValueError`` when nothing matches, when a layer index cannot be parsed, and for a linear
+    that is read by ``.weight`` instead of called, so that an adapter there would never run: an
+    ``out_proj`` inside an ``nn.MultiheadAttention`` that is still packed, or ``linear1``/``linear2``
+    of an ``nn.TransformerEncoderLayer`` whose attention is (its fused inference path); split them
+    first with :func:`split_multihead_attention` given the same spec."""
     matches = target_matcher(patterns, target_modules)
     spec = {"patterns": patterns} if patterns is not None else {"target_modules": target_modules}
     layer_index = layer_index or {}
     if not isinstance(layer_index, dict):
         raise TypeError(f"layer_index must be a dict {{module path: index}}, got {type(layer_index).__name__}")
-    packed = {name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    readers = _fused_path_readers(model)
     targets = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not matches(name):
             continue
-        parent = name.rpartition(".")[0]
-        if parent in packed and name != parent:
-            raise ValueError(f"target {name!r} is the out_proj of an nn.MultiheadAttention that is still packed: "
-                             "it reads out_proj.weight directly, so an adapter there would never run. Split it "
-                             f"first: split_multihead_attention(model, **{spec!r})")
+        if name in readers:
+            raise ValueError(f"target {name!r} is {readers[name]}, so an adapter there would never run. Split "
+                             f"the attention first: split_multihead_attention(model, **{spec!r})")
         match = _INDEX.search("." + name + ".")
         if name in layer_index:
             index = int(layer_index[name])
