@@ -582,3 +582,24 @@ def test_from_linear_keeps_eval_mode():
         layer.lora_B.normal_()
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), plain(layer, x))  # no dropout in eval mode
+
+
+def test_accumulators_optimizer_device_and_flag_errors():
+    layer = make_layer(dtype=torch.float32)
+    with raises(TypeError, "grad_accumulator", "update(dY, X)", "list"):
+        layer.grad_accumulator = []
+    with raises(TypeError, "input_accumulator", "update(X)", "int"):
+        layer.input_accumulator = 3
+    layer.grad_accumulator, layer.input_accumulator = DenseGradient(), Inputs()  # objects with update()
+    layer.grad_accumulator = layer.input_accumulator = None
+    with raises(TypeError, "optimizer", "torch.optim.Optimizer", "list"):
+        layer.register_projection_hook([layer.lora_B])
+    with raises(TypeError, "optimizer", "Optimizer", "str"):
+        register_projection_hooks(nn.Sequential(layer), "adamw")
+    with raises(TypeError, "model", "nn.Module", "dict"):
+        register_projection_hooks({}, torch.optim.SGD([layer.lora_B], lr=0.1))
+    with raises(ValueError, "input is on meta", "cpu"):
+        layer(torch.randn(3, 16, device="meta"))
+    with raises(TypeError, "V_complement", "bool", "'yes'"):
+        layer.set_bases(V=random_basis(16, 3, torch.float32), V_complement="yes")
+    assert layer.V.shape[1] == 0

@@ -152,6 +152,30 @@ class FusedKeepLoRALinear(nn.Module):
         self.input_accumulator: InputAccumulator | None = None
 
     @property
+    def grad_accumulator(self) -> GradientAccumulator | None:
+        """Receives ``(dY, X)`` of every backward pass (see :class:`GradientAccumulator`), or None."""
+        return self.__dict__.get("_grad_accumulator")
+
+    @grad_accumulator.setter
+    def grad_accumulator(self, value) -> None:
+        if value is not None and not isinstance(value, GradientAccumulator):
+            raise TypeError(f"grad_accumulator must have an update(dY, X) method (GradientAccumulator) or be None, "
+                            f"got {type(value).__name__}")
+        self.__dict__["_grad_accumulator"] = value
+
+    @property
+    def input_accumulator(self) -> InputAccumulator | None:
+        """Receives ``X`` of every forward pass (see :class:`InputAccumulator`), or None."""
+        return self.__dict__.get("_input_accumulator")
+
+    @input_accumulator.setter
+    def input_accumulator(self, value) -> None:
+        if value is not None and not isinstance(value, InputAccumulator):
+            raise TypeError(f"input_accumulator must have an update(X) method (InputAccumulator) or be None, "
+                            f"got {type(value).__name__}")
+        self.__dict__["_input_accumulator"] = value
+
+    @property
     def scaling(self) -> float:
         """``c = (alpha / r) · layer_scale``, the factor on the adapter branch."""
         return self.alpha / self.rank * self.layer_scale
@@ -184,6 +208,8 @@ class FusedKeepLoRALinear(nn.Module):
         the cheaper form once ``k_in > in/2``). A side given as None keeps its current basis. The
         adapter is projected to satisfy the new constraints: ``A``'s rows are re-orthonormalised in
         the residual input space, ``B ← (I−UUᵀ)B``."""
+        if not isinstance(V_complement, bool):
+            raise TypeError(f"V_complement must be a bool, got {type(V_complement).__name__} {V_complement!r}")
         for name, B, dim, what in (("V", V, self.in_features, "in_features"),
                                    ("U", U, self.out_features, "out_features")):
             if B is None:
@@ -289,6 +315,7 @@ class FusedKeepLoRALinear(nn.Module):
 
     def register_projection_hook(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`project_` after every ``optimizer.step()``; returns the removable handle."""
+        _check_optimizer(optimizer)
         return optimizer.register_step_post_hook(lambda *_: self.project_())
 
     def delta_weight(self) -> torch.Tensor:
@@ -329,6 +356,9 @@ class FusedKeepLoRALinear(nn.Module):
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device} but the layer's weight is on {self.weight.device}; "
+                             "move one to the other")
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input has dtype {x.dtype} but the layer's weight has dtype {self.weight.dtype}: "
                             f"cast one to the other (x.to({self.weight.dtype}) or layer.to({x.dtype})), "
@@ -455,9 +485,18 @@ class FusedKeepLoRALinear(nn.Module):
                                       error_msgs)
 
 
+def _check_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (its step post-hook re-projects the adapters), "
+                        f"got {type(optimizer).__name__}")
+
+
 def register_projection_hooks(model: nn.Module, optimizer: torch.optim.Optimizer):
     """One optimizer post-step hook that runs :meth:`FusedKeepLoRALinear.project_` on every such
     layer of ``model``; returns the removable handle."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_optimizer(optimizer)
     layers = [m for m in model.modules() if isinstance(m, FusedKeepLoRALinear)]
 
     def hook(*_):
