@@ -302,3 +302,21 @@ def test_transformer_encoder_fused_path_does_not_skip_adapters(targets):
     torch.testing.assert_close(wrapped[0], stock[0], atol=1e-5, rtol=1e-5)
     keep = ~padding.unsqueeze(-1).expand_as(stock[1])  # the nested path zeroes padded positions
     torch.testing.assert_close(wrapped[1][keep], stock[1][keep], atol=1e-5, rtol=1e-5)
+
+
+def test_tied_weights_and_non_linear_peft_targets_are_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, vocab_size=32, tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with raises(ValueError, "'lm_head'", "model.embed_tokens", "tied"):
+        find_targets(model, [r"lm_head$"], layer_index={"lm_head": 0})
+    with raises(ValueError, "'model.embed_tokens'", "Embedding", "only nn.Linear"):
+        find_targets(model, target_modules=["q_proj", "embed_tokens"])
+    with raises(ValueError, "'model.layers.0.self_attn'", "LlamaAttention"):
+        find_targets(model, target_modules=["self_attn"])
+    assert len(find_targets(model, [r"embed_tokens|q_proj"])) == 1  # regexes: non-linears are passed over
+    attention = TwoAttentions()
+    with raises(ValueError, "'blocks.0.attn'", "MultiheadAttention", "blocks.0.attn.q_proj"):
+        find_targets(attention, target_modules=["attn"])

@@ -405,7 +405,7 @@ def _leak(A, V):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("inside", ["all", "one", "duplicate"])
+@pytest.mark.parametrize("inside", ["all", "one", "two", "duplicate"])
 def test_set_bases_fills_directions_that_lie_inside_the_new_basis(dtype, inside):
     """issue 14 item 4: a plain QR of ``A (I − VVᵀ)`` returns directions inside span(V) when A's rows
     lie there; the layer must replace them by residual directions and keep the others."""
@@ -417,6 +417,8 @@ def test_set_bases_fills_directions_that_lie_inside_the_new_basis(dtype, inside)
         A = (V[:, :4] + 0.0).T.contiguous()
     elif inside == "one":
         A[2] = V[:, 1]
+    elif inside == "two":
+        A[0], A[2] = V[:, 1], V[:, 0] - V[:, 4]
     else:  # two equal rows: the second is lost to the first
         A[3] = A[0]
     with torch.no_grad():
@@ -426,7 +428,7 @@ def test_set_bases_fills_directions_that_lie_inside_the_new_basis(dtype, inside)
     assert _leak(new, V) < 16 * torch.finfo(dtype).eps ** 0.5 * (1e-3 if dtype == torch.float64 else 1), _leak(new, V)
     torch.testing.assert_close(new.double() @ new.double().T, torch.eye(4, dtype=torch.float64),
                                atol=10 * torch.finfo(dtype).eps, rtol=0)
-    kept = {"all": [], "one": [0, 1, 3], "duplicate": [0, 1, 2]}[inside]
+    kept = {"all": [], "one": [0, 1, 3], "two": [1, 3], "duplicate": [0, 1, 2]}[inside]
     for j in kept:  # rows already outside span(V) (and independent of earlier rows) are unchanged
         torch.testing.assert_close(new[j], outside[j], atol=10 * torch.finfo(dtype).eps, rtol=0)
     # and reset_adapter accepts what set_bases produced

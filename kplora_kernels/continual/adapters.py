@@ -343,10 +343,24 @@ def find_targets(model: nn.Module, patterns=None, layer_index: dict | None = Non
     if not isinstance(layer_index, dict):
         raise TypeError(f"layer_index must be a dict {{module path: index}}, got {type(layer_index).__name__}")
     readers = _fused_path_readers(model)
+    owners: dict[int, list[str]] = {}  # parameter → every module path holding it (tied weights)
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname.rpartition(".")[0])
     targets = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not matches(name):
+        if not matches(name):
             continue
+        if not isinstance(module, nn.Linear):
+            if target_modules is not None and not isinstance(module, FusedKeepLoRALinear):  # as peft: refuse
+                hint = (f"; name its projections ({name}.q_proj, …, {name}.out_proj)"
+                        if isinstance(module, (nn.MultiheadAttention, SplitMultiheadAttention)) else "")
+                raise ValueError(f"target_modules matches {name!r}, a {type(module).__name__}: only nn.Linear "
+                                 f"modules can be adapted{hint}")
+            continue
+        tied = [o for o in owners.get(id(module.weight), []) if o != name]
+        if tied:
+            raise ValueError(f"target {name!r} shares its weight with {tied} (tied weights): merging its adapter "
+                             "would change them too; leave it out of the targets")
         if name in readers:
             raise ValueError(f"target {name!r} is {readers[name]}, so an adapter there would never run. Split "
                              f"the attention first: split_multihead_attention(model, **{spec!r})")

@@ -272,7 +272,8 @@ class FusedKeepLoRALinear(nn.Module):
                 fill = fill - (fill @ kept) @ kept.mT
             rows = rows.clone()
             rows[lost] = fill
-            norms = torch.where(lost, fill.norm(dim=1), norms)
+            norms = norms.clone()
+            norms[lost] = fill.norm(dim=1)
         raise RuntimeError("could not find rank residual directions for lora_A (this should not happen: "
                            "set_bases checks that the residual space has room for them)")
 
