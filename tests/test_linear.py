@@ -605,3 +605,13 @@ def test_accumulators_optimizer_device_and_flag_errors():
     with raises(TypeError, "V_complement", "bool", "'yes'"):
         layer.set_bases(V=random_basis(16, 3, torch.float32), V_complement="yes")
     assert layer.V.shape[1] == 0
+
+
+def test_set_bases_with_one_bad_side_changes_neither():
+    layer = make_layer(dtype=torch.float32)
+    A = layer.lora_A.detach().clone()
+    with raises(ValueError, "U", "orthonormal"):
+        layer.set_bases(V=random_basis(16, 3, torch.float32), U=3 * random_basis(12, 2, torch.float32))
+    with raises(ValueError, "residual space of 2"):
+        layer.set_bases(V=random_basis(16, 14, torch.float32), U=random_basis(12, 2, torch.float32))
+    assert layer.V.shape[1] == 0 and layer.U.shape[1] == 0 and torch.equal(layer.lora_A, A)

@@ -210,16 +210,18 @@ class FusedKeepLoRALinear(nn.Module):
         the residual input space, ``B ← (I−UUᵀ)B``."""
         if not isinstance(V_complement, bool):
             raise TypeError(f"V_complement must be a bool, got {type(V_complement).__name__} {V_complement!r}")
-        for name, B, dim, what in (("V", V, self.in_features, "in_features"),
-                                   ("U", U, self.out_features, "out_features")):
-            if B is None:
-                continue
+        given = [(name, B, dim, what) for name, B, dim, what in (("V", V, self.in_features, "in_features"),
+                                                                  ("U", U, self.out_features, "out_features"))
+                 if B is not None]
+        for name, B, dim, what in given:  # check both before changing either
             check_basis(name, B, dim, what)
             if name == "V":
                 room = B.shape[1] if V_complement else dim - B.shape[1]
                 if room < self.rank:
                     raise ValueError(f"V leaves a residual space of {room} dimensions, fewer than "
                                      f"rank = {self.rank}: the adapter would have no room")
+        for name, B, _, _ in given:
+            if name == "V":
                 self.V_complement = V_complement
             setattr(self, name, B.detach().to(self.weight.device).clone())
         with torch.no_grad():
