@@ -35,6 +35,14 @@ def check_tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None 
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
 
 
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Every entry of ``t`` must be finite (no NaN, no ±Inf): one pass over ``t``."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)]
+        raise ValueError(f"{name} must be finite, but {bad.numel()} of its {t.numel()} entries are not "
+                         f"(first: {bad.flatten()[0].item()})")
+
+
 def check_same_device(**tensors) -> None:
     """All given (non-None) tensors must live on one device."""
     named = [(n, t) for n, t in tensors.items() if t is not None]
@@ -80,6 +88,7 @@ def check_basis(name: str, B, dim: int, dim_name: str) -> None:
     err = (Bw.T @ (Bw @ probe) - probe).norm(dim=0).max().item()
     tol = _orthonormality_tolerance(B.dtype)
     if not err <= tol:  # also catches NaN
+        check_finite(name, B)  # the clearer message for a basis holding NaN or Inf
         raise ValueError(f"{name} must have orthonormal columns: |{name}ᵀ{name}z − z| = {err:.3g} "
                          f"for a unit probe z, tolerance {tol:.1g} for {B.dtype} "
                          "(set_orthonormality_check(False) skips this check)")

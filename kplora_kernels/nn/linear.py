@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_basis, check_tensor
+from .._checks import check_basis, check_finite, check_tensor
 from ..ops.reference import residual_project_unchecked
 from .hooks import GradientAccumulator, InputAccumulator
 
@@ -109,22 +109,33 @@ class FusedKeepLoRALinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._init_from(linear, rank, alpha, layer_scale, dropout, train_A)
+        module.train(linear.training)  # in an eval model the adapter's dropout stays off
         return module
 
     def _init_from(self, linear, rank, alpha, layer_scale, dropout, train_A):
         out_features, in_features = linear.weight.shape
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_features, out_features):
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int in [1, min(in, out) = {min(in_features, out_features)}], "
+                            f"got {type(rank).__name__} {rank!r}")
+        if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank must be an int in [1, min(in, out) = {min(in_features, out_features)}], "
                              f"got {rank!r}")
         for name, value in (("alpha", alpha), ("layer_scale", layer_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a finite number (int or float), got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1), got {type(dropout).__name__} {dropout!r}")
+        if not 0.0 <= dropout < 1.0:  # also refuses NaN
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(train_A, bool):
+            raise TypeError(f"train_A must be a bool, got {type(train_A).__name__} {train_A!r}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha, self.layer_scale = float(alpha), float(layer_scale)
         self.weight = linear.weight
         self.bias = linear.bias
+        self._base_class = type(linear)  # restored by to_linear()
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -139,6 +150,30 @@ class FusedKeepLoRALinear(nn.Module):
         self.V_complement = False  # V holds the complement of the protected basis (cheaper past in/2)
         self.grad_accumulator: GradientAccumulator | None = None
         self.input_accumulator: InputAccumulator | None = None
+
+    @property
+    def grad_accumulator(self) -> GradientAccumulator | None:
+        """Receives ``(dY, X)`` of every backward pass (see :class:`GradientAccumulator`), or None."""
+        return self.__dict__.get("_grad_accumulator")
+
+    @grad_accumulator.setter
+    def grad_accumulator(self, value) -> None:
+        if value is not None and not isinstance(value, GradientAccumulator):
+            raise TypeError(f"grad_accumulator must have an update(dY, X) method (GradientAccumulator) or be None, "
+                            f"got {type(value).__name__}")
+        self.__dict__["_grad_accumulator"] = value
+
+    @property
+    def input_accumulator(self) -> InputAccumulator | None:
+        """Receives ``X`` of every forward pass (see :class:`InputAccumulator`), or None."""
+        return self.__dict__.get("_input_accumulator")
+
+    @input_accumulator.setter
+    def input_accumulator(self, value) -> None:
+        if value is not None and not isinstance(value, InputAccumulator):
+            raise TypeError(f"input_accumulator must have an update(X) method (InputAccumulator) or be None, "
+                            f"got {type(value).__name__}")
+        self.__dict__["_input_accumulator"] = value
 
     @property
     def scaling(self) -> float:
@@ -173,25 +208,76 @@ class FusedKeepLoRALinear(nn.Module):
         the cheaper form once ``k_in > in/2``). A side given as None keeps its current basis. The
         adapter is projected to satisfy the new constraints: ``A``'s rows are re-orthonormalised in
         the residual input space, ``B ← (I−UUᵀ)B``."""
-        for name, B, dim, what in (("V", V, self.in_features, "in_features"),
-                                   ("U", U, self.out_features, "out_features")):
-            if B is None:
-                continue
+        if not isinstance(V_complement, bool):
+            raise TypeError(f"V_complement must be a bool, got {type(V_complement).__name__} {V_complement!r}")
+        given = [(name, B, dim, what) for name, B, dim, what in (("V", V, self.in_features, "in_features"),
+                                                                  ("U", U, self.out_features, "out_features"))
+                 if B is not None]
+        for name, B, dim, what in given:  # check both before changing either
             check_basis(name, B, dim, what)
             if name == "V":
                 room = B.shape[1] if V_complement else dim - B.shape[1]
                 if room < self.rank:
                     raise ValueError(f"V leaves a residual space of {room} dimensions, fewer than "
                                      f"rank = {self.rank}: the adapter would have no room")
+        for name, B, _, _ in given:
+            if name == "V":
                 self.V_complement = V_complement
             setattr(self, name, B.detach().to(self.weight.device).clone())
         with torch.no_grad():
             if self.protects_input:
-                A = self.project_input_side(full(self.lora_A).double())
-                assign_(self.lora_A, torch.linalg.qr(A.mT)[0].mT)
+                A = self._orthonormal_residual_rows(full(self.lora_A).double())
+                self._check_A_against_V(A.to(self.lora_A.dtype))
+                assign_(self.lora_A, A)
             if self.U.shape[1]:
                 B = full(self.lora_B)
                 assign_(self.lora_B, residual_project_unchecked(B, self.U.to(B.dtype), None, 1.0))
+
+    def _orthonormal_residual_rows(self, A: torch.Tensor) -> torch.Tensor:
+        """Orthonormal rows spanning as much of ``A (I − VVᵀ)`` as survives the projection (fp64).
+
+        Row ``j`` becomes the part of ``a_j`` orthogonal to span(V) and to rows ``< j`` (Gram–Schmidt
+        order, signs kept), so a row already orthogonal to both is unchanged. A row whose residual part
+        is lost (``a_j`` inside span(V) + span(a_<j), to rounding) is replaced by a residual direction
+        drawn from a fixed seed (the same on every rank), so ``A`` never reaches into span(V) (the
+        QR of a rank-deficient matrix alone would return arbitrary directions there)."""
+        r, n = A.shape
+        norms = A.norm(dim=1).clamp_min(torch.finfo(A.dtype).tiny)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        signed = lambda Q, R: Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)  # noqa: E731
+
+        def residual(X):
+            # With V orthonormal to δ (fp32: 1e-7, bf16: 1e-2), one projection leaves δ·|X V| inside
+            # span(V); each further one multiplies that by δ. Three reach fp32 rounding even for bf16.
+            for _ in range(3):
+                X = self.project_input_side(X)
+            return X
+
+        rows = self.project_input_side(A)
+        for _ in range(4):
+            Q, R = torch.linalg.qr(rows.mT)  # n×r; |R_jj| = distance of row j from V and the rows before
+            lost = torch.diagonal(R).abs() <= 1e-6 * norms
+            if not lost.any():
+                # projecting again removes what rounding (and a basis orthonormal only to its own
+                # precision) left inside span(V); a direction that was only rounding shrinks under it
+                P = residual(signed(Q, R).mT)
+                lost = P.norm(dim=1) < 0.5
+                if not lost.any():
+                    Q2, R2 = torch.linalg.qr(P.mT)
+                    return signed(Q2, R2).mT.contiguous()
+            # replace the lost rows by directions orthogonal to span(V) and to the kept rows, which
+            # the next QR then leaves as they are
+            kept = torch.linalg.qr(rows[~lost].mT)[0]  # n×(r − lost)
+            fill = torch.randn(int(lost.sum()), n, generator=gen, dtype=A.dtype).to(A.device)
+            for _ in range(2):
+                fill = residual(fill)
+                fill = fill - (fill @ kept) @ kept.mT
+            rows = rows.clone()
+            rows[lost] = fill
+            norms = norms.clone()
+            norms[lost] = fill.norm(dim=1)
+        raise RuntimeError("could not find rank residual directions for lora_A (this should not happen: "
+                           "set_bases checks that the residual space has room for them)")
 
     def _check_A_against_V(self, A: torch.Tensor) -> None:
         """Each row of ``A`` must lie (to its dtype's rounding) outside span(V)."""
@@ -215,6 +301,7 @@ class FusedKeepLoRALinear(nn.Module):
         if tuple(A.shape) != (self.rank, self.in_features):
             raise ValueError(f"A must have shape ({self.rank}, {self.in_features}) (rank×in_features), "
                              f"got {tuple(A.shape)}")
+        check_finite("A", A)
         self._check_A_against_V(A)
         with torch.no_grad():
             assign_(self.lora_A, A)
@@ -231,6 +318,7 @@ class FusedKeepLoRALinear(nn.Module):
 
     def register_projection_hook(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`project_` after every ``optimizer.step()``; returns the removable handle."""
+        _check_optimizer(optimizer)
         return optimizer.register_step_post_hook(lambda *_: self.project_())
 
     def delta_weight(self) -> torch.Tensor:
@@ -271,6 +359,13 @@ class FusedKeepLoRALinear(nn.Module):
                             f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"input must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"input is on {x.device} but the layer's weight is on {self.weight.device}; "
+                             "move one to the other")
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input has dtype {x.dtype} but the layer's weight has dtype {self.weight.dtype}: "
+                            f"cast one to the other (x.to({self.weight.dtype}) or layer.to({x.dtype})), "
+                            "or run under torch.autocast")
         if self.input_accumulator is not None:
             self.input_accumulator.update(x.detach().reshape(-1, self.in_features))
         if self.merged:
@@ -281,28 +376,130 @@ class FusedKeepLoRALinear(nn.Module):
                                        self.V if self.protects_input else None, self.V_complement,
                                        self.scaling, self.grad_accumulator)
 
+    # --- unloading --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """The plain linear this layer wraps, with the adapter folded in: its weight becomes
+        ``W + c·B A`` (in place, unless already merged or ``B = 0``) and is shared, not copied, as is the
+        bias. The class of the wrapped linear is restored (e.g. an ``nn.Linear`` subclass); its
+        parameters stay frozen. This layer is left merged."""
+        if not self.merged and bool(full(self.lora_B.detach()).any()):
+            self.merge_()
+        cls = getattr(self, "_base_class", nn.Linear)
+        linear = cls.__new__(cls)
+        nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight = self.weight
+        linear.register_parameter("bias", self.bias)
+        linear.train(self.training)
+        return linear
+
     # --- state ------------------------------------------------------------------------------------
-    def get_extra_state(self):
-        return {"merged": self.merged, "rank": self.rank, "alpha": self.alpha, "layer_scale": self.layer_scale,
-                "V_complement": self.V_complement}
+    _STATE_VERSION = 1.0
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The non-tensor state as one fp64 CPU tensor ``[version, merged, rank, alpha, layer_scale,
+        V_complement]``: tensors only, so that any state-dict writer (safetensors, transformers'
+        ``save_pretrained``) can store it."""
+        return torch.tensor([self._STATE_VERSION, float(self.merged), float(self.rank), self.alpha,
+                             self.layer_scale, float(self.V_complement)], dtype=torch.float64)
+
+    @staticmethod
+    def _parse_extra_state(state) -> dict:
+        """The extra state as a dict, from the tensor form or the older dict form."""
+        if isinstance(state, dict):
+            missing = {"merged", "rank", "alpha", "layer_scale"} - set(state)
+            if missing:
+                raise ValueError(f"state_dict's _extra_state lacks the keys {sorted(missing)}")
+            return {"merged": bool(state["merged"]), "rank": state["rank"], "alpha": float(state["alpha"]),
+                    "layer_scale": float(state["layer_scale"]),
+                    "V_complement": bool(state.get("V_complement", False))}
+        if not isinstance(state, torch.Tensor) or state.dim() != 1 or state.numel() != 6:
+            raise ValueError("state_dict's _extra_state must be a 6-element tensor "
+                             "[version, merged, rank, alpha, layer_scale, V_complement] (or the older dict), "
+                             f"got {type(state).__name__} {tuple(state.shape) if isinstance(state, torch.Tensor) else ''}")
+        values = state.double().tolist()
+        if values[0] != FusedKeepLoRALinear._STATE_VERSION or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"state_dict's _extra_state {values} is not a version-1 state of finite values")
+        return {"merged": bool(values[1]), "rank": int(values[2]), "alpha": values[3], "layer_scale": values[4],
+                "V_complement": bool(values[5])}
 
     def set_extra_state(self, state) -> None:
-        if state["rank"] != self.rank:
-            raise ValueError(f"state_dict has rank {state['rank']}, this layer has rank {self.rank}")
-        self.merged, self.alpha, self.layer_scale = bool(state["merged"]), state["alpha"], state["layer_scale"]
-        self.V_complement = bool(state.get("V_complement", False))
+        parsed = self._parse_extra_state(state)
+        if parsed["rank"] != self.rank:
+            raise ValueError(f"state_dict has rank {parsed['rank']}, this layer has rank {self.rank}")
+        self.merged, self.alpha, self.layer_scale = parsed["merged"], parsed["alpha"], parsed["layer_scale"]
+        self.V_complement = parsed["V_complement"]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _check_state(self, state_dict: dict, prefix: str) -> None:
+        """Every value this layer would load from ``state_dict``, checked before anything is changed
+        (a ValueError naming the key), so that a failed load leaves the layer as it was."""
+        complement = self.V_complement
+        if prefix + "_extra_state" in state_dict:
+            parsed = self._parse_extra_state(state_dict[prefix + "_extra_state"])
+            if parsed["rank"] != self.rank:
+                raise ValueError(f"state_dict has rank {parsed['rank']}, this layer has rank {self.rank}")
+            complement = parsed["V_complement"]
+        shapes = {"weight": (self.out_features, self.in_features), "bias": (self.out_features,),
+                  "lora_A": (self.rank, self.in_features), "lora_B": (self.out_features, self.rank)}
+        for key, shape in shapes.items():
+            value = state_dict.get(prefix + key)
+            if value is None or (key == "bias" and self.bias is None):
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state_dict[{prefix + key!r}] must be a tensor, got {type(value).__name__}")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"state_dict[{prefix + key!r}] must have shape {shape}, got {tuple(value.shape)}")
+            if key.startswith("lora_"):
+                check_finite(f"state_dict[{prefix + key!r}]", value)
+        for key, dim, what in (("V", self.in_features, "in_features"), ("U", self.out_features, "out_features")):
+            value = state_dict.get(prefix + key)
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"state_dict[{prefix + key!r}] must be a tensor, got {type(value).__name__}")
+            check_basis(f"state_dict[{prefix + key!r}]", value, dim, what)
+            if key == "V":
+                room = value.shape[1] if complement else dim - value.shape[1]
+                if room < self.rank:
+                    raise ValueError(f"state_dict[{prefix + key!r}] leaves a residual space of {room} "
+                                     f"dimensions, fewer than rank = {self.rank}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._check_state(state_dict, prefix)
+        if strict:  # report missing and unexpected keys without loading the others (all or nothing)
+            local = [n for n, p in self._parameters.items() if p is not None]
+            local += [n for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set]
+            local.append("_extra_state")
+            missing = [prefix + n for n in local if prefix + n not in state_dict]
+            unexpected = [k for k in state_dict if k.startswith(prefix)
+                          and k[len(prefix):].split(".")[0] not in local and k[len(prefix):].split(".")[0]
+                          not in self._modules]
+            if missing or unexpected:
+                missing_keys.extend(missing)
+                unexpected_keys.extend(unexpected)
+                return
         for name in ("U", "V"):  # the bases grow from task to task: take the stored size
             stored = state_dict.get(prefix + name)
             if stored is not None and stored.shape != getattr(self, name).shape:
                 setattr(self, name, getattr(self, name).new_empty(stored.shape))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _check_optimizer(optimizer) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (its step post-hook re-projects the adapters), "
+                        f"got {type(optimizer).__name__}")
 
 
 def register_projection_hooks(model: nn.Module, optimizer: torch.optim.Optimizer):
     """One optimizer post-step hook that runs :meth:`FusedKeepLoRALinear.project_` on every such
     layer of ``model``; returns the removable handle."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_optimizer(optimizer)
     layers = [m for m in model.modules() if isinstance(m, FusedKeepLoRALinear)]
 
     def hook(*_):
