@@ -49,7 +49,7 @@ class DemoConfig:
     eps_w_visual: float = setting(0.85, "ε_w of the image tower's principal subspaces", gt=0, le=1)
     eps_w_text: float = setting(0.2, "ε_w of the text tower's principal subspaces", gt=0, le=1)
     eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
-    gradient_fraction: float = setting(0.5, "batches for the task-start gradient, in tenths of 10 batches",
+    gradient_fraction: float = setting(0.5, "share of 10 batches used for the task-start gradient",
                                        gt=0, le=1)
     max_tasks: int | None = setting(None, "learn only the first tasks (null: all)", ge=1)
 
