@@ -171,9 +171,10 @@ def train_steps(loss_fn: Callable, batches: Iterable, total_batches: int, optimi
         for micro in range(size):
             batch = next(it)
             sync = micro == size - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast(device, amp):
-                loss = loss_fn(batch)
-            (loss / size).backward()
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast(device, amp):
+                    loss = loss_fn(batch)
+                (loss / size).backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
         optimizer.step()
         if scheduler is not None:

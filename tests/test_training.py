@@ -145,3 +145,14 @@ def test_differences_name_each_changed_key():
     new = {"model": "m", "config": {"lr": 0.2, "rank": 4, "amp": True}}
     assert differences(old, new) == ["config.amp (absent there, true now)", "config.lr (0.1 there, 0.2 now)"]
     assert differences(old, old) == []
+
+
+def test_heatmap_draws_the_base_column_and_checks_its_length(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kplora_kernels.continual.report import heatmap
+
+    path = tmp_path / "h.png"
+    heatmap(str(path), "t", [[0.9, 0.1], [0.5, 0.8]], ["a", "b"], extra_columns={"base": [0.7, 0.6]})
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with raises(ValueError, "extra column 'base' must have one value per row (2), got shape (3,)"):
+        heatmap(str(path), "t", [[0.9, 0.1], [0.5, 0.8]], ["a", "b"], extra_columns={"base": [0.7, 0.6, 0.5]})
