@@ -128,7 +128,7 @@ def pretrain(cfg: DemoConfig, base: Task, cache_dir: str, log):
     model.train()
     result = train_steps(lambda batch: classification_loss(model, batch),
                          base.batches(cfg.batch_size, cfg.seed, cfg.stage0_steps), cfg.stage0_steps, opt,
-                         desc="stage 0: pre-training on digit names")
+                         desc="stage 0: pre-training on digit names", reports=0)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(model.state_dict(), tmp)
@@ -154,7 +154,7 @@ def run_method(method: str, cfg: DemoConfig, stage0: nn.Module, base: Task, task
         torch.manual_seed(seed)
         trained = train_steps(lambda batch: classification_loss(model, batch),
                               task.batches(cfg.batch_size, seed + 1, cfg.task_steps), cfg.task_steps, opt,
-                              desc=f"{method}: task {t} ({task.domain.name})")
+                              desc=f"{method}: task {t} ({task.domain.name})", reports=0)
         kl.end_task(list(task.batches(cfg.batch_size, seed + 2, 8)), classification_loss)
         accuracy.append([zero_shot_accuracy(model, other) for other in tasks])
         base_acc.append(zero_shot_accuracy(model, base))

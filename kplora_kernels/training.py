@@ -150,11 +150,12 @@ def check_tensorboard() -> None:
 def train_steps(loss_fn: Callable, batches: Iterable, total_batches: int, optimizer: torch.optim.Optimizer, *,
                 accumulation: int = 1, scheduler=None, amp: bool = False, device=torch.device("cpu"),
                 desc: str = "training", scalars: Scalars | None = None, step_offset: int = 0,
-                model=None) -> dict:
+                model=None, reports: int = 10) -> dict:
     """Train on ``total_batches`` batches of ``batches``: each optimizer step averages the
     gradients of ``accumulation`` batches (the last step fewer when they do not divide), then
     steps the optimizer and ``scheduler``. ``loss_fn(batch)`` returns the loss. A bar shows the
-    running loss and the learning rate; without a terminal the running loss is logged ten times.
+    running loss and the learning rate; without a terminal the running loss is logged ``reports``
+    times instead.
     ``model`` (DDP) skips the gradient all-reduce of all but the last batch of a step. Returns
     ``{"steps", "loss"}`` (the last running loss, an exponential average over about 50 steps)."""
     if accumulation < 1:
@@ -163,7 +164,7 @@ def train_steps(loss_fn: Callable, batches: Iterable, total_batches: int, optimi
     it = iter(batches)
     running = None
     bar = progress(total=steps, desc=desc)
-    every = max(1, steps // 10)
+    every = max(1, steps // max(1, reports))
     for step in range(steps):
         size = min(accumulation, total_batches - step * accumulation)
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +192,7 @@ def train_steps(loss_fn: Callable, batches: Iterable, total_batches: int, optimi
         if scalars is not None:
             scalars.add("train/loss", value, step_offset + step)
             scalars.add("train/lr", lr, step_offset + step)
-        if bar.disable and ((step + 1) % every == 0 or step + 1 == steps):
+        if bar.disable and reports > 0 and ((step + 1) % every == 0 or step + 1 == steps):
             log.info(f"{desc}: step {step + 1}/{steps}, running loss {running:.4f}, lr {lr:.3g}")
     bar.close()
     return {"steps": steps, "loss": running}

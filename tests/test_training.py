@@ -156,3 +156,14 @@ def test_heatmap_draws_the_base_column_and_checks_its_length(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with raises(ValueError, "extra column 'base' must have one value per row (2), got shape (3,)"):
         heatmap(str(path), "t", [[0.9, 0.1], [0.5, 0.8]], ["a", "b"], extra_columns={"base": [0.7, 0.6, 0.5]})
+
+
+def test_without_a_terminal_the_running_loss_is_logged(capsys):
+    training.setup_logging()
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches = [torch.ones(4, 2)] * 20
+    result = train_steps(lambda b: model(b).pow(2).mean(), batches, 20, opt, desc="job", reports=4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("job: ")]
+    assert [line.split(",")[0] for line in lines] == [f"job: step {s}/20" for s in (5, 10, 15, 20)]
+    assert lines[-1].endswith(f"running loss {result['loss']:.4f}, lr 0.01")
