@@ -109,7 +109,14 @@ def check_settings(cls, data: dict, source: str = "settings") -> None:
             values = value if isinstance(value, list) else [value]
             ok = all(v in meta["choices"] for v in values)
         if not ok:
-            raise ConfigError(f"{source}: {f.name} must be {expected_text(tp, meta)}, got {value!r}")
+            hint = ""
+            if isinstance(value, str) and (_type_ok(0, tp) or _type_ok(0.0, tp)):
+                try:
+                    float(value)
+                    hint = " (a string: write numbers without quotes; YAML reads 1e-3 as text, write 1.0e-3)"
+                except ValueError:
+                    pass
+            raise ConfigError(f"{source}: {f.name} must be {expected_text(tp, meta)}, got {value!r}{hint}")
 
 
 def read_mapping(path: str) -> dict:

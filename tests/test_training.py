@@ -167,3 +167,10 @@ def test_without_a_terminal_the_running_loss_is_logged(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("job: ")]
     assert [line.split(",")[0] for line in lines] == [f"job: step {s}/20" for s in (5, 10, 15, 20)]
     assert lines[-1].endswith(f"running loss {result['loss']:.4f}, lr 0.01")
+
+
+def test_a_yaml_number_read_as_text_gets_a_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("share: 1e-3\n")  # YAML 1.1 (PyYAML) reads this as a string
+    with raises(ConfigError, "share must be a number in (0, 1], got '1e-3'", "write 1.0e-3"):
+        load_settings(Example, str(path))
