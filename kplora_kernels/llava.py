@@ -280,7 +280,8 @@ def evaluate(model, data: Conversations, task: dict, cfg: LLaVAConfig, device) -
     model.eval()
     samples = task["test"][: cfg.max_eval_samples] if cfg.max_eval_samples else task["test"]
     correct = 0
-    for sample in progress(samples, total=len(samples), desc=f"evaluating {task['name']}"):
+    bar = progress(samples, total=len(samples), desc=f"evaluating {task['name']}")
+    for seen, sample in enumerate(bar, 1):
         ids, image, answer = data.question(sample)
         ids = ids.unsqueeze(0).to(device)
         with autocast(device, cfg.amp):
@@ -289,6 +290,7 @@ def evaluate(model, data: Conversations, task: dict, cfg: LLaVAConfig, device) -
                                  pad_token_id=data.tokenizer.pad_token_id or data.tokenizer.eos_token_id)
         text = data.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         correct += normalize(text) == normalize(answer)
+        bar.set_postfix(exact_match=f"{correct / seen:.3f}", refresh=False)
     return correct / max(len(samples), 1)
 
 

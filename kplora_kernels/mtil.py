@@ -146,10 +146,13 @@ class Benchmark:
         loader = self.loader(items, transform, train=False, seed=0)
         with autocast(self.device, self.config.amp):
             texts = zero_shot.text_features(model, self.class_tokens(split))
-            correct = 0
-            for images, labels in progress(loader, total=len(loader), desc=f"evaluating {split.name}"):
+            correct, seen = 0, 0
+            bar = progress(loader, total=len(loader), desc=f"evaluating {split.name}")
+            for images, labels in bar:
                 logits = zero_shot.class_logits(model, images.to(self.device), texts)
                 correct += logits.argmax(1).cpu().eq(labels).sum().item()
+                seen += len(labels)
+                bar.set_postfix(accuracy=f"{correct / seen:.3f}", refresh=False)
         return correct / max(len(items), 1)
 
     def run(self):
