@@ -157,7 +157,8 @@ def train_steps(loss_fn: Callable, batches: Iterable, total_batches: int, optimi
     running loss and the learning rate; without a terminal the running loss is logged ``reports``
     times instead.
     ``model`` (DDP) skips the gradient all-reduce of all but the last batch of a step. Returns
-    ``{"steps", "loss"}`` (the last running loss, an exponential average over about 50 steps)."""
+    ``{"steps", "loss"}`` (the last running loss, an exponential average over about 25 steps).
+    A NaN or infinite loss raises ``FloatingPointError`` before its step changes any parameter."""
     if accumulation < 1:
         raise ValueError(f"accumulation must be ≥ 1, got {accumulation}")
     steps = math.ceil(total_batches / accumulation)
@@ -177,16 +178,15 @@ def train_steps(loss_fn: Callable, batches: Iterable, total_batches: int, optimi
                     loss = loss_fn(batch)
                 (loss / size).backward()
             total = loss.detach().float() if total is None else total + loss.detach().float()
+        value, lr = total.item() / size, optimizer.param_groups[0]["lr"]
+        if not math.isfinite(value):  # before the step: the parameters stay as they were
+            raise FloatingPointError(f"{desc}: the loss is {value} at step {step + 1} of {steps} "
+                                     f"(learning rate {lr:.3g}); lower the lr"
+                                     + (" or set amp: false" if amp and device.type == "cuda" else ""))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        value = total.item() / size
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{desc}: the loss is {value} at step {step + 1} of {steps} "
-                                     f"(learning rate {optimizer.param_groups[0]['lr']:.3g}); lower the lr"
-                                     + (" or set amp: false" if amp and device.type == "cuda" else ""))
         running = value if running is None else 0.96 * running + 0.04 * value
-        lr = optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}", refresh=False)
         bar.update()
         if scalars is not None:

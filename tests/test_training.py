@@ -88,6 +88,7 @@ def test_a_non_finite_loss_stops_training_with_its_step():
     batches = [torch.ones(1, 2), torch.full((1, 2), float("nan"))]
     with raises(FloatingPointError, "demo: the loss is nan at step 2 of 2"):
         train_steps(lambda b: model(b).sum(), batches, 2, opt, desc="demo")
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step was not taken
 
 
 def test_only_rank_0_reports(monkeypatch, capsys):
