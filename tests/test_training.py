@@ -1,6 +1,5 @@
 """The pieces the training commands share: schedules, gradient accumulation, rank-0 logging,
 settings checks and the resume comparison."""
-import logging
 import math
 from dataclasses import dataclass
 
