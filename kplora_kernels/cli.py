@@ -1,4 +1,8 @@
-"""The ``kplora`` command line (also ``python -m kplora_kernels``)."""
+"""The ``kplora`` command line (also ``python -m kplora_kernels``).
+
+Every command checks its settings (:mod:`kplora_kernels.config_file`) and the packages it needs
+before it loads any data or model; a user error is one line on stderr and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +10,8 @@ import json
 import os
 import sys
 
-from .config_file import ConfigError
+from . import __version__
+from .config_file import ConfigError, check_settings, describe_settings, require_packages
 from .llava import add_arguments as add_llava_arguments
 from .mtil import add_arguments as add_mtil_arguments
 
@@ -16,11 +21,18 @@ def default_cache_dir() -> str:
     return os.path.join(root, "kplora_kernels")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+    from .memory import DTYPE_BYTES
+
     parser = argparse.ArgumentParser(prog="kplora", description="KeepLoRA++ continual learning tools")
+    parser.add_argument("--version", action="version", version=f"kplora {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a continual-learning run on embedded data, compared across methods")
-    demo.add_argument("--config", help="a JSON or YAML file with any of the demo's settings (see README)")
+    demo = sub.add_parser("demo", help="a continual-learning run on embedded data, compared across methods",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="settings of --config (JSON or YAML; key = default: meaning [allowed]):\n"
+                                 + describe_settings(DemoConfig))
+    demo.add_argument("--config", help="a JSON or YAML file with any of the settings below")
     demo.add_argument("--output", default="demo_output", help="where results go (default: demo_output)")
     demo.add_argument("--cache-dir", default=None, help=f"where the stage-0 model is cached (default: {default_cache_dir()})")
     demo.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
@@ -28,24 +40,43 @@ def main(argv=None) -> int:
     add_llava_arguments(sub.add_parser("llava", help="continual instruction tuning of a LLaVA model"))
     memory = sub.add_parser("memory", help="what the KeepLoRA++ state costs for an LLM config")
     memory.add_argument("--model-config", required=True, help="llava-1.5-7b, llava-1.5-13b or a config.json")
-    memory.add_argument("--rank", type=int, default=32)
-    memory.add_argument("--basis-fraction", type=float, default=0.5, help="k_in / in (default 0.5)")
-    memory.add_argument("--param-dtype", choices=["fp32", "bf16", "fp16"], default="bf16")
-    memory.add_argument("--basis-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    memory.add_argument("--rank", type=int, default=32, help="adapter rank r (default 32)")
+    memory.add_argument("--basis-fraction", type=float, default=0.5, help="k_in / in, in [0, 1) (default 0.5)")
+    memory.add_argument("--param-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    memory.add_argument("--basis-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _memory(args) -> None:
+    from .memory import MemoryArgs, format_report, report, text_config
+
+    check_settings(MemoryArgs, {"rank": args.rank, "basis_fraction": args.basis_fraction}, "kplora memory")
+    cfg = text_config(args.model_config)
+    if args.rank >= min(cfg["hidden_size"], cfg["intermediate_size"]):
+        raise ConfigError(f"--rank must be below the layers' input width {min(cfg['hidden_size'], cfg['intermediate_size'])}, "
+                          f"got {args.rank}")
+    result = report(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def _demo(args) -> None:
+    from .demo import DemoConfig, run
+
+    config = DemoConfig.from_file(args.config, seed=args.seed)
+    require_packages("demo", {"sklearn": "scikit-learn", "open_clip": "open_clip_torch",
+                              "matplotlib": "matplotlib"}, "demo")
+    run(config, args.output, args.cache_dir or default_cache_dir())
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .training import setup_logging
+
+    setup_logging()
     try:
         if args.command == "memory":
-            from .memory import format_report, report, text_config
-
-            try:
-                cfg = text_config(args.model_config)
-            except (FileNotFoundError, ValueError) as exc:
-                raise ConfigError(str(exc)) from None
-            if not 0.0 <= args.basis_fraction < 1.0 or args.rank < 1:
-                raise ConfigError("--basis-fraction must be in [0, 1) and --rank ≥ 1")
-            result = report(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype)
-            print(json.dumps(result, indent=2) if args.json else format_report(result))
+            _memory(args)
         elif args.command == "llava":
             from .llava import main as run_llava
 
@@ -55,13 +86,14 @@ def main(argv=None) -> int:
 
             run_mtil(args)
         elif args.command == "demo":
-            from .demo import DemoConfig, run
-
-            config = DemoConfig.from_file(args.config, seed=args.seed)
-            run(config, args.output, args.cache_dir or default_cache_dir())
+            _demo(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except ConfigError as exc:  # a user error: one line, no traceback
         print(f"kplora: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`kplora memory --json | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -14,60 +14,60 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .continual import KeepLoRA, metrics, preset
-from .config_file import ConfigError, load_settings
-from .continual import zero_shot
+from .config_file import ConfigError, load_settings, setting
+from .continual import KeepLoRA, metrics, preset, zero_shot
 from .continual.report import heatmap
-from .data.demo_tasks import build_domains
+from .data.demo_tasks import FASHION_DIR, build_domains
+from .training import log as logger
+from .training import train_steps
 
 
 @dataclass
 class DemoConfig:
-    seed: int = 0
-    methods: list = field(default_factory=lambda: ["keeplora++", "keeplora", "lora"])
-    fashion: bool | None = None  # None: use Fashion-MNIST when installed
-    width: int = 64
-    layers: int = 2
-    stage0_steps: int = 600
-    stage0_lr: float = 2e-3
-    task_steps: int = 150
-    lr: float = 2e-3
-    batch_size: int = 64
-    rank: int = 8
-    alpha: float = 16.0
-    eps_w_visual: float = 0.85
-    eps_w_text: float = 0.2
-    eps_f: float = 0.99
-    gradient_fraction: float = 0.5
-    max_tasks: int | None = None
+    """The demo's settings (``--config`` file keys); ``kplora demo --help`` lists them."""
+
+    seed: int = setting(0, "seed of the data split, the models and the batches", ge=0)
+    methods: list[str] = setting(default_factory=lambda: ["keeplora++", "keeplora", "lora"],
+                                 help="the methods compared, each from the same stage-0 model")
+    fashion: bool = setting(False, "replace the mirrored-digits task by two Fashion-MNIST tasks "
+                                   "(Debian package dataset-fashion-mnist)")
+    fashion_root: str = setting(FASHION_DIR, "where the Fashion-MNIST idx files are")
+    width: int = setting(64, "model width (a multiple of 32)", ge=32)
+    layers: int = setting(2, "transformer blocks per tower", ge=1)
+    stage0_steps: int = setting(600, "pre-training steps on digit names (stage 0)", ge=1)
+    stage0_lr: float = setting(2e-3, "stage-0 learning rate", gt=0)
+    task_steps: int = setting(150, "training steps per task", ge=1)
+    lr: float = setting(2e-3, "learning rate of the adapters", gt=0)
+    batch_size: int = setting(64, "images per batch", ge=1)
+    rank: int = setting(8, "adapter rank r (at most width/2)", ge=1)
+    alpha: float = setting(16.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
+    eps_w_visual: float = setting(0.85, "ε_w of the image tower's principal subspaces", gt=0, le=1)
+    eps_w_text: float = setting(0.2, "ε_w of the text tower's principal subspaces", gt=0, le=1)
+    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    gradient_fraction: float = setting(0.5, "share of 10 batches used for the task-start gradient",
+                                       gt=0, le=1)
+    max_tasks: int | None = setting(None, "learn only the first tasks (null: all)", ge=1)
 
     @classmethod
     def from_file(cls, path: str | None, **overrides) -> "DemoConfig":
-        config = load_settings(cls, path, **overrides)
-        config.check()
-        return config
+        return load_settings(cls, path, **overrides)
 
     def check(self) -> None:
+        """Rules that tie keys together (types and ranges are checked by :func:`load_settings`)."""
         from .continual.config import METHODS
 
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"methods must be a non-empty list from {METHODS}, got {self.methods}")
-        for name in ("width", "layers", "stage0_steps", "task_steps", "batch_size", "rank"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.width % 32:
             raise ConfigError(f"width must be a multiple of 32 (attention heads of 32), got {self.width}")
         if self.rank > self.width // 2:
             raise ConfigError(f"rank must be at most width/2 = {self.width // 2}, got {self.rank}")
-        for name in ("eps_w_visual", "eps_w_text", "eps_f", "gradient_fraction"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in (0, 1], got {getattr(self, name)}")
 
 
 # --- model and data ------------------------------------------------------------------------------
@@ -123,27 +123,22 @@ def pretrain(cfg: DemoConfig, base: Task, cache_dir: str, log):
         model.load_state_dict(torch.load(path, map_location="cpu"))
         log(f"stage 0: loaded the pre-trained model from {path}")
         return model
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.stage0_lr, weight_decay=0.05)
     model.train()
-    for batch in tqdm(base.batches(cfg.batch_size, cfg.seed, cfg.stage0_steps), total=cfg.stage0_steps,
-                      desc="stage 0: pre-training on digit names", leave=False):
-        opt.zero_grad()
-        classification_loss(model, batch).backward()
-        opt.step()
+    result = train_steps(lambda batch: classification_loss(model, batch),
+                         base.batches(cfg.batch_size, cfg.seed, cfg.stage0_steps), cfg.stage0_steps, opt,
+                         desc="stage 0: pre-training on digit names", reports=0)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)
-    log(f"stage 0: pre-trained for {cfg.stage0_steps} steps, cached in {path}")
+    log(f"stage 0: pre-trained for {cfg.stage0_steps} steps (final running loss {result['loss']:.3f}), "
+        f"cached in {path}")
     return model
 
 
-def run_method(method: str, cfg: DemoConfig, stage0: nn.Module, base: Task, tasks: list) -> dict:
-    from tqdm.auto import tqdm
-
+def run_method(method: str, cfg: DemoConfig, stage0: nn.Module, base: Task, tasks: list, log) -> dict:
     model = copy.deepcopy(stage0)
     config = preset("clip", method=method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f, seed=cfg.seed,
                     eps_w={"visual": cfg.eps_w_visual, "text": cfg.eps_w_text, "default": cfg.eps_w_visual})
@@ -157,24 +152,26 @@ def run_method(method: str, cfg: DemoConfig, stage0: nn.Module, base: Task, task
         opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
         kl.register_projection_hook(opt)
         torch.manual_seed(seed)
-        for batch in tqdm(task.batches(cfg.batch_size, seed + 1, cfg.task_steps), total=cfg.task_steps,
-                          desc=f"{method}: task {t} ({task.domain.name})", leave=False):
-            opt.zero_grad()
-            classification_loss(model, batch).backward()
-            opt.step()
+        trained = train_steps(lambda batch: classification_loss(model, batch),
+                              task.batches(cfg.batch_size, seed + 1, cfg.task_steps), cfg.task_steps, opt,
+                              desc=f"{method}: task {t} ({task.domain.name})", reports=0)
         kl.end_task(list(task.batches(cfg.batch_size, seed + 2, 8)), classification_loss)
         accuracy.append([zero_shot_accuracy(model, other) for other in tasks])
         base_acc.append(zero_shot_accuracy(model, base))
+        log(f"{method}: task {t} ({task.domain.name}) trained, final running loss {trained['loss']:.3f}; "
+            f"accuracy on it {accuracy[-1][t]:.3f}, on the base domain {base_acc[-1]:.3f}")
     return {"accuracy": accuracy, "base_accuracy": base_acc, **metrics.summary(accuracy)}
 
 
-def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
-    """The whole demo; returns what it writes to ``output/results.json``."""
+def run(cfg: DemoConfig, output: str, cache_dir: str, log=None) -> dict:
+    """The whole demo; returns what it writes to ``output/results.json``. Messages go to ``log``
+    (default: the ``kplora_kernels`` logger)."""
     from open_clip.tokenizer import SimpleTokenizer
 
+    log = log or logger.info
     start = time.perf_counter()
     try:
-        base_domain, domains, source = build_domains(cfg.seed, cfg.fashion)
+        base_domain, domains, source = build_domains(cfg.seed, cfg.fashion, cfg.fashion_root)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     domains = domains[: cfg.max_tasks] if cfg.max_tasks else domains
@@ -188,7 +185,7 @@ def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
     log(f"stage 0 zero-shot accuracy: base domain {base0:.3f}; tasks " + ", ".join(f"{a:.2f}" for a in zero_shot))
     results = {}
     for method in cfg.methods:
-        results[method] = run_method(method, cfg, stage0, base, tasks)
+        results[method] = run_method(method, cfg, stage0, base, tasks, log)
         results[method]["base_retention"] = results[method]["base_accuracy"][-1] / max(base0, 1e-9)
     os.makedirs(output, exist_ok=True)
     names = [t.domain.name for t in tasks]
@@ -199,7 +196,8 @@ def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
             log(f"{'after ' + names[i][:9]:<16}" + "".join(f"{a:>11.3f}" for a in row)
                 + f"{result['base_accuracy'][i]:>11.3f}")
         heatmap(os.path.join(output, f"heatmap_{method.replace('+', 'p')}.png"),
-                f"{method}: BWT {result['bwt']:+.3f}, Last {result['last']:.3f}", result["accuracy"], names)
+                f"{method}: BWT {result['bwt']:+.3f}, Last {result['last']:.3f}", result["accuracy"], names,
+                extra_columns={f"base: {base_domain.name}": result["base_accuracy"]})
     log(f"\n{'method':<12}{'Transfer':>10}{'Average':>10}{'Last':>10}{'BWT':>10}{'base kept':>11}")
     for method, r in results.items():
         log(f"{method:<12}{r['transfer']:>10.3f}{r['average']:>10.3f}{r['last']:>10.3f}{r['bwt']:>+10.3f}"
@@ -212,5 +210,7 @@ def run(cfg: DemoConfig, output: str, cache_dir: str, log=print) -> dict:
               "seconds": elapsed}
     with open(os.path.join(output, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
-    log(f"\nwrote {output}/results.json and {len(results)} heatmaps; {elapsed:.0f} s in all")
+    log(f"\ndata: {source}")
+    count = f"{len(results)} heatmap{'' if len(results) == 1 else 's'}"
+    log(f"wrote {output}/results.json and {count} (tasks and the base domain); {elapsed:.0f} s in all")
     return report

@@ -12,41 +12,49 @@ state identical on all ranks.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
 
-from .config_file import ConfigError, load_settings
-from .continual import KeepLoRA, preset
+from .config_file import ConfigError, describe_settings, load_settings, require_packages, result_settings, setting
+from .continual import METHODS, KeepLoRA, preset
 from .continual.runs import ResumableRun
 from .distributed import is_distributed
+from .training import SCHEDULES, Scalars, autocast, check_tensorboard, make_scheduler, progress, seed_everything, train_steps
+from .training import log as logger
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
 class LLaVAConfig:
-    """Defaults: the authors' LLaVA-1.5-7B settings (r = 32, α = r/4, ε_w = 0.6), bf16."""
+    """Training settings (``--config`` keys). Defaults: the authors' LLaVA-1.5-7B settings (r = 32,
+    α = r/4, ε_w = 0.6, lr 2e-4, cosine schedule with 3 % warmup), bf16."""
 
-    method: str = "keeplora++"
-    rank: int = 32
-    alpha: float = 8.0
-    eps_w: float = 0.6
-    eps_f: float = 0.99
-    lr: float = 2e-4
-    batch_size: int = 4
-    epochs: int = 1
-    gradient_batches: int = 16
-    subspace_batches: int = 16
-    max_new_tokens: int = 16
-    max_eval_samples: int | None = None
-    dtype: str = "bf16"
-    gradient_checkpointing: bool = True
-    seed: int = 0
+    method: str = setting("keeplora++", "the continual-learning method", choices=METHODS)
+    rank: int = setting(32, "adapter rank r", ge=1)
+    alpha: float = setting(8.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
+    eps_w: float = setting(0.6, "ε_w of the principal subspaces", gt=0, le=1)
+    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    lr: float = setting(2e-4, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: str = setting("cosine", "per-step schedule within a task (the authors: cosine)", choices=SCHEDULES)
+    warmup_fraction: float = setting(0.03, "share of a task's steps spent warming up", ge=0, lt=1)
+    batch_size: int = setting(4, "conversations per batch (per rank under torchrun)", ge=1)
+    gradient_accumulation: int = setting(1, "batches averaged per optimizer step", ge=1)
+    epochs: int = setting(1, "passes over each task's training set", ge=1)
+    amp: bool = setting(True, "bf16 autocast for training and evaluation on CUDA (no effect on the CPU)")
+    gradient_batches: int = setting(16, "batches for the task-start gradient", ge=1)
+    subspace_batches: int = setting(16, "batches for the task-end input subspace", ge=1)
+    max_new_tokens: int = setting(16, "longest generated answer in evaluation", ge=1)
+    max_eval_samples: int | None = setting(None, "test conversations per task (null: all)", ge=1)
+    dtype: str = setting("bf16", "dtype the model is loaded in", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward (less memory)",
+                                           affects_results=False)
+    seed: int = setting(0, "seed of shuffling and the controller", ge=0)
 
 
 def normalize(answer: str) -> str:
@@ -107,11 +115,20 @@ class Conversations:
                 "pixel_values": torch.stack([img for _, _, img in examples])}
 
 
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+
+
 def read_tasks(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise ConfigError(f"task list not found: {path}")
-    with open(path) as f:
-        tasks = json.load(f)
+    tasks = _read_json(path)
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks) or not tasks:
+        raise ConfigError(f"{path} must hold a non-empty list of {{name, train, test}} objects")
     base = os.path.dirname(os.path.abspath(path))
     out = []
     for task in tasks:
@@ -123,8 +140,9 @@ def read_tasks(path: str) -> list[dict]:
             file = os.path.join(base, task[split])
             if not os.path.isfile(file):
                 raise ConfigError(f"{path}: task {task['name']!r}: {split} file not found: {file}")
-            with open(file) as f:
-                files[split] = json.load(f)
+            files[split] = _read_json(file)
+            if not isinstance(files[split], list) or not files[split]:
+                raise ConfigError(f"{file} must hold a non-empty list of conversations")
         out.append({"name": task["name"], **files})
     return out
 
@@ -151,15 +169,20 @@ def _shard(items: list) -> list:
     return items
 
 
-def run(args, cfg: LLaVAConfig, log=print) -> dict:
+def run(args, cfg: LLaVAConfig, log=None) -> dict:
+    log = log or logger.info
+    require_packages("llava", {"transformers": "transformers", "PIL": "pillow", "matplotlib": "matplotlib"}, "hf")
+    if args.log_dir is not None:
+        check_tensorboard()
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     tasks = read_tasks(args.data)
-    device = _init_distributed(args.device)
     if not os.path.isdir(args.model):
         raise ConfigError(f"model folder not found: {args.model}")
+    device = _init_distributed(args.device)
+    seed_everything(cfg.seed)
+    start = time.perf_counter()
+    log(f"loading {args.model} ({cfg.dtype}) on {device}")
     try:
         model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype=DTYPES[cfg.dtype]).to(device)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -173,17 +196,23 @@ def run(args, cfg: LLaVAConfig, log=print) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     data = Conversations(model, tokenizer, image_processor, args.image_root)
     names = [t["name"] for t in tasks]
-    run_state = ResumableRun(args.output, {"tasks": names, "model": os.path.abspath(args.model),
-                                           "config": dataclasses.asdict(cfg)})
+    run_state = ResumableRun(args.output, {"tasks": names, "model": os.path.realpath(args.model),
+                                           "config": result_settings(cfg)})
     previous = run_state.previous()
     if previous:
         kl = KeepLoRA.from_checkpoint(model, run_state.checkpoint)
-        rows = previous["rows"]
+        rows, step = previous["rows"], previous.get("global_step", 0)
+        if len(rows) == len(tasks):
+            log(f"already complete: {args.output} holds all {len(rows)} tasks; writing the results again")
+            return _finish(run_state, names, rows, log)
         log(f"resuming after task {len(rows)} ({names[len(rows) - 1]})")
     else:
-        rows = []
+        rows, step = [], 0
+        log(f"wrapping the model ({cfg.method}: principal subspaces of every adapted weight)")
         kl = KeepLoRA(model, preset("llava", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
                                     eps_w={"default": cfg.eps_w}, seed=cfg.seed))
+    log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
+        f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
     trained = model
     if is_distributed():
         if args.strategy == "fsdp2":  # shard every language-model layer, then the rest
@@ -201,27 +230,44 @@ def run(args, cfg: LLaVAConfig, log=print) -> dict:
             trained = DistributedDataParallel(model)
 
     def loss_fn(m, batch):
+        """``loss(model, batch)``: the language-modelling loss on the answers of a collated batch."""
         return m(**{k: v.to(device) for k, v in batch.items()}).loss
 
-    for t in range(len(rows), len(tasks)):
-        torch.manual_seed(cfg.seed + t)
-        examples = [data.training_example(s) for s in _shard(tasks[t]["train"])]
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + t)).tolist()
-        batches = [data.collate([examples[i] for i in order[k:k + cfg.batch_size]])
-                   for k in range(0, len(order), cfg.batch_size)]
-        model.train()
-        kl.begin_task(batches[: cfg.gradient_batches], loss_fn)
-        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
-        kl.register_projection_hook(opt)
-        for _ in range(cfg.epochs):
-            for batch in batches:
-                opt.zero_grad()
-                loss_fn(trained, batch).backward()
-                opt.step()
-        kl.end_task(batches[: cfg.subspace_batches], loss_fn)
-        rows.append([evaluate(model, data, task, cfg, device) for task in tasks])
-        run_state.record(kl, rows)
-        log(f"task {t} ({names[t]}): exact match " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, rows[-1])))
+    scalars = Scalars(args.log_dir)
+    try:
+        for t in range(len(rows), len(tasks)):
+            torch.manual_seed(cfg.seed + t)
+            examples = [data.training_example(s) for s in _shard(tasks[t]["train"])]
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + t)).tolist()
+            batches = [data.collate([examples[i] for i in order[k:k + cfg.batch_size]])
+                       for k in range(0, len(order), cfg.batch_size)]
+            if not batches:
+                raise ConfigError(f"task {names[t]!r} has no training conversation for this rank")
+            model.train()
+            kl.begin_task(batches[: cfg.gradient_batches], loss_fn)
+            opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
+            kl.register_projection_hook(opt)
+            total = cfg.epochs * len(batches)
+            steps = -(-total // cfg.gradient_accumulation)
+            schedule = make_scheduler(opt, cfg.lr_schedule, steps, cfg.warmup_fraction)
+            epochs = (b for _ in range(cfg.epochs) for b in batches)
+            trained_task = train_steps(lambda batch: loss_fn(trained, batch), epochs, total, opt,
+                                       accumulation=cfg.gradient_accumulation, scheduler=schedule, amp=cfg.amp,
+                                       device=device, desc=f"task {t} ({names[t]})", scalars=scalars,
+                                       step_offset=step, model=trained)
+            step += trained_task["steps"]
+            kl.end_task(batches[: cfg.subspace_batches], loss_fn)
+            rows.append([evaluate(model, data, task, cfg, device) for task in tasks])
+            scalars.accuracy_row(names, rows[-1], t)
+            run_state.record(kl, rows, global_step=step)
+            log(f"task {t} ({names[t]}): final running loss {trained_task['loss']:.4f}; exact match " +
+                ", ".join(f"{n} {a:.3f}" for n, a in zip(names, rows[-1])))
+        return _finish(run_state, names, rows, log)
+    finally:
+        scalars.close()
+
+
+def _finish(run_state, names, rows, log) -> dict:
     result = run_state.finish(names, rows, "LLaVA continual instruction tuning")
     log(f"Transfer {100 * result['transfer']:.1f}  Average {100 * result['average']:.1f}  "
         f"Last {100 * result['last']:.1f}  BWT {100 * result['bwt']:+.1f}")
@@ -234,27 +280,40 @@ def evaluate(model, data: Conversations, task: dict, cfg: LLaVAConfig, device) -
     model.eval()
     samples = task["test"][: cfg.max_eval_samples] if cfg.max_eval_samples else task["test"]
     correct = 0
-    for sample in samples:
+    bar = progress(samples, total=len(samples), desc=f"evaluating {task['name']}")
+    for seen, sample in enumerate(bar, 1):
         ids, image, answer = data.question(sample)
         ids = ids.unsqueeze(0).to(device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
-                             pixel_values=image.unsqueeze(0).to(device, model.dtype), do_sample=False,
-                             pad_token_id=data.tokenizer.pad_token_id or data.tokenizer.eos_token_id)
+        with autocast(device, cfg.amp):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                                 pixel_values=image.unsqueeze(0).to(device, model.dtype), do_sample=False,
+                                 pad_token_id=data.tokenizer.pad_token_id or data.tokenizer.eos_token_id)
         text = data.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         correct += normalize(text) == normalize(answer)
+        bar.set_postfix(exact_match=f"{correct / seen:.3f}", refresh=False)
     return correct / max(len(samples), 1)
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "settings of --config (JSON or YAML; key = default: meaning [allowed]):\n" + describe_settings(LLaVAConfig)
     parser.add_argument("--model", required=True, help="a LLaVA model folder (save_pretrained layout)")
     parser.add_argument("--data", required=True, help="the task list: JSON [{name, train, test}, …]")
     parser.add_argument("--image-root", required=True, help="folder the conversations' image paths start from")
-    parser.add_argument("--config", help="JSON or YAML with any LLaVAConfig settings")
-    parser.add_argument("--output", default="llava_output")
+    parser.add_argument("--config", help="JSON or YAML with any of the settings below")
+    parser.add_argument("--output", default="llava_output", help="results, checkpoint and progress (resumable)")
+    parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
                         help="under torchrun: DDP, or FSDP2 (fully_shard per language-model layer)")
 
 
+def load_config(args) -> LLaVAConfig:
+    """The settings, checked before any data or model is loaded."""
+    return load_settings(LLaVAConfig, args.config)
+
+
 def main(args) -> dict:
-    return run(args, load_settings(LLaVAConfig, args.config))
+    return run(args, load_config(args))

@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from .config_file import ConfigError, check_settings, setting
 from .subspace.sketch import DEFAULT_MEMORY_BUDGET
 
 PRESETS = {  # LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes)
@@ -28,19 +29,49 @@ PRESETS = {  # LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+@dataclass
+class MemoryArgs:
+    """The command-line settings of ``kplora memory``."""
+
+    rank: int = setting(32, "adapter rank r", ge=1)
+    basis_fraction: float = setting(0.5, "k_in / in", ge=0, lt=1)
+
+
+@dataclass
+class ModelShape:
+    """The keys of a transformers ``config.json`` that the report reads."""
+
+    hidden_size: int = setting(4096, "", ge=1)
+    intermediate_size: int = setting(11008, "", ge=1)
+    num_hidden_layers: int = setting(32, "", ge=1)
+    num_attention_heads: int = setting(32, "", ge=1)
+    num_key_value_heads: int = setting(32, "", ge=1)
+
+
 def text_config(name_or_path: str) -> dict:
-    """A preset name, or a transformers ``config.json`` (LLaVA: its ``text_config``; LLaMA: itself)."""
+    """A preset name, or a transformers ``config.json`` (LLaVA: its ``text_config``; LLaMA: itself).
+    A missing file, a missing key or a value of the wrong type or sign is a ``ConfigError``."""
     if name_or_path in PRESETS:
         return dict(PRESETS[name_or_path])
     if not os.path.isfile(name_or_path):
-        raise FileNotFoundError(f"--model-config must be one of {sorted(PRESETS)} or a config.json file, "
-                                f"got {name_or_path}")
-    with open(name_or_path) as f:
-        cfg = json.load(f)
+        raise ConfigError(f"--model-config must be one of {sorted(PRESETS)} or a config.json file, "
+                          f"got {name_or_path}")
+    try:
+        with open(name_or_path) as f:
+            cfg = json.load(f)
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse {name_or_path}: {exc}") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config", cfg), dict):
+        raise ConfigError(f"{name_or_path} must hold a mapping (a LLaMA-style or LLaVA config.json)")
     cfg = cfg.get("text_config", cfg)
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers") if k not in cfg]
     if missing:
-        raise ValueError(f"{name_or_path} lacks {missing} (a LLaMA-style or LLaVA config.json is expected)")
+        raise ConfigError(f"{name_or_path} lacks {missing} (a LLaMA-style or LLaVA config.json is expected)")
+    check_settings(ModelShape, cfg, name_or_path)
+    heads, kv = cfg.get("num_attention_heads", 1), cfg.get("num_key_value_heads", cfg.get("num_attention_heads", 1))
+    if cfg["hidden_size"] % heads or heads % kv:
+        raise ConfigError(f"{name_or_path}: hidden_size {cfg['hidden_size']} must be a multiple of "
+                          f"num_attention_heads {heads}, and that of num_key_value_heads {kv}")
     return cfg
 
 

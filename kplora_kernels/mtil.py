@@ -8,7 +8,6 @@ heatmap and per-dataset rows. After every task it writes ``controller.safetensor
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import time
@@ -16,33 +15,40 @@ from dataclasses import dataclass
 
 import torch
 
-from .config_file import ConfigError, load_settings
-from .continual import KeepLoRA, preset
-from .continual import zero_shot
+from .config_file import ConfigError, describe_settings, load_settings, require_packages, result_settings, setting
+from .continual import METHODS, KeepLoRA, preset, zero_shot
 from .continual.runs import ResumableRun
 from .data import mtil as datasets
+from .training import SCHEDULES, Scalars, autocast, check_tensorboard, make_scheduler, progress, seed_everything, train_steps
+from .training import log as logger
 
 
 @dataclass
 class MTILConfig:
-    """Training settings; defaults are the authors' for CLIP ViT-B/16."""
+    """Training settings (``--config`` keys); defaults are the authors' for CLIP ViT-B/16."""
 
-    method: str = "keeplora++"
-    rank: int = 16
-    alpha: float = 1.0
-    eps_w_visual: float = 0.85
-    eps_w_text: float = 0.2
-    eps_f: float = 0.99
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    iterations: int = 1000
-    gradient_batches: int = 20  # batches for the task-start gradient
-    subspace_batches: int = 20  # batches for the task-end input subspace
-    eval_batch_size: int = 256
-    max_eval_samples: int | None = None  # per dataset; None: the whole test split
-    workers: int = 4
-    seed: int = 0
+    method: str = setting("keeplora++", "the continual-learning method", choices=METHODS)
+    rank: int = setting(16, "adapter rank r", ge=1)
+    alpha: float = setting(1.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
+    eps_w_visual: float = setting(0.85, "ε_w of the image tower's principal subspaces", gt=0, le=1)
+    eps_w_text: float = setting(0.2, "ε_w of the text tower's principal subspaces", gt=0, le=1)
+    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: str = setting("onecycle", "per-step schedule within a task (the authors: OneCycleLR)",
+                               choices=SCHEDULES)
+    warmup_fraction: float = setting(0.3, "share of a task's steps spent warming up (OneCycle's pct_start)",
+                                     ge=0, lt=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    batch_size: int = setting(64, "images per batch", ge=1)
+    gradient_accumulation: int = setting(1, "batches averaged per optimizer step", ge=1)
+    iterations: int = setting(1000, "optimizer steps per task", ge=1)
+    amp: bool = setting(True, "bf16 autocast for training and evaluation on CUDA (no effect on the CPU)")
+    gradient_batches: int = setting(20, "batches for the task-start gradient", ge=1)
+    subspace_batches: int = setting(20, "batches for the task-end input subspace", ge=1)
+    eval_batch_size: int = setting(256, "images per evaluation batch", ge=1, affects_results=False)
+    max_eval_samples: int | None = setting(None, "test images per dataset (null: the whole test split)", ge=1)
+    workers: int = setting(4, "DataLoader worker processes (they draw the augmentations)", ge=0)
+    seed: int = setting(0, "seed of shuffling, augmentations and the controller", ge=0)
 
 
 def _epochs(loader):
@@ -52,8 +58,8 @@ def _epochs(loader):
 
 
 class Benchmark:
-    def __init__(self, args, config: MTILConfig, log=print):
-        self.args, self.config, self.log = args, config, log
+    def __init__(self, args, config: MTILConfig, log=None):
+        self.args, self.config, self.log = args, config, log or logger.info
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         order = datasets.ORDER_I if args.order == "I" else datasets.ORDER_II
         if args.datasets:
@@ -63,16 +69,29 @@ class Benchmark:
                 raise ConfigError(f"unknown datasets {unknown}; MTIL datasets: {', '.join(datasets.ORDER_I)}")
             order = [d for d in order if d in wanted]
         self.names = order
+        packages = {"open_clip": "open_clip_torch", "PIL": "pillow", "matplotlib": "matplotlib"}
+        if {"Flowers", "StanfordCars"} & set(order):  # their labels are .mat files
+            packages["scipy"] = "scipy"
+        require_packages("mtil", packages, "clip")
+        if args.log_dir is not None:
+            check_tensorboard()
 
     def load_data(self):
-        splits = []
+        """Every dataset of the sequence; all missing ones are reported together."""
+        root = self.args.data_root
+        if not os.path.isdir(root):
+            raise ConfigError(f"--data-root {root} is not a folder")
+        splits, missing = [], []
         for name in self.names:
             try:
-                split = datasets.load(name, self.args.data_root)
+                split = datasets.load(name, root)
             except FileNotFoundError as exc:
-                raise ConfigError(f"{name}: {exc}") from None
+                missing.append(f"{name}: {exc}")
+                continue
             self.log(f"{name}: {len(split.classnames)} classes, {len(split.train)} train / {len(split.test)} test")
             splits.append(split)
+        if missing:
+            raise ConfigError(f"{len(missing)} of {len(self.names)} datasets missing under {root}: " + "; ".join(missing))
         return splits
 
     def load_model(self):
@@ -93,6 +112,13 @@ class Benchmark:
         self.tokenizer = open_clip.get_tokenizer(args.model)
         return model, preprocess_train, preprocess_val
 
+    def identity(self) -> dict:
+        """What a resumed run must share with the saved one: what changes the results."""
+        args = self.args
+        pretrained = args.pretrained if args.pretrained == "openai" else os.path.realpath(args.pretrained)
+        return {"datasets": self.names, "model": args.model, "pretrained": pretrained,
+                "config": result_settings(self.config)}
+
     def loader(self, items, transform, train: bool, seed: int):
         from torch.utils.data import DataLoader
 
@@ -107,6 +133,7 @@ class Benchmark:
         return self.tokenizer([split.template.format(c) for c in split.classnames]).to(self.device)
 
     def loss_fn(self, tokens):
+        """``loss(model, batch)`` for a batch ``(images, labels)`` of this dataset."""
         def loss(model, batch):
             images, labels = (t.to(self.device, non_blocking=True) for t in batch)
             return zero_shot.classification_loss(model, images, labels, tokens)
@@ -116,57 +143,87 @@ class Benchmark:
     def evaluate(self, model, split, transform) -> float:
         model.eval()
         items = split.test[: self.config.max_eval_samples] if self.config.max_eval_samples else split.test
-        texts = zero_shot.text_features(model, self.class_tokens(split))
-        correct = 0
-        for images, labels in self.loader(items, transform, train=False, seed=0):
-            logits = zero_shot.class_logits(model, images.to(self.device), texts)
-            correct += logits.argmax(1).cpu().eq(labels).sum().item()
+        loader = self.loader(items, transform, train=False, seed=0)
+        with autocast(self.device, self.config.amp):
+            texts = zero_shot.text_features(model, self.class_tokens(split))
+            correct, seen = 0, 0
+            bar = progress(loader, total=len(loader), desc=f"evaluating {split.name}")
+            for images, labels in bar:
+                logits = zero_shot.class_logits(model, images.to(self.device), texts)
+                correct += logits.argmax(1).cpu().eq(labels).sum().item()
+                seen += len(labels)
+                bar.set_postfix(accuracy=f"{correct / seen:.3f}", refresh=False)
         return correct / max(len(items), 1)
 
     def run(self):
         args, cfg, log = self.args, self.config, self.log
         splits = self.load_data()
+        start = time.perf_counter()
+        log(f"loading {args.model} ({args.pretrained}) on {self.device}")
         model, preprocess_train, preprocess_val = self.load_model()
         log(f"model {args.model} ({args.pretrained}) on {self.device}; order {args.order}: {', '.join(self.names)}")
         if args.dry_run:
-            log("dry run: data and weights are in place")
+            log("dry run: settings, data and weights are in place")
             return None
-        run = ResumableRun(args.output, {"datasets": self.names, "model": args.model,
-                                         "pretrained": args.pretrained, "config": dataclasses.asdict(cfg)})
+        run = ResumableRun(args.output, self.identity())
         previous = run.previous()
+        seed_everything(cfg.seed)
         if previous:
             kl = KeepLoRA.from_checkpoint(model, run.checkpoint)
             rows, throughput = previous["rows"], previous["images_per_second"]
+            if len(rows) == len(splits):
+                log(f"already complete: {args.output} holds all {len(rows)} tasks; writing the results again")
+                return self.report(run, rows, throughput)
             log(f"resuming after task {len(rows)} ({self.names[len(rows) - 1]})")
         else:
             rows, throughput = [], []
             config = preset("clip", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
                             seed=cfg.seed, eps_w={"visual": cfg.eps_w_visual, "text": cfg.eps_w_text,
                                                   "default": cfg.eps_w_visual})
+            log(f"wrapping the model ({cfg.method}: principal subspaces of every adapted weight)")
             kl = KeepLoRA(model, config)
-        for t in range(len(rows), len(splits)):
-            split = splits[t]
-            torch.manual_seed(cfg.seed + t)  # augmentations draw from it: a resumed run matches
-            loss = self.loss_fn(self.class_tokens(split))
-            train = self.loader(split.train, preprocess_train, train=True, seed=cfg.seed + t)
-            model.train()
-            kl.begin_task(train, loss, fraction=min(1.0, cfg.gradient_batches / max(len(train), 1)))
-            opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            kl.register_projection_hook(opt)
-            start, seen = time.perf_counter(), 0
-            batches = itertools.islice(_epochs(train), cfg.iterations)
+        log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
+            f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
+        scalars = Scalars(args.log_dir)
+        try:
+            for t in range(len(rows), len(splits)):
+                self.train_task(t, splits, kl, model, preprocess_train, rows, throughput, scalars)
+                rows.append([self.evaluate(model, s, preprocess_val) for s in splits])
+                scalars.accuracy_row(self.names, rows[-1], t)
+                run.record(kl, rows, images_per_second=throughput)
+                log(f"task {t} ({splits[t].name}): {throughput[-1]:.1f} images/s; accuracy " +
+                    ", ".join(f"{n} {a:.3f}" for n, a in zip(self.names, rows[-1])))
+            result = self.report(run, rows, throughput)
+            for key in ("transfer", "average", "last", "bwt"):
+                if result[key] == result[key]:
+                    scalars.add(f"metrics/{key}", result[key], len(rows) - 1)
+        finally:
+            scalars.close()
+        return result
+
+    def train_task(self, t, splits, kl, model, preprocess_train, rows, throughput, scalars):
+        cfg, split = self.config, splits[t]
+        torch.manual_seed(cfg.seed + t)  # augmentations draw from it: a resumed run matches
+        loss = self.loss_fn(self.class_tokens(split))
+        train = self.loader(split.train, preprocess_train, train=True, seed=cfg.seed + t)
+        model.train()
+        kl.begin_task(train, loss, fraction=min(1.0, cfg.gradient_batches / max(len(train), 1)))
+        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        kl.register_projection_hook(opt)
+        schedule = make_scheduler(opt, cfg.lr_schedule, cfg.iterations, cfg.warmup_fraction)
+        total = cfg.iterations * cfg.gradient_accumulation
+        seen = {"images": 0}
+
+        def counted(batches):
             for batch in batches:
-                opt.zero_grad()
-                loss(model, batch).backward()
-                opt.step()
-                seen += len(batch[1])
-            throughput.append(seen / max(time.perf_counter() - start, 1e-9))
-            kl.end_task(train, loss, fraction=min(1.0, cfg.subspace_batches / max(len(train), 1)))
-            rows.append([self.evaluate(model, s, preprocess_val) for s in splits])
-            run.record(kl, rows, images_per_second=throughput)
-            log(f"task {t} ({split.name}): {throughput[-1]:.1f} images/s; accuracy " +
-                ", ".join(f"{n} {a:.3f}" for n, a in zip(self.names, rows[-1])))
-        return self.report(run, rows, throughput)
+                seen["images"] += len(batch[1])
+                yield batch
+        start = time.perf_counter()
+        train_steps(lambda batch: loss(model, batch), counted(itertools.islice(_epochs(train), total)), total, opt,
+                    accumulation=cfg.gradient_accumulation, scheduler=schedule, amp=cfg.amp, device=self.device,
+                    desc=f"task {t} ({split.name})", scalars=scalars, step_offset=t * cfg.iterations)
+        throughput.append(seen["images"] / max(time.perf_counter() - start, 1e-9))
+        kl.end_task(train, loss, fraction=min(1.0, cfg.subspace_batches / max(len(train), 1)))
 
     def report(self, run, rows, throughput):
         log = self.log
@@ -181,18 +238,28 @@ class Benchmark:
 
 
 def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "settings of --config (JSON or YAML; key = default: meaning [allowed]):\n" + describe_settings(MTILConfig)
     parser.add_argument("--data-root", required=True, help="folder holding the datasets in their MTIL layouts")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     parser.add_argument("--model-config", help="an open_clip model config JSON to register first (custom models)")
     parser.add_argument("--pretrained", default="openai", help="'openai' or a checkpoint file")
     parser.add_argument("--order", choices=["I", "II"], default="I")
-    parser.add_argument("--config", help="JSON or YAML with any MTILConfig settings")
-    parser.add_argument("--output", default="mtil_output")
+    parser.add_argument("--config", help="JSON or YAML with any of the settings below")
+    parser.add_argument("--output", default="mtil_output", help="results, checkpoint and progress (resumable)")
     parser.add_argument("--datasets", help="comma-separated subset, kept in the order's sequence")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dry-run", action="store_true", help="only check the data root and the weights")
+    parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
+    parser.add_argument("--dry-run", action="store_true", help="only check the settings, the data and the weights")
+
+
+def load_config(args) -> MTILConfig:
+    """The settings, checked before any data or model is loaded."""
+    return load_settings(MTILConfig, args.config)
 
 
 def main(args) -> dict | None:
-    config = load_settings(MTILConfig, args.config)
+    config = load_config(args)
     return Benchmark(args, config).run()

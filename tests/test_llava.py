@@ -62,7 +62,7 @@ def task_list(tmp_path_factory):
 
 
 SMALL = {"rank": 2, "batch_size": 3, "epochs": 2, "gradient_batches": 1, "subspace_batches": 1,
-         "max_new_tokens": 2, "dtype": "fp32", "eps_w": 0.5, "lr": 1e-2}
+         "max_new_tokens": 2, "dtype": "fp32", "eps_w": 0.5, "lr": 1e-2, "gradient_accumulation": 2}
 
 
 def llava_args(llava_dir, task_list, out, config):
@@ -94,6 +94,10 @@ def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, m
     assert main(args) == 0
     assert "resuming after task 1 (color)" in capsys.readouterr().out
     assert_same_checkpoint(full / "controller.safetensors", crashed / "controller.safetensors")
+    # a finished run is not trained again; gradient checkpointing does not change results
+    config.write_text(json.dumps({**SMALL, "gradient_checkpointing": False}))
+    assert main(args) == 0
+    assert "already complete: " in capsys.readouterr().out
 
 
 def test_llava_user_errors(llava_dir, task_list, tmp_path, capsys):
@@ -105,9 +109,16 @@ def test_llava_user_errors(llava_dir, task_list, tmp_path, capsys):
     args = llava_args(str(tmp_path / "no-model"), task_list, tmp_path / "o", str(config))
     assert main(args) == 2 and "model folder not found" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**SMALL, "dtype": "int8"}))
-    assert main(llava_args(llava_dir, task_list, tmp_path / "o", str(bad))) == 2
-    assert "dtype" in capsys.readouterr().err
+    for wrong, fragment in (({"dtype": "int8"}, "dtype must be one of 'bf16', 'fp16', 'fp32', got 'int8'"),
+                            ({"epochs": 0}, "epochs must be an integer ≥ 1, got 0"),
+                            ({"rank": "2"}, "rank must be an integer ≥ 1, got '2'"),
+                            ({"lr_schedule": "step"}, "lr_schedule must be one of"),
+                            ({"gradient_checkpointing": "no"}, "gradient_checkpointing must be true or false")):
+        bad.write_text(json.dumps({**SMALL, **wrong}))
+        # the settings are checked first: the missing model folder is not reached
+        assert main(llava_args(str(tmp_path / "no-model"), task_list, tmp_path / "o", str(bad))) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_normalize():
@@ -132,6 +143,7 @@ def test_llava_under_torchrun_with_two_gloo_processes(llava_dir, task_list, tmp_
                            "--data", tasks, "--image-root", images, "--config", str(config), "--output", str(out),
                            "--device", "cpu", "--strategy", strategy], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("task 0 (color): final running loss") == 1  # rank 0 reports, once
     result = json.loads((out / "results.json").read_text())
     assert len(result["accuracy"]) == 2
     state = load_file(str(out / "controller.safetensors"))

@@ -65,3 +65,44 @@ def test_memory_command(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["config"]["hidden_size"] == 64
     assert main(["memory", "--model-config", str(tmp_path / "nope.json")]) == 2
     assert "llava-1.5-7b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"hidden_size": "4096"}, "hidden_size must be an integer ≥ 1, got '4096'"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers must be an integer ≥ 1, got -2"),
+    ({"intermediate_size": 96.5}, "intermediate_size must be an integer ≥ 1, got 96.5"),
+    ({"num_key_value_heads": 3}, "must be a multiple of"),
+])
+def test_memory_bad_model_config_is_one_line(tmp_path, capsys, change, fragment):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"text_config": {**SMALL, **change}}))
+    assert main(["memory", "--model-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--rank", "0"], "rank must be an integer ≥ 1, got 0"),
+    (["--rank", "64"], "--rank must be below the layers' input width 64"),
+    (["--basis-fraction", "1.0"], "basis_fraction must be a number ≥ 0 and < 1, got 1.0"),
+    (["--basis-fraction", "-0.1"], "basis_fraction must be a number ≥ 0 and < 1, got -0.1"),
+])
+def test_memory_bad_arguments_are_one_line(tmp_path, capsys, args, fragment):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL))
+    assert main(["memory", "--model-config", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_memory_into_a_closed_pipe_has_no_traceback():
+    """`kplora memory … --json | head -1`: the reader leaves before the report is written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "kplora_kernels", "memory", "--model-config", "llava-1.5-7b",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the interpreter has even imported torch
+    err = proc.stderr.read().decode()
+    proc.wait()
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err

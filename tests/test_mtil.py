@@ -233,15 +233,89 @@ def test_mtil_command_runs_and_resumes(data_root, tiny_model, tmp_path, monkeypa
     assert resumed["accuracy"] == results["accuracy"]
     assert_same_checkpoint(full / "controller.safetensors", crashed / "controller.safetensors")
 
+    # what cannot change the results may change: the weights' path written relatively, the
+    # evaluation batch size; a finished run says so instead of training again
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({**SMALL, "eval_batch_size": 3}))
+    args = mtil_args(data_root, tiny_model, full, str(changed))
+    args[args.index("--pretrained") + 1] = os.path.relpath(tiny_model[1])
+    assert main(args) == 0
+    assert "already complete: " in capsys.readouterr().out
+    assert json.loads((full / "results.json").read_text())["accuracy"] == results["accuracy"]
+    # what changes the results is refused, naming each difference
+    changed.write_text(json.dumps({**SMALL, "lr": 0.5, "amp": False}))
+    assert main(mtil_args(data_root, tiny_model, full, str(changed))) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings: config.amp (true there, false now); config.lr (0.001 there, 0.5 now)" in err
+
+
+def test_mtil_log_dir_writes_tensorboard_scalars(data_root, tiny_model, tmp_path):
+    pytest.importorskip("tensorboard", reason="--log-dir needs tensorboard (requirements-dev.txt installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config_path = tmp_path / "one.json"
+    config_path.write_text(json.dumps({**SMALL, "gradient_accumulation": 2}))
+    args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--log-dir", str(tmp_path / "tb"))
+    args[args.index("--datasets") + 1] = "MNIST,DTD"
+    assert main(args) == 0
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "accuracy/DTD", "accuracy/MNIST", "metrics/last"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(2 * SMALL["iterations"]))
+    assert [e.step for e in events.Scalars("accuracy/MNIST")] == [0, 1]
+
+
+def test_training_settings_are_checked_before_anything_loads(data_root, tiny_model, tmp_path, capsys, monkeypatch):
+    from kplora_kernels import mtil as command
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("data or model loaded before the settings were checked")
+    monkeypatch.setattr(command.datasets, "load", must_not_load)
+    for bad, fragment in (({"iterations": -5}, "iterations must be an integer ≥ 1, got -5"),
+                          ({"batch_size": "64"}, "batch_size must be an integer ≥ 1, got '64'"),
+                          ({"workers": -1}, "workers must be an integer ≥ 0, got -1"),
+                          ({"lr_schedule": "linear"}, "lr_schedule must be one of 'constant', 'cosine', 'onecycle'"),
+                          ({"warmup_fraction": 1.0}, "warmup_fraction must be a number ≥ 0 and < 1, got 1.0"),
+                          ({"amp": 1}, "amp must be true or false, got 1"),
+                          ({"gradient_accumulation": 0}, "gradient_accumulation must be an integer ≥ 1, got 0"),
+                          ({"method": "ewc"}, "method must be one of"),
+                          ({"max_eval_samples": -1}, "max_eval_samples must be an integer ≥ 1 or null")):
+        config_path = tmp_path / "bad.json"
+        config_path.write_text(json.dumps({**SMALL, **bad}))
+        assert main(mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--dry-run")) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+    config_path.write_text(json.dumps(SMALL))
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    for missing, fragment in (("tensorboard", "--log-dir needs the tensorboard package"),
+                              ("matplotlib", "kplora mtil needs matplotlib")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, m=missing: None if name == m else real_find_spec(name, *a))
+        args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--log-dir", str(tmp_path / "tb"))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+
 
 def test_mtil_dry_run_and_user_errors(data_root, tiny_model, tmp_path, capsys):
     config_path = tmp_path / "small.json"
     config_path.write_text(json.dumps(SMALL))
     assert main(mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--dry-run")) == 0
     assert "dry run" in capsys.readouterr().out and not (tmp_path / "o").exists()
+    args = mtil_args(str(tmp_path / "nowhere"), tiny_model, tmp_path / "o", str(config_path))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "nowhere is not a folder" in err and "found in" not in err
+    (tmp_path / "empty").mkdir()
     args = mtil_args(str(tmp_path / "empty"), tiny_model, tmp_path / "o", str(config_path))
     assert main(args) == 2
-    assert "expected" in capsys.readouterr().err
+    err = capsys.readouterr().err  # every missing dataset, each with the path expected
+    assert "3 of 3 datasets missing" in err and len(err.strip().splitlines()) == 1
+    for fragment in ("DTD: expected", "dtd/dtd", "EuroSAT: expected", "eurosat/2750", "MNIST: expected", "MNIST/raw"):
+        assert fragment in err
     args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path))
     args[args.index("--pretrained") + 1] = str(tmp_path / "missing.pt")
     assert main(args) == 2

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 
-def heatmap(path: str, title: str, accuracy, task_names: list) -> None:
-    """Write ``accuracy`` (rows: after training task i; columns: evaluated task j) as a PNG."""
+def heatmap(path: str, title: str, accuracy, task_names: list, extra_columns: dict | None = None) -> None:
+    """Write ``accuracy`` (rows: after training task i; columns: evaluated task j) as a PNG.
+
+    ``extra_columns`` maps a column title to one value per row, drawn to the right of the tasks
+    after a gap (the demo's base domain, the "pre-trained knowledge" that "base kept" measures).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -12,12 +16,22 @@ def heatmap(path: str, title: str, accuracy, task_names: list) -> None:
 
     acc = np.array(accuracy, dtype=float)
     rows, cols = acc.shape
-    fig, ax = plt.subplots(figsize=(1.2 * cols + 2, 1.0 * rows + 1.5))
-    image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
+    extra = {k: np.asarray(v, dtype=float) for k, v in (extra_columns or {}).items()}
+    for name, values in extra.items():
+        if values.shape != (rows,):
+            raise ValueError(f"extra column {name!r} must have one value per row ({rows}), got shape {values.shape}")
+    # the extra columns sit after a blank (NaN) column, so that they do not read as tasks
+    table = np.concatenate([acc, np.full((rows, 1), np.nan), *(v[:, None] for v in extra.values())], axis=1) \
+        if extra else acc
+    labels = list(task_names) + ([""] + list(extra) if extra else [])
+    fig, ax = plt.subplots(figsize=(1.2 * table.shape[1] + 2, 1.0 * rows + 1.5))
+    image = ax.imshow(np.ma.masked_invalid(table), vmin=0, vmax=1, cmap="viridis")
     for i in range(rows):
-        for j in range(cols):
-            ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", color="white" if acc[i, j] < 0.6 else "black")
-    ax.set_xticks(range(cols), task_names, rotation=30, ha="right")
+        for j in range(table.shape[1]):
+            if table[i, j] == table[i, j]:
+                ax.text(j, i, f"{table[i, j]:.2f}", ha="center", va="center",
+                        color="white" if table[i, j] < 0.6 else "black")
+    ax.set_xticks(range(table.shape[1]), labels, rotation=30, ha="right")
     ax.set_yticks(range(rows), [f"after {n}" for n in task_names[:rows]])
     ax.set_xlabel("evaluated task")
     ax.set_title(title)

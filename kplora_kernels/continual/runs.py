@@ -1,6 +1,7 @@
 """Bookkeeping of a resumable task-sequence run (``kplora mtil``, ``kplora llava``): after every
 task the controller checkpoint and ``progress.json`` (the accuracy rows so far) are written
-atomically; a rerun with the same output folder and settings continues after the last task."""
+atomically; a rerun with the same output folder and the same result-changing settings continues
+after the last task."""
 from __future__ import annotations
 
 import json
@@ -20,8 +21,29 @@ def write_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
+_ABSENT = object()
+
+
+def differences(old, new, prefix: str = "") -> list[str]:
+    """``"key (A there, B now)"`` for every key whose value differs between two nested mappings."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += differences(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
+        return out
+    if old == new:
+        return []
+    show = lambda v: "absent" if v is _ABSENT else json.dumps(v)  # noqa: E731
+    return [f"{prefix.rstrip('.')} ({show(old)} there, {show(new)} now)"]
+
+
 class ResumableRun:
+    """``identity`` holds what changes a run's results (data, model, weights, result-changing
+    settings); a rerun into the same ``output`` must match it to resume."""
+
     def __init__(self, output: str, identity: dict):
+        if os.path.exists(output) and not os.path.isdir(output):
+            raise ConfigError(f"--output {output} exists and is not a folder")
         os.makedirs(output, exist_ok=True)
         self.output, self.identity = output, identity
         self.progress_path = os.path.join(output, "progress.json")
@@ -33,8 +55,10 @@ class ResumableRun:
             return None
         with open(self.progress_path) as f:
             progress = json.load(f)
-        if progress.get("identity") != self.identity:
-            raise ConfigError(f"{self.output} holds a run with other settings; use another --output")
+        changed = differences(progress.get("identity", {}), self.identity)
+        if changed:
+            raise ConfigError(f"{self.output} holds a run with other settings: {'; '.join(changed)}; "
+                              "rerun with those settings to resume, or use another --output")
         if not os.path.isfile(self.checkpoint):
             raise ConfigError(f"{self.progress_path} exists but {self.checkpoint} is missing")
         return progress

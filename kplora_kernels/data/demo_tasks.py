@@ -1,5 +1,5 @@
-"""The demo's domains: real 8×8 digit images (scikit-learn's bundled copy) and, when the Debian
-package ``dataset-fashion-mnist`` is installed, Fashion-MNIST (resized to 8×8).
+"""The demo's domains: real 8×8 digit images (scikit-learn's bundled copy) and, on request,
+Fashion-MNIST (resized to 8×8) from the Debian package ``dataset-fashion-mnist``.
 
 The base domain ("pre-trained knowledge") is digit names; each task is a new label space with
 its own class names, on digits (parity, magnitude, loops) or on clothing groups.
@@ -66,10 +66,13 @@ def _fashion(root: str, limit: int):
     return x, torch.tensor(labels, dtype=torch.long)
 
 
-def build_domains(seed: int = 0, use_fashion: bool | None = None, fashion_root: str = FASHION_DIR,
+def build_domains(seed: int = 0, use_fashion: bool = False, fashion_root: str = FASHION_DIR,
                   fashion_limit: int = 6000):
     """Returns ``(base, tasks, source)``: the base domain, the task sequence, and a line saying
-    which data were used. ``use_fashion=None`` uses Fashion-MNIST when it is installed."""
+    which data were used. The digits give parity, magnitude, loops and mirrored digits;
+    ``use_fashion=True`` replaces the mirrored digits by two clothing tasks (footwear, tops) from
+    the first ``fashion_limit`` Fashion-MNIST training images under ``fashion_root``, and raises
+    ``FileNotFoundError`` when they are not there. Nothing depends on what happens to be installed."""
     x, y = _digits()
     base = _split("digit names", DIGIT_NAMES, "a photo of the number {}.", x, y, seed)
     loops = torch.tensor([1, 0, 0, 0, 0, 0, 1, 0, 1, 1])
@@ -78,8 +81,6 @@ def build_domains(seed: int = 0, use_fashion: bool | None = None, fashion_root: 
         _split("magnitude", ["small number", "large number"], "a photo of a {}.", x, (y >= 5).long(), seed + 2),
         _split("loops", ["digit without a loop", "digit with a loop"], "a photo of a {}.", x, loops[y], seed + 3),
     ]
-    if use_fashion is None:
-        use_fashion = fashion_available(fashion_root)
     if use_fashion:
         if not fashion_available(fashion_root):
             raise FileNotFoundError(f"Fashion-MNIST not found: expected {fashion_root}/train-images-idx3-ubyte.gz "
@@ -91,10 +92,10 @@ def build_domains(seed: int = 0, use_fashion: bool | None = None, fashion_root: 
             labels = torch.tensor([remap[int(v)] for v in fy[keep]])
             tasks.append(_split(name, [FASHION_NAMES[c] for c in classes], "a photo of a {}.", fx[keep], labels,
                                 seed + 10 + len(tasks)))
-        source = f"sklearn digits + Fashion-MNIST from {fashion_root}"
+        source = f"sklearn digits and Fashion-MNIST from {fashion_root} (fashion: true)"
     else:
         mirrored = torch.flip(x, dims=[3])
         tasks.append(_split("mirror", [f"mirrored {n}" for n in DIGIT_NAMES], "a photo of a {}.", mirrored, y,
                             seed + 4))
-        source = "sklearn digits (Fashion-MNIST not installed: apt-get install dataset-fashion-mnist adds two tasks)"
+        source = "sklearn digits only (fashion: false, the default)"
     return base, tasks, source

@@ -240,8 +240,11 @@ LOADERS = {"Aircraft": aircraft, "Caltech101": caltech101, "CIFAR100": cifar100,
 
 
 def load(name: str, root: str) -> Split:
+    """The dataset ``name`` under ``root``; ``FileNotFoundError`` names the first path missing."""
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; MTIL datasets: {', '.join(ORDER_I)}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"the data root {root} is not a folder")
     return LOADERS[name](root)
 
 
