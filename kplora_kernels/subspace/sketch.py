@@ -32,6 +32,7 @@ every rank draws the same ones. Orientation: ``X`` is ``tokens×in``, ``dY`` is 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -71,8 +72,29 @@ def _all_reduce(tensors, group) -> None:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
 
 
+def _fused_usable(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> bool:
+    if not (A.is_cuda or os.environ.get("KPLORA_BACKEND") == "triton"):
+        return False
+    try:
+        from ..ops import sketch_triton
+    except ImportError:  # no triton: the torch GEMMs serve
+        return False
+    return sketch_triton.usable(A, B, K, L)
+
+
+def _fused_update(A: torch.Tensor, B: torch.Tensor, M1: torch.Tensor, M2: torch.Tensor | None = None):
+    """The Triton one-read update (``kplora_kernels.ops.sketch_triton``) where it serves, else None."""
+    if not _fused_usable(A, B, M1.shape[1], 0 if M2 is None else M2.shape[1]):
+        return None
+    from ..ops import sketch_triton
+
+    return sketch_triton.sketch_update(A, B, M1, M2)
+
+
 def _sqnorm(t: torch.Tensor) -> torch.Tensor:
     """``‖t‖²`` as an fp32 device scalar (non-finite for NaN/Inf or squares beyond float32)."""
+    if t.dtype == torch.float64:  # vector_norm does not narrow; values beyond float32 become Inf here
+        t = t.float()
     return torch.linalg.vector_norm(t.reshape(-1), dtype=torch.float32).square()
 
 
@@ -198,15 +220,18 @@ class InputSketch(_Guard):
         if X.shape[-1] != self.dim:
             raise ValueError(f"X must have shape (..., {self.dim}), got {tuple(X.shape)}")
         X = X.detach().reshape(-1, self.dim).to(self.device)
-        Xf = X.float()
-        e = _sqnorm(Xf)  # ‖X‖²: the rule's denominator, and the probe (its GEMM dwarfs this read)
-        ok = self._admit(e, {"X": X})
-        if self.strategy == "covariance":
-            self._addmm(self.state, Xf.mT, Xf, ok)
+        e = _sqnorm(X)  # ‖X‖²: the rule's denominator, and the probe (its GEMM dwarfs this read)
+        fused = _fused_update(X, X, self.omega) if self.strategy == "randomized" else None
+        if fused is not None:  # one read of the batch (accelerator path), its probe folded in
+            acc, _, probe = fused
+            ok = self._admit(e + probe, {"X": X})
+            self.state.add_(acc if ok is None else torch.where(ok, acc, 0.0))
         else:
-            self._addmm(self.state, Xf.mT, Xf @ self.omega, ok)
-            if self.exact_residual:
-                e = torch.stack([e, _sqnorm(Xf @ self._Vf)])
+            Xf = X.float()
+            ok = self._admit(e, {"X": X})
+            self._addmm(self.state, Xf.mT, Xf if self.strategy == "covariance" else Xf @ self.omega, ok)
+        if self.exact_residual:
+            e = torch.stack([e, _sqnorm(X.float() @ self._Vf)])
         self.energy += e.double() if ok is None else torch.where(ok, e.double(), 0.0)
         self.tokens += X.shape[0]
 
@@ -445,11 +470,18 @@ class GradientSketch(_Guard):
             ok = self._admit(_sqnorm(dYf) + _sqnorm(Xf), {"dY": dY, "X": X})
             self._addmm(self.G, dYf.mT, Xf, ok)
         else:
-            dYf, Xf = dY.float(), X.float()
-            P, Q = Xf @ self.omega, dYf @ self.psi.mT  # the two skinny products
-            ok = self._admit(_sqnorm(P) + _sqnorm(Q), {"dY": dY, "X": X})
-            self._addmm(self.Y, dYf.mT, P, ok)
-            self._addmm(self.W, Q.mT, Xf, ok)
+            fused = _fused_update(dY, X, self.omega, self.psi.mT)
+            if fused is not None:  # one read of the batch (accelerator path), probe folded in
+                accY, accWt, probe = fused
+                ok = self._admit(probe, {"dY": dY, "X": X})
+                self.Y.add_(accY if ok is None else torch.where(ok, accY, 0.0))
+                self.W.add_(accWt.mT if ok is None else torch.where(ok, accWt.mT, 0.0))
+            else:
+                dYf, Xf = dY.float(), X.float()
+                P, Q = Xf @ self.omega, dYf @ self.psi.mT  # the two skinny products
+                ok = self._admit(_sqnorm(P) + _sqnorm(Q), {"dY": dY, "X": X})
+                self._addmm(self.Y, dYf.mT, P, ok)
+                self._addmm(self.W, Q.mT, Xf, ok)
         self.batches += 1
 
     def merge(self, other: "GradientSketch") -> "GradientSketch":
