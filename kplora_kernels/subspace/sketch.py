@@ -273,18 +273,19 @@ class InputSketch(_Guard):
         return _project_cols(None if self.V is None else self.V.double(), self.state.double(), self.V_complement)
 
     def _nystrom_spectrum(self):
-        """Eigenvalues (descending) and eigenvectors (``dim×m``, residual space) of the stable Nyström
-        approximation of the residual covariance, and the Nyström++ estimate of its trace."""
+        """Eigenvalues (descending) and the eigenvectors (``vecs(c)``: the first ``c``, ``dim×c``, residual
+        space) of the stable Nyström approximation of the residual covariance, and its trace: exact
+        (``exact_residual``) or the Nyström++ estimate."""
         Y, Om = self.residual_sketch(), self.omega.double()
         nu = math.sqrt(self.dim) * torch.finfo(torch.float32).eps * float(Y.norm())
-        evals, vecs = _nystrom(Y, Om, nu)
+        evals, vecs, _ = _nystrom(Y, Om, nu)
         trace_low = float(evals.sum())  # Nyström ⪯ C_R: a lower bound of the trace
         w2 = self.width // 4
         if w2 >= 1:
             w1 = self.width - w2
-            e1, U1 = _nystrom(Y[:, :w1], Om[:, :w1], nu)
+            e1, _, U1t = _nystrom(Y[:, :w1], Om[:, :w1], nu)
             probes = Om[:, w1:]
-            hutch = float((probes * Y[:, w1:]).sum()) - float((e1 * (U1.mT @ probes).pow(2).sum(1)).sum())
+            hutch = float((probes * Y[:, w1:]).sum()) - float((e1 * U1t(probes).pow(2).sum(1)).sum())
             estimate = float(e1.sum()) + hutch / w2
         else:
             estimate = trace_low
@@ -339,18 +340,23 @@ class InputSketch(_Guard):
             return base.clone()
         floor = noise_floor(torch.float32)  # the state is accumulated in fp32
         if self.strategy == "covariance":
-            return gpm_expand_covariance(self.state.double(), base, eps, complement=V_complement, total=total,
+            # the state holds fp32 sums: fp64 decompositions add nothing but time at large dims
+            # (a 2048² eigh: about 4× slower in fp64 on 2 cores); small dims stay in fp64
+            C = self.state.double() if self.dim < 1024 else self.state
+            return gpm_expand_covariance(C, base, eps, complement=V_complement, total=total,
                                          keep_free=keep_free, floor=floor, seed=self.seed)
         evals, vecs, residual = self._nystrom_spectrum()
         count = gpm_count(total, total - residual, evals, eps, limit, floor)
         if count == 0:
             return base.clone()
-        return append_directions(base, vecs[:, :count], V_complement)
+        return append_directions(base, vecs(count), V_complement)
 
 
 def _nystrom(Y: torch.Tensor, Om: torch.Tensor, nu: float):
     """Stable Nyström approximation (Tropp et al. 2017) of a PSD ``C`` from ``Y = C Ω`` (fp64):
-    eigenvalues (descending, the shift ``nu`` removed) and orthonormal eigenvectors. The core
+    eigenvalues (descending, the shift ``nu`` removed), a function returning the first ``c``
+    orthonormal eigenvectors (only those are formed: ``dim·w·c`` instead of ``dim·w²``) and one
+    returning ``Uᵀ M`` for all of them. The core
     ``Ωᵀ(Y + νΩ)`` is inverted through its eigendecomposition, so a rank-deficient ``C`` or an
     ``Ω`` with dependent columns is fine."""
     Yn = Y + nu * Om
@@ -358,14 +364,15 @@ def _nystrom(Y: torch.Tensor, Om: torch.Tensor, nu: float):
     lam, W = torch.linalg.eigh((core + core.mT) / 2)
     keep = lam > lam.max().clamp_min(0) * 1e-12
     if not bool(keep.any()):
-        return Y.new_zeros(0), Y.new_zeros(Y.shape[0], 0)
-    B = Yn @ (W[:, keep] / lam[keep].sqrt())
-    s2, Z = torch.linalg.eigh(B.mT @ B)
+        return Y.new_zeros(0), lambda c: Y.new_zeros(Y.shape[0], 0), lambda M: Y.new_zeros(0, M.shape[1])
+    F = W[:, keep] / lam[keep].sqrt()  # Ĉ_ν = (Yn F)(Yn F)ᵀ
+    G = F.mT @ (Yn.mT @ Yn) @ F
+    s2, Z = torch.linalg.eigh((G + G.mT) / 2)
     s2, Z = s2.flip(0), Z.flip(1)
     good = s2 > s2[0].clamp_min(0) * 1e-14
     s2, Z = s2[good], Z[:, good]
-    vecs = (B @ Z) / s2.sqrt()
-    return (s2 - nu).clamp_min(0), vecs
+    coef = F @ Z / s2.sqrt()  # eigenvectors = Yn @ coef
+    return (s2 - nu).clamp_min(0), lambda c: Yn @ coef[:, :c], lambda M: coef.mT @ (Yn.mT @ M)
 
 
 def gradient_strategy(out_features: int, in_features: int, rank: int, oversample: int = 8,
