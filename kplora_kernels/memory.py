@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from .config_file import ConfigError, check_settings, setting
-from .subspace.sketch import DEFAULT_MEMORY_BUDGET
+from .subspace.sketch import DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes
 
 PRESETS = {  # LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes)
     "llava-1.5-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -102,12 +102,7 @@ def linear_state(name: str, out: int, in_: int, rank: int, basis_fraction: float
                  basis_bytes: int, budget: int = DEFAULT_MEMORY_BUDGET, oversample: int = 8) -> LinearState:
     k_in = min(int(round(basis_fraction * in_)), in_ - rank)
     stored = in_ - k_in if k_in > in_ / 2 else k_in  # past half the space the complement is kept
-    if 4 * out * in_ <= budget:
-        gradient = 4 * out * in_
-    else:
-        k = min(rank + oversample, out, in_)
-        l = min(2 * k + 1, out)
-        gradient = 4 * (out * k + l * in_ + in_ * k + l * out)
+    gradient = gradient_sketch_bytes(out, in_, rank, oversample, budget)  # what GradientSketch's "auto" allocates
     if name in ("k_proj", "v_proj", "up_proj") and 4 * in_ * in_ <= budget:
         inputs = 0  # the exact covariance of q's (gate's) input serves k and v (up)
     elif 4 * in_ * in_ <= budget:

@@ -283,3 +283,79 @@ def test_orthonormality_check_can_be_switched_off():
         set_orthonormality_check(previous)
     with pytest.raises(ValueError):
         residual_project(G, None, V)
+
+
+# --- non-finite and malformed inputs to the subspace functions -------------------------------------
+
+def test_subspace_functions_refuse_non_finite_inputs_naming_them():
+    nan, inf = float("nan"), float("inf")
+    with raises(ValueError, "singular_values", "NaN or Inf"):
+        energy_rank(torch.tensor([3.0, nan, 1.0]), 0.5)
+    with raises(ValueError, "singular_values", "NaN or Inf"):
+        energy_rank(torch.tensor([inf, 1.0]), 0.5)
+    for method in ("svd", "gram"):
+        W = torch.randn(6, 5)
+        W[2, 3] = inf
+        with raises(ValueError, "W", "NaN or Inf"):
+            principal_subspace(W, 0.9, method=method)
+        W[2, 3] = nan
+        with raises(ValueError, "W", "NaN or Inf"):
+            principal_subspace(W, 0.9, method=method)
+    X = torch.randn(20, 6)
+    X[4, 1] = nan
+    with raises(ValueError, "X", "NaN or Inf"):
+        gpm_expand(None, X, 0.9)
+    A = torch.randn(8, 6)
+    A[0, 0] = inf
+    with raises(ValueError, "A", "NaN or Inf"):
+        randomized_svd(A, 2)
+
+
+def test_large_finite_weights_do_not_overflow_the_gram_route():
+    W, _, _ = known_spectrum(40, 30, [4.0, 3.0, 2.0, 1.0])
+    big = (W * 1e20).float()  # finite in fp32; its Gram matrix would not be
+    for side in ("in", "out"):
+        ref = principal_subspace(W, 0.8, side, method="svd")
+        got = principal_subspace(big, 0.8, side, method="gram")
+        assert got.shape == ref.shape
+        torch.testing.assert_close((got @ got.T).double(), ref @ ref.T, atol=1e-5, rtol=0)
+    V = gpm_expand(None, big.T.contiguous(), 0.8)  # inputs near 1e20: the energies are ratios
+    assert V.shape == (40, 2)
+
+
+def test_linear_operator_products_are_checked():
+    A = torch.randn(9, 7, dtype=torch.float64)
+    wrong = LinearOperator(shape=(9, 7), matmat=lambda M: (A @ M)[:-1], rmatmat=lambda M: A.T @ M,
+                           dtype=torch.float64)
+    with raises(ValueError, "A.matmat", "(9, ", "(8, "):
+        randomized_svd(wrong, 2)
+    wrong_r = LinearOperator(shape=(9, 7), matmat=lambda M: A @ M, rmatmat=lambda M: (A.T @ M)[:, :-1],
+                             dtype=torch.float64)
+    with raises(ValueError, "A.rmatmat", "(7, 7)", "(7, 6)"):
+        randomized_svd(wrong_r, 2, n_iter=1)
+    nan_op = LinearOperator(shape=(9, 7), matmat=lambda M: A @ M * float("nan"), rmatmat=lambda M: A.T @ M,
+                            dtype=torch.float64)
+    with raises(ValueError, "A.matmat", "NaN or Inf"):
+        randomized_svd(nan_op, 2)
+    not_tensor = LinearOperator(shape=(9, 7), matmat=lambda M: (A @ M).numpy(), rmatmat=lambda M: A.T @ M,
+                                dtype=torch.float64)
+    with raises(TypeError, "A.matmat", "ndarray"):
+        randomized_svd(not_tensor, 2)
+    with raises(ValueError, "A.shape", "(9,)"):
+        randomized_svd(LinearOperator(shape=(9,), matmat=None, rmatmat=None), 2)
+
+
+@pytest.mark.parametrize("n", [400, 12], ids=["tokens ≥ features", "fewer tokens than features"])
+def test_gpm_expand_matches_the_full_svd_rule(n):
+    """The one GPM implementation against the rule applied to a full SVD of the residual (the oracle)."""
+    X, _ = planted_inputs(n, 20, 6, noise=0.05, seed=4)
+    V0 = random_basis(20, 3, seed=6)
+    R = X - (X @ V0) @ V0.T
+    _, s, Vh = torch.linalg.svd(R, full_matrices=False)
+    E, captured = float((X ** 2).sum()), float((X ** 2).sum() - (R ** 2).sum())
+    for eps in (0.5, 0.9, 0.99):
+        before = captured + torch.cumsum(s * s, 0) - s * s
+        count = int((before / E < eps).sum())
+        V = gpm_expand(V0, X, eps)
+        assert V.shape[1] == 3 + count
+        torch.testing.assert_close(V[:, 3:] @ V[:, 3:].T, Vh[:count].T @ Vh[:count], atol=1e-8, rtol=0)

@@ -285,3 +285,286 @@ def test_gradient_sketch_with_a_complement_basis():
     torch.testing.assert_close(compl.mean_gradient(), plain.mean_gradient(), atol=1e-5, rtol=1e-5)
     A = compl.adapter_init()
     assert (A @ V).abs().max() < 1e-5
+
+
+# --- the projections commute out of the sums: float64 oracle against the per-batch-projected form ----
+
+from kplora_kernels.subspace import reference  # noqa: E402
+from kplora_kernels.subspace.sketch import _gaussian, complement_basis  # noqa: E402
+
+BASES = ["none", "plain", "complement"]
+
+
+def _bases(kind, out_f, in_f, with_U):
+    U = random_basis(out_f, 5, torch.float32, seed=11) if with_U else None
+    V = random_basis(in_f, 9, torch.float32, seed=12)
+    if kind == "none":
+        return U, None, None, False
+    if kind == "plain":
+        return U, V, V, False
+    return U, V, complement_basis(V), True  # the stored complement spans the residual space
+
+
+def _within_rounding(ours, ref64, ref32):
+    """``ours`` (fp32 state) is as close to the fp64 oracle as the oracle's own fp32 run is."""
+    err, own = (ours - ref64).norm(), (ref32.double() - ref64).norm()
+    assert err <= 4 * own + 1e-6 * ref64.norm(), (float(err), float(own))
+
+
+@pytest.mark.parametrize("kind", BASES)
+@pytest.mark.parametrize("with_U", [False, True], ids=["no U", "U"])
+@pytest.mark.parametrize("strategy", ["dense", "randomized"])
+def test_gradient_sketch_equals_the_per_batch_projected_oracle(strategy, with_U, kind):
+    out_f, in_f, r = 24, 40, 3
+    U, V, stored, complement = _bases(kind, out_f, in_f, with_U)
+    pairs = gradient_stream(out_f, in_f, batches=5, tokens=30)
+    sketch = GradientSketch(out_f, in_f, r, U=U, V=stored, V_complement=complement, strategy=strategy, seed=5)
+    for dY, X in pairs:
+        sketch.update(dY, X)
+    ref = lambda dt: [(dY.to(dt), X.to(dt)) for dY, X in pairs]  # noqa: E731
+    cast = lambda B, dt: None if B is None else B.to(dt)  # noqa: E731
+    if strategy == "dense":
+        ref64 = reference.gradient_sum(ref(torch.float64), cast(U, torch.float64), cast(stored, torch.float64), complement)
+        ref32 = reference.gradient_sum(ref(torch.float32), U, stored, complement)
+        _within_rounding(sketch.projected_sketch(), ref64, ref32)
+        # and the same as projecting with the plain basis: both storage forms give one Ĝ
+        plain = reference.gradient_sum(ref(torch.float64), cast(U, torch.float64), cast(V, torch.float64))
+        # the fp32 complement of V is orthogonal to V to fp32 rounding only
+        assert (ref64 - plain).norm() <= 1e-5 * plain.norm()
+    else:
+        k, l = sketch.Y.shape[1], sketch.W.shape[0]
+        omega, psi = _gaussian(in_f, k, 5, "cpu"), _gaussian(l, out_f, 6, "cpu")
+        Y64, W64 = reference.gradient_sketch(ref(torch.float64), omega, psi, cast(U, torch.float64),
+                                             cast(stored, torch.float64), complement)
+        Y32, W32 = reference.gradient_sketch(ref(torch.float32), omega.float(), psi.float(), U, stored, complement)
+        Y, W = sketch.projected_sketch()
+        _within_rounding(Y, Y64, Y32)
+        _within_rounding(W, W64, W32)
+
+
+@pytest.mark.parametrize("kind", BASES)
+@pytest.mark.parametrize("strategy", ["covariance", "randomized"])
+def test_input_sketch_equals_the_per_batch_projected_oracle(strategy, kind):
+    dim = 40
+    _, V, stored, complement = _bases(kind, 8, dim, False)
+    X = planted(300, dim, 5)
+    batches = [X[i:i + 60] for i in range(0, 300, 60)]
+    sketch = InputSketch(dim, stored, V_complement=complement, strategy=strategy, width=16, seed=3)
+    for b in batches:
+        sketch.update(b)
+    b64 = [b.double() for b in batches]
+    if strategy == "covariance":
+        _within_rounding(sketch.state.double(), reference.input_covariance(b64), reference.input_covariance(batches))
+    else:
+        omega = _gaussian(dim, 16, 3, "cpu")
+        S64, _, _ = reference.input_sketch(b64, omega, None if stored is None else stored.double(), complement)
+        S32, _, _ = reference.input_sketch(batches, omega.float(), stored, complement)
+        _within_rounding(sketch.residual_sketch(), S64, S32)
+    _, total, residual = reference.input_sketch(b64, _gaussian(dim, 1, 0, "cpu"),
+                                                None if stored is None else stored.double(), complement)
+    assert float(sketch.energy[0]) == pytest.approx(total, rel=1e-6)
+    if strategy == "covariance":  # the covariance strategy has the residual energy exactly
+        assert sketch.residual_energy(stored, complement) == pytest.approx(residual, rel=1e-5)
+
+
+def test_merge_of_gradient_shards_with_bases_equals_the_whole_stream():
+    U, V = random_basis(24, 4, torch.float32, seed=1), random_basis(40, 7, torch.float32, seed=2)
+    pairs = gradient_stream(24, 40, batches=6, tokens=20)
+    for strategy in ("dense", "randomized"):
+        make = lambda: GradientSketch(24, 40, 3, U=U, V=V, strategy=strategy)  # noqa: E731
+        whole, a, b = make(), make(), make()
+        for i, (dY, X) in enumerate(pairs):
+            whole.update(dY, X)
+            (a if i % 2 else b).update(dY, X)
+        a.merge(b)
+        for x, y in zip(a._state(), whole._state()):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        assert a.batches == whole.batches == 6
+        torch.testing.assert_close(a.adapter_init(), whole.adapter_init(), atol=1e-4, rtol=0)
+
+
+# --- residual energy estimate of the randomized input sketch, and the GPM rule it feeds ------------
+
+def spectrum_inputs(n, dim, decay, seed=0):
+    """``n×dim`` inputs whose covariance spectrum is ``decay**j`` (``decay < 1``) or ``j**-decay``."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))[0]
+    j = torch.arange(1, dim + 1, dtype=torch.float64)
+    spectrum = decay ** j if decay < 1 else j ** -decay
+    return (torch.randn(n, dim, generator=gen, dtype=torch.float64) * spectrum.sqrt()) @ basis.T
+
+
+@pytest.mark.parametrize("decay", [0.97, 1.0], ids=["fast", "slow"])
+def test_randomized_residual_energy_within_0_002_of_exact_gpm(decay):
+    """Nyström++ (a basis wider than width/2); ``slow``: a 1/j residual spectrum over 768 dims."""
+    dim, width = 1024, 256
+    X = spectrum_inputs(2000, dim, decay)
+    V0 = random_basis(dim, 256, torch.float32, seed=5)
+    sketch = stream(InputSketch(dim, V0, strategy="randomized", width=width), X.float(), batch=500)
+    assert not sketch.exact_residual
+    E = float(X.pow(2).sum())
+    R = X - (X @ V0.double()) @ V0.double().T
+    exact_captured = 1 - float(R.pow(2).sum()) / E
+    seen_captured = 1 - sketch.residual_energy() / E  # what the GPM rule sees
+    assert abs(seen_captured - exact_captured) <= 0.002, (seen_captured, exact_captured)
+
+
+@pytest.mark.parametrize("complement", [False, True])
+def test_randomized_residual_energy_exact_for_small_bases(complement):
+    dim = 64
+    X = spectrum_inputs(600, dim, 1.0)
+    V0 = random_basis(dim, 8, torch.float32, seed=5)
+    stored = complement_basis(random_basis(dim, 56, torch.float32, seed=6)) if complement else V0
+    sketch = stream(InputSketch(dim, stored, V_complement=complement, strategy="randomized", width=32), X.float())
+    assert sketch.exact_residual
+    Xd = X.float().double()
+    inside = float((Xd @ stored.double()).pow(2).sum())
+    exact = inside if complement else float(Xd.pow(2).sum()) - inside
+    assert sketch.residual_energy() == pytest.approx(exact, rel=1e-5)
+    for eps in (0.5, 0.7):  # the rule's threshold is met (the width bounds what can be appended)
+        grown = sketch.expand(stored, eps, V_complement=complement)
+        kept = complement_basis(grown) if complement else grown
+        assert captured_energy(X, kept) >= eps - 0.01
+
+
+# --- the GPM expansion computes only what the rule appends ------------------------------------------
+
+@pytest.mark.parametrize("decay", [0.5, 0.97, 0.995], ids=["fast", "medium", "slow"])
+@pytest.mark.parametrize("complement", [False, True])
+def test_gpm_expansion_iterative_equals_full_eigh(decay, complement):
+    from kplora_kernels.subspace.linalg import gpm_expand_covariance
+
+    dim = 300
+    X = spectrum_inputs(1200, dim, decay, seed=1)
+    C = X.T @ X
+    V = random_basis(dim, 20, seed=2)
+    base = complement_basis(V) if complement else V
+    for eps in (0.6, 0.9):
+        fast = gpm_expand_covariance(C, base, eps, complement=complement)
+        # the oracle: the same rule on a full eigh of the residual covariance
+        P = torch.eye(dim, dtype=torch.float64) - V @ V.T
+        evals, evecs = torch.linalg.eigh(P @ C @ P)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        total = float(C.trace())
+        captured = total - float(evals.sum())
+        count = int(((captured + torch.cumsum(evals, 0) - evals) / total < eps).sum())
+        grown = fast.shape[1] - 20 if not complement else (dim - 20) - fast.shape[1]
+        assert abs(grown - count) <= 1, (grown, count)
+        new = (torch.eye(dim, dtype=torch.float64) - fast @ fast.T) if complement else fast[:, 20:]
+        got = float(torch.trace(new.T @ P @ C @ P @ new)) if not complement else None
+        if got is not None:
+            assert got >= float(evals[:count].sum()) * (1 - 1e-4)
+
+
+# --- thin gradient sketches by default, accurate enough -------------------------------------------
+
+def test_auto_takes_the_thin_sketch_at_large_sizes_and_it_suffices():
+    from kplora_kernels.subspace.sketch import gradient_strategy
+
+    assert gradient_strategy(4096, 4096, 32) == "randomized"  # fits in 64 MiB, but costs 34× the thin one
+    assert gradient_strategy(11008, 4096, 32) == "randomized"
+    assert gradient_strategy(64, 64, 4) == "dense"  # small layers stay exact
+    out_f, in_f, r = 200, 300, 8
+    U, V = random_basis(out_f, 10, torch.float32, seed=3), random_basis(in_f, 60, torch.float32, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(out_f, 12, generator=gen))[0]
+    right = torch.linalg.qr(torch.randn(in_f, 12, generator=gen))[0]
+    strength = 0.85 ** torch.arange(12, dtype=torch.float32)
+    sketch = GradientSketch(out_f, in_f, r, U=U, V=V, memory_budget=DEFAULT_BUDGET)
+    assert sketch.strategy == "randomized"
+    pairs = []
+    for _ in range(8):  # a rank-12 task gradient with decaying strength plus noise at 5 % of it
+        z = torch.randn(64, 12, generator=gen)
+        X = z @ right.T + 0.05 * torch.randn(64, in_f, generator=gen)
+        dY = (z * strength) @ left.T + 0.05 * torch.randn(64, out_f, generator=gen)
+        pairs.append((dY, X))
+        sketch.update(dY, X)
+    G = projected_mean_gradient(pairs, U, V)
+    top = torch.linalg.svdvals(G)[:r].pow(2).sum()
+    A = sketch.adapter_init().double()
+    assert (G @ A.T).pow(2).sum() >= 0.99 * top
+
+
+DEFAULT_BUDGET = 64 * 2**20
+
+
+def test_dense_adapter_init_randomized_top_r_against_the_full_svd_oracle():
+    out_f, in_f, r = 120, 150, 4
+    sketch = GradientSketch(out_f, in_f, r, V=random_basis(in_f, 10, torch.float32), strategy="dense")
+    pairs = gradient_stream(out_f, in_f, batches=4)
+    for dY, X in pairs:
+        sketch.update(dY, X)
+    G = sketch.mean_gradient().double()
+    exact = torch.linalg.svd(G)[2][:r]  # the oracle
+    A = sketch.adapter_init().double()
+    assert (G @ A.T).pow(2).sum() >= (1 - 1e-6) * (G @ exact.T).pow(2).sum()
+
+
+# --- non-finite and out-of-range inputs ----------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["covariance", "randomized"])
+def test_input_sketch_refuses_non_finite_and_overflowing_batches(strategy):
+    sketch = InputSketch(16, strategy=strategy, width=8)
+    sketch.update(torch.randn(10, 16))
+    before, energy = sketch.state.clone(), sketch.energy.clone()
+    for value, words in ((float("nan"), ("X", "NaN")), (float("inf"), ("X", "Inf")),
+                         (-float("inf"), ("X", "Inf")), (1e20, ("X", "too large", "float32"))):
+        bad = torch.randn(10, 16)
+        bad[3, 4] = value
+        with raises(ValueError, *words):
+            sketch.update(bad)
+        assert torch.equal(sketch.state, before) and torch.equal(sketch.energy, energy)
+    huge = torch.full((4, 16), 1e20, dtype=torch.float64)  # fp64 input, finite, beyond the fp32 state
+    with raises(ValueError, "X", "too large"):
+        sketch.update(huge)
+    assert sketch.tokens == 10
+    assert sketch.expand(None, 0.9).shape[0] == 16  # the sketch is still usable
+
+
+@pytest.mark.parametrize("strategy", ["dense", "randomized"])
+def test_gradient_sketch_refuses_non_finite_batches_naming_the_argument(strategy):
+    sketch = GradientSketch(12, 20, 2, strategy=strategy)
+    sketch.update(torch.randn(5, 12), torch.randn(5, 20))
+    before = [t.clone() for t in sketch._state()]
+    dY, X = torch.randn(5, 12), torch.randn(5, 20)
+    dY[0, 0] = float("nan")
+    with raises(ValueError, "dY", "NaN"):
+        sketch.update(dY, X)
+    X[1, 1] = float("inf")
+    with raises(ValueError, "NaN or Inf"):
+        sketch.update(torch.randn(5, 12), X)
+    with raises(ValueError, "too large"):
+        sketch.update(torch.full((5, 12), 1e20), torch.full((5, 20), 1e20))
+    assert all(torch.equal(a, b) for a, b in zip(sketch._state(), before)) and sketch.batches == 1
+    assert sketch.adapter_init().shape == (2, 20)
+
+
+@pytest.mark.parametrize("strategy", ["covariance", "randomized"])
+def test_deferred_check_keeps_the_state_and_raises_at_finalisation(strategy):
+    """The accelerator path (no host sync per batch), exercised on the CPU."""
+    sketch = InputSketch(16, strategy=strategy, width=8)
+    sketch._deferred = True
+    sketch.update(torch.randn(10, 16))
+    before = sketch.state.clone()
+    bad = torch.randn(10, 16)
+    bad[0, 0] = float("nan")
+    sketch.update(bad)  # no raise here: no host sync
+    assert torch.equal(sketch.state, before)
+    with raises(ValueError, "1 batch(es) were refused", "X"):
+        sketch.expand(None, 0.9)
+    grads = GradientSketch(12, 20, 2, strategy="randomized")
+    grads._deferred = True
+    grads.update(torch.randn(5, 12), torch.randn(5, 20))
+    Y = grads.Y.clone()
+    grads.update(torch.full((5, 12), float("inf")), torch.randn(5, 20))
+    assert torch.equal(grads.Y, Y)
+    with raises(ValueError, "refused", "dY and X"):
+        grads.adapter_init()
+
+
+def test_state_overflow_over_many_batches_is_refused_at_finalisation():
+    sketch = InputSketch(1, strategy="covariance")
+    for _ in range(3):  # each batch is in range (x² = 2.25e38), their sum is not
+        sketch.update(torch.full((1, 1), 1.5e19))
+    with raises(ValueError, "overflowed", "inputs X"):
+        sketch.expand(None, 0.9)
