@@ -1,0 +1,187 @@
+"""How the engine trains a target weight: a LoRA adapter merged at each task end (``adapter="lora"``)
+or the whole weight with every update confined to the residual subspace (``adapter="full"``).
+
+Full mode (docs/design.md §1 applied to the weight itself): at a task start the target weights become
+trainable and their start value ``W₀`` is recorded through thin products; before each optimizer step
+every target gradient is replaced in place by ``s_l·(I−UUᵀ)G(I−VVᵀ)``; after each step the constraint
+``(W − W₀)V = 0``, ``Uᵀ(W − W₀) = 0`` is restored exactly (Adam's element-wise scaling leaves it
+otherwise). The task end grows ``V`` by the GPM rule as in LoRA mode.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..nn import register_projection_hooks
+from ..ops import residual_project
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .controller import KeepLoRA
+
+
+class _Handles:
+    """Several hook handles removed together (the optimizer's pre- and post-step hooks)."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class LoRAAdapter:
+    """``A``/``B`` per layer, set by the method at each task start and merged at each task end."""
+
+    name = "lora"
+
+    def wrap(self, engine: "KeepLoRA", layer) -> None:
+        pass
+
+    def trainable(self, engine: "KeepLoRA") -> list:
+        return [p for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
+
+    def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
+        for layer in engine.layers.values():  # the method's estimation passes train nothing
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(True)
+        engine.method.init_adapters(engine, loader, loss_fn, fraction)
+        for layer in engine.layers.values():
+            layer.lora_A.requires_grad_(engine.method.trains_A)
+
+    def end_task(self, engine: "KeepLoRA") -> None:
+        for layer in engine.layers.values():
+            layer.absorb_()  # B = 0 afterwards: absorbing twice (a retried end_task) adds nothing
+
+    def register_hooks(self, engine: "KeepLoRA", optimizer):
+        return register_projection_hooks(engine.model, optimizer)
+
+    def state_tensors(self, engine: "KeepLoRA") -> dict:
+        return {}
+
+    def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
+        for layer in engine.layers.values():
+            layer.lora_A.requires_grad_(task_open and engine.method.trains_A)
+
+
+class FullAdapter:
+    """Residual-subspace full fine-tuning. Extra memory per layer while a task is open: the thin
+    products ``W₀V`` (``out×k_in``) and ``UᵀW₀`` (``k_out×in``) while ``V`` is stored as itself; once
+    ``V`` is stored as its complement (``k_in > in/2``) thin products no longer determine ``W − W₀`` and
+    a copy of ``W₀`` (``out×in``) is kept instead. Plain data parallel (DDP) works (the gradients are
+    already summed when the pre-step hook runs); FSDP2-sharded weights are refused (the ``U`` side
+    would need ``UᵀG`` summed over the shard group, not implemented)."""
+
+    name = "full"
+
+    def __init__(self):
+        self.start: dict[str, dict[str, torch.Tensor]] = {}  # name → snapshot of W₀ (thin or whole)
+        self._projected = False  # gradients of the current step already projected
+
+    def wrap(self, engine: "KeepLoRA", layer) -> None:
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+        layer.merged = True  # B = 0, nothing to fold: the forward is the plain linear of the weight
+
+    def trainable(self, engine: "KeepLoRA") -> list:
+        return [layer.weight for layer in engine.layers.values() if layer.weight.requires_grad]
+
+    @staticmethod
+    def _work(W: torch.Tensor) -> torch.dtype:
+        return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+    @torch.no_grad()
+    def _snapshot(self, layer) -> dict[str, torch.Tensor]:
+        W = layer.weight.detach().to(self._work(layer.weight))
+        if layer.V_complement:
+            return {"W0": W.clone()}
+        snap = {"W0V": W @ layer.V.to(W.dtype)}
+        if layer.U.shape[1]:
+            snap["UtW0"] = layer.U.to(W.dtype).mT @ W
+        return snap
+
+    def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
+        for name, layer in engine.layers.items():
+            if hasattr(layer.weight, "device_mesh"):
+                raise NotImplementedError(f"adapter='full' with sharded (FSDP2/DTensor) weights ({name}) is not "
+                                          "implemented: the U-side projection needs an all-reduce over the shards")
+        self.start = {name: self._snapshot(layer) for name, layer in engine.layers.items()}
+        for layer in engine.layers.values():
+            layer.weight.requires_grad_(True)
+        self._projected = False
+
+    @torch.no_grad()
+    def project_gradients_(self, engine: "KeepLoRA") -> None:
+        """``G ← s_l·(I−UUᵀ)G(I−VVᵀ)`` in place for every target weight's gradient (once per step)."""
+        if self._projected:
+            return
+        for layer in engine.layers.values():
+            G = layer.weight.grad
+            if G is None:
+                continue
+            U = layer.U if layer.U.shape[1] else None
+            V = layer.V if layer.protects_input else None
+            if U is None and V is None:
+                if layer.layer_scale != 1.0:
+                    G.mul_(layer.layer_scale)
+                continue
+            residual_project(G, None if U is None else U.to(G.dtype), None if V is None else V.to(G.dtype),
+                             layer.layer_scale, out=G, V_complement=layer.V_complement)
+        self._projected = True
+
+    @torch.no_grad()
+    def restore_(self, engine: "KeepLoRA") -> None:
+        """``W ← W₀ + (I−UUᵀ)(W − W₀)(I−VVᵀ)`` for every target weight: ``(W − W₀)V = 0`` and
+        ``Uᵀ(W − W₀) = 0`` again after an optimizer step (a rank-(k_in + k_out) correction)."""
+        self._projected = False
+        for name, layer in engine.layers.items():
+            snap, W = self.start[name], layer.weight
+            if not (layer.protects_input or layer.U.shape[1]):
+                continue
+            work = self._work(W)
+            Ww = W.detach().to(work)
+            U = layer.U.to(work) if layer.U.shape[1] else None
+            if "W0" in snap:
+                D = Ww - snap["W0"]
+                new = snap["W0"] + residual_project(D, U, layer.V.to(work), 1.0, V_complement=True)
+                W.copy_(new.to(W.dtype))
+                continue
+            V = layer.V.to(work)
+            DV = Ww @ V - snap["W0V"]  # out×k_in
+            if U is None:
+                Ww.addmm_(DV, V.mT, alpha=-1.0)
+            else:
+                UtD = U.mT @ Ww - snap["UtW0"]  # k_out×in
+                UtD.addmm_(U.mT @ DV, V.mT, alpha=-1.0)  # Uᵀ D (I − VVᵀ)
+                Ww.addmm_(DV, V.mT, alpha=-1.0).addmm_(U, UtD, alpha=-1.0)
+            if Ww.data_ptr() != W.data_ptr():
+                W.copy_(Ww)
+
+    def end_task(self, engine: "KeepLoRA") -> None:
+        for layer in engine.layers.values():
+            layer.weight.requires_grad_(False)
+            layer.weight.grad = None
+        self.start = {}
+
+    def register_hooks(self, engine: "KeepLoRA", optimizer):
+        pre = optimizer.register_step_pre_hook(lambda *_: self.project_gradients_(engine))
+        post = optimizer.register_step_post_hook(lambda *_: self.restore_(engine))
+        return _Handles(pre, post)
+
+    def state_tensors(self, engine: "KeepLoRA") -> dict:
+        return {f"full_start.{name}.{key}": t for name, snap in self.start.items() for key, t in snap.items()}
+
+    def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
+        self.start = {}
+        if not task_open:
+            return
+        for name, layer in engine.layers.items():
+            prefix = f"full_start.{name}."
+            self.start[name] = {k[len(prefix):]: t.to(layer.weight.device).clone() for k, t in tensors.items()
+                                if k.startswith(prefix)}
+            layer.weight.requires_grad_(True)
+
+
+def make_adapter(config):
+    return FullAdapter() if config.adapter == "full" else LoRAAdapter()
