@@ -5,7 +5,14 @@ Full mode (docs/design.md §1 applied to the weight itself): at a task start the
 trainable and their start value ``W₀`` is recorded through thin products; before each optimizer step
 every target gradient is replaced in place by ``s_l·(I−UUᵀ)G(I−VVᵀ)``; after each step the constraint
 ``(W − W₀)V = 0``, ``Uᵀ(W − W₀) = 0`` is restored exactly (Adam's element-wise scaling leaves it
-otherwise). The task end grows ``V`` by the GPM rule as in LoRA mode.
+otherwise). The task end grows ``V`` by the GPM rule as in LoRA mode. The grouped projection and
+the restore are the ops :func:`~kplora_kernels.ops.residual_project_grouped_` and
+:func:`~kplora_kernels.ops.subspace_restore_grouped_`.
+
+The gradient projection runs in the optimizer's pre-step hook, once per step, not after each
+backward: with gradient accumulation, projecting after every backward would apply ``s_l`` once per
+micro-batch to the earlier ones. Code that reads the gradients before the step (gradient clipping)
+calls :meth:`KeepLoRA.project_gradients_` first; the hook then skips that step's projection.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..nn import register_projection_hooks
-from ..ops import residual_project
+from ..ops import SubspaceAnchor, residual_project_grouped_, subspace_anchor, subspace_restore_grouped_
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import KeepLoRA
@@ -88,18 +95,22 @@ class FullAdapter:
         return [layer.weight for layer in engine.layers.values() if layer.weight.requires_grad]
 
     @staticmethod
-    def _work(W: torch.Tensor) -> torch.dtype:
-        return torch.float64 if W.dtype == torch.float64 else torch.float32
+    def _bases(layer):
+        """``(U or None, V or None, V_complement)`` of ``layer`` as the ops take them."""
+        U = layer.U if layer.U.shape[1] else None
+        V = layer.V if layer.protects_input else None
+        return U, V, layer.V_complement and V is not None
 
     @torch.no_grad()
     def _snapshot(self, layer) -> dict[str, torch.Tensor]:
-        W = layer.weight.detach().to(self._work(layer.weight))
-        if layer.V_complement:
+        U, V, complement = self._bases(layer)
+        W = layer.weight.detach()
+        if U is None and V is None:
+            return {}
+        if complement:  # thin products of a complement basis are as large as W₀: keep W₀
             return {"W0": W.clone()}
-        snap = {"W0V": W @ layer.V.to(W.dtype)}
-        if layer.U.shape[1]:
-            snap["UtW0"] = layer.U.to(W.dtype).mT @ W
-        return snap
+        anchor = subspace_anchor(W, U, V)
+        return {k: t for k, t in anchor._asdict().items() if t is not None}
 
     def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
         for name, layer in engine.layers.items():
@@ -113,50 +124,45 @@ class FullAdapter:
 
     @torch.no_grad()
     def project_gradients_(self, engine: "KeepLoRA") -> None:
-        """``G ← s_l·(I−UUᵀ)G(I−VVᵀ)`` in place for every target weight's gradient (once per step)."""
+        """``G ← s_l·(I−UUᵀ)G(I−VVᵀ)`` in place for every target weight's gradient, all in one grouped
+        call (:func:`~kplora_kernels.ops.residual_project_grouped_`); once per optimizer step."""
         if self._projected:
             return
+        Gs, Us, Vs, scales, complements = [], [], [], [], []
         for layer in engine.layers.values():
             G = layer.weight.grad
-            if G is None:
+            U, V, complement = self._bases(layer)
+            if G is None or (U is None and V is None and layer.layer_scale == 1.0):
                 continue
-            U = layer.U if layer.U.shape[1] else None
-            V = layer.V if layer.protects_input else None
-            if U is None and V is None:
-                if layer.layer_scale != 1.0:
-                    G.mul_(layer.layer_scale)
-                continue
-            residual_project(G, None if U is None else U.to(G.dtype), None if V is None else V.to(G.dtype),
-                             layer.layer_scale, out=G, V_complement=layer.V_complement)
+            Gs.append(G)
+            Us.append(U)
+            Vs.append(V)
+            scales.append(layer.layer_scale)
+            complements.append(complement)
+        if Gs:
+            residual_project_grouped_(Gs, Us, Vs, scales, V_complement=complements)
         self._projected = True
 
     @torch.no_grad()
     def restore_(self, engine: "KeepLoRA") -> None:
-        """``W ← W₀ + (I−UUᵀ)(W − W₀)(I−VVᵀ)`` for every target weight: ``(W − W₀)V = 0`` and
-        ``Uᵀ(W − W₀) = 0`` again after an optimizer step (a rank-(k_in + k_out) correction)."""
+        """``W ← W₀ + (I−UUᵀ)(W − W₀)(I−VVᵀ)`` for every target weight
+        (:func:`~kplora_kernels.ops.subspace_restore_grouped_`): ``(W − W₀)V = 0`` and ``Uᵀ(W − W₀) = 0``
+        again after an optimizer step (a rank-(k_in + k_out) correction from the thin anchor)."""
         self._projected = False
+        Ws, Us, Vs, W0s, anchors, complements = [], [], [], [], [], []
         for name, layer in engine.layers.items():
-            snap, W = self.start[name], layer.weight
-            if not (layer.protects_input or layer.U.shape[1]):
+            snap = self.start[name]
+            if not snap:
                 continue
-            work = self._work(W)
-            Ww = W.detach().to(work)
-            U = layer.U.to(work) if layer.U.shape[1] else None
-            if "W0" in snap:
-                D = Ww - snap["W0"]
-                new = snap["W0"] + residual_project(D, U, layer.V.to(work), 1.0, V_complement=True)
-                W.copy_(new.to(W.dtype))
-                continue
-            V = layer.V.to(work)
-            DV = Ww @ V - snap["W0V"]  # out×k_in
-            if U is None:
-                Ww.addmm_(DV, V.mT, alpha=-1.0)
-            else:
-                UtD = U.mT @ Ww - snap["UtW0"]  # k_out×in
-                UtD.addmm_(U.mT @ DV, V.mT, alpha=-1.0)  # Uᵀ D (I − VVᵀ)
-                Ww.addmm_(DV, V.mT, alpha=-1.0).addmm_(U, UtD, alpha=-1.0)
-            if Ww.data_ptr() != W.data_ptr():
-                W.copy_(Ww)
+            U, V, complement = self._bases(layer)
+            Ws.append(layer.weight.detach())
+            Us.append(U)
+            Vs.append(V)
+            complements.append(complement)
+            W0s.append(snap.get("W0"))
+            anchors.append(None if "W0" in snap else SubspaceAnchor(snap.get("W0V"), snap.get("UtW0")))
+        if Ws:
+            subspace_restore_grouped_(Ws, Us, Vs, W0s=W0s, anchors=anchors, V_complement=complements)
 
     def end_task(self, engine: "KeepLoRA") -> None:
         for layer in engine.layers.values():
