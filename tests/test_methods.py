@@ -310,17 +310,3 @@ def test_full_mode_three_tasks_grow_bases_and_keep_earlier_inputs():
         ks.append(kl.layers["layers.0"].k_in)
     assert ks[0] < ks[1] < ks[2] or ks[-1] >= IN - 4, ks  # grows until only rank dims stay free
     assert kl.trainable_parameters() == []  # idle: nothing trains
-
-
-def test_full_mode_refuses_sharded_weights():
-    model = MLP()
-    kl = KeepLoRA(model, full_config(), progress=False)
-
-    class FakeDTensor(nn.Parameter):
-        device_mesh = None
-
-    layer = kl.layers["layers.0"]
-    layer.weight = FakeDTensor(layer.weight.detach(), requires_grad=False)
-    with raises(NotImplementedError, "FSDP2", "layers.0"):
-        kl.begin_task([make_task(0)], task_loss)
-    assert not kl.task_open
