@@ -236,6 +236,8 @@ def test_self_attention_layers_share_one_sketch_and_diverging_inputs_raise():
     ({"method": None}, ValueError, ["method", "None"]),
     ({"adapter": "qlora"}, ValueError, ["adapter", "'qlora'"]),
     ({"olora_lambda1": -0.5}, ValueError, ["olora_lambda1", "≥ 0"]),
+    ({"olora_lambda1": 1.0}, ValueError, ["olora_lambda1", "method='olora' only", "keeplora++"]),
+    ({"method": "lora", "eps_w_out": 0.5}, ValueError, ["eps_w_out", "keeplora++/keeplora only", "'lora'"]),
     ({"basis_dtype": "int8"}, ValueError, ["basis_dtype"]),
 ])
 def test_config_is_validated_on_construction(kwargs, exc, fragments):

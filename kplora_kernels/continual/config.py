@@ -123,6 +123,12 @@ class KeepLoRAConfig:
             setattr(self, name, _number(name, getattr(self, name)))
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.eps_w_out is not None and self.method not in ("keeplora++", "keeplora"):
+            raise ValueError(f"eps_w_out (output-side protection) applies to keeplora++/keeplora only, got "
+                             f"method={self.method!r} with eps_w_out={self.eps_w_out}")
+        if self.method != "olora" and (self.olora_lambda1, self.olora_lambda2) != (0.5, 0.0):
+            raise ValueError(f"olora_lambda1/olora_lambda2 apply to method='olora' only, got method={self.method!r} "
+                             f"with ({self.olora_lambda1}, {self.olora_lambda2})")
         self.targets = _patterns("targets", self.targets)
         if not self.targets:
             raise ValueError("targets must name at least one pattern, got []")

@@ -175,16 +175,20 @@ class InfLoRA(Method):
     """InfLoRA (Liang & Li, CVPR 2024), with the down-projection ``A`` (their ``B_t``) fixed at the
     task start and only the up-projection ``B`` (their ``A_t``) trained from zero.
 
-    Task start (their Eq. 10 and §3.3): ``A``'s rows are the top-r eigenvectors of
-    ``Ĥ_t Ĥ_tᵀ`` with ``Ĥ_t = (I − M_t M_tᵀ) H_t``, ``H_t`` the new task's inputs to the layer
+    Task start: ``A``'s rows are the top-r eigenvectors of ``Ĥ_t Ĥ_tᵀ`` with
+    ``Ĥ_t = (I − M_t M_tᵀ) H_t`` (the paper's design of the dimensionality-reduction matrix), ``H_t``
+    the new task's inputs to the layer
     (collected by a gradient-free pass of ``loss_fn`` over the ``begin_task`` loader) and ``M_t`` the
     protected input subspace (here ``V``, empty at the start: no principal subspace of the pre-trained
-    weight). As in the authors' code, ``A`` is scaled by ``1/√3``. Task end: the adapters are merged
+    weight). As in the authors' code, ``A`` is scaled by ``1/√3``; their code takes the left singular
+    vectors of the one-sided ``(I − MMᵀ) H Hᵀ``, which span the same residual range, whereas this
+    decomposes the symmetric ``(I − MMᵀ) H Hᵀ (I − MMᵀ)`` as the paper writes it. Task end: the adapters are merged
     and ``V`` grows from the task's inputs to the merged model by the GPM rule with threshold
     ``eps_f``; InfLoRA uses DualGPM, which stores the complement once the protected subspace is the
     larger one (the engine does the same) but chooses the added directions by a threshold on the
     complement's energy in that regime. This deviation is documented, not hidden: the thresholds
-    agree while ``k_in < in/2``.
+    agree while ``k_in < in/2``. (The paper's text was not available to this implementation; its
+    description in the issue was cross-checked with the authors' released code.)
     """
 
     name = "inflora"
@@ -210,8 +214,11 @@ def olora_penalty(previous: torch.Tensor | None, A: torch.Tensor, B: torch.Tenso
 
     ``previous``: the earlier tasks' down-projections stacked (``(t·r)×in``; ``Σ_i ‖A_i A_tᵀ‖_F²`` is
     ``‖A_prev A_tᵀ‖_F²``), or None; ``A`` ``r×in``, ``B`` ``out×r`` the current task's factors. This is
-    the paper's Eq. (5)–(6) (squared Frobenius norms); the authors' code uses ``Σ |A_i A_tᵀ|``
-    (absolute values, not squared) and ``‖θ‖₂`` without the square.
+    the paper's orthogonality loss ``L_orth = Σ_{i<t} Σ_{j,k} O_{i,t}[j,k]²`` with ``O_{i,t}`` the
+    products of the two tasks' down-projections, plus the ``λ₂`` weight regulariser (squared norms).
+    Deviation noted, not adopted: the authors' released training loop sums ``|A_i A_tᵀ|`` (absolute
+    values, not squared) and adds ``‖θ‖₂`` unsquared. (The paper's text was not available to check
+    equation numbers; the formula is the one the issue states, cross-checked with the authors' code.)
     """
     loss = A.new_zeros(())
     if lambda1 and previous is not None and previous.shape[0]:
