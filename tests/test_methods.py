@@ -1,7 +1,6 @@
 """Every continual-learning method through the one engine (peft's TEST_CASES pattern): wrapping keeps
 outputs, one task trains, each method's invariant holds, checkpoints resume exactly; plain LoRA is
 peft's LoRA; residual-subspace full fine-tuning (``adapter="full"``)."""
-import math
 
 import pytest
 import torch

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..nn.linear import full
-from ..subspace import GradientSketch, InputSketch
+from ..subspace import GradientSketch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import KeepLoRA
