@@ -102,7 +102,9 @@ def full_mode_task(rank: int, world: int, batch):
 
     torch.manual_seed(0)
     model = DigitsMLP()
-    cfg = KeepLoRAConfig(**{**config("keeplora++").to_dict(), "adapter": "full", "eps_w_out": 0.3})
+    # eps_w 0.9: layers 0 and 1 store V as its complement (W₀ rows kept), layer 2 as itself (thin anchor)
+    cfg = KeepLoRAConfig(**{**config("keeplora++").to_dict(), "adapter": "full", "eps_w_out": 0.3,
+                            "eps_w": {"default": 0.9}})
     kl = KeepLoRA(model, cfg, progress=False)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
@@ -112,6 +114,7 @@ def full_mode_task(rank: int, world: int, batch):
         for layer in model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    assert [layer.V_complement for layer in kl.layers.values()] == [True, True, False]
     start = {name: full(layer.weight.detach()).clone() for name, layer in kl.layers.items()}
     bases = {name: (protected(layer).double(), layer.U.double()) for name, layer in kl.layers.items()}
     x, y, t = batch
