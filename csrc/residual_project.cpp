@@ -194,6 +194,22 @@ void residual_project_(at::Tensor& G, const c10::optional<at::Tensor>& U,
   residual_project_out(G, U, V, scale, G);
 }
 
+// Every Gs[i] ← scales[i]·(I − Us[i]Us[i]ᵀ) Gs[i] (I − Vs[i]Vs[i]ᵀ), in place, in one call (the
+// per-step projection of full fine-tuning over all target weights). Entries are independent; the
+// caller checked that no G shares memory with another G or with a basis.
+void residual_project_grouped_(at::TensorList Gs, const c10::List<std::optional<at::Tensor>>& Us,
+                               const c10::List<std::optional<at::Tensor>>& Vs, at::ArrayRef<double> scales) {
+  const auto n = static_cast<int64_t>(Gs.size());
+  TORCH_CHECK(static_cast<int64_t>(Us.size()) == n && static_cast<int64_t>(Vs.size()) == n &&
+                  static_cast<int64_t>(scales.size()) == n,
+              "kplora::residual_project_grouped_: Gs, Us, Vs and scales must have one entry each, got ",
+              n, ", ", Us.size(), ", ", Vs.size(), ", ", scales.size());
+  for (int64_t i = 0; i < n; ++i) {
+    at::Tensor G = Gs[i];
+    residual_project_out(G, Us.get(i), Vs.get(i), scales[i], G);
+  }
+}
+
 // scale·(X − (X V) Vᵀ) for X of shape (..., d).
 at::Tensor project_rows(const at::Tensor& X, const at::Tensor& V, double scale) {
   TORCH_CHECK(X.dim() >= 1, "kplora::project_rows: X must have at least 1 dim");
@@ -211,6 +227,7 @@ TORCH_LIBRARY(kplora, m) {
   m.def("residual_project_out(Tensor G, Tensor? U, Tensor? V, float scale, *, Tensor(a!) out) -> ()");
   m.def("residual_project_(Tensor(a!) G, Tensor? U, Tensor? V, float scale) -> ()");
   m.def("project_rows(Tensor X, Tensor V, float scale) -> Tensor");
+  m.def("residual_project_grouped_(Tensor(a!)[] Gs, Tensor?[] Us, Tensor?[] Vs, float[] scales) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kplora, CPU, m) {
@@ -218,6 +235,7 @@ TORCH_LIBRARY_IMPL(kplora, CPU, m) {
   m.impl("residual_project_out", &residual_project_out);
   m.impl("residual_project_", &residual_project_);
   m.impl("project_rows", &project_rows);
+  m.impl("residual_project_grouped_", &residual_project_grouped_);
 }
 
 // Importable as kplora_kernels._C; the ops register when the library loads.

@@ -123,8 +123,21 @@ def test_complement_bases(backend):
     G, U, V = make_case(30, 24, 20, 18, torch.float32, dev)  # bases over half their space
     Uc = torch.linalg.svd(torch.eye(30, device=dev) - U @ U.T)[0][:, :10]
     Vc = torch.linalg.svd(torch.eye(24, device=dev) - V @ V.T)[0][:, :6]
-    result = ops.residual_project(G, Uc, Vc, 0.5, backend=backend, U_complement=True, V_complement=True)
-    torch.testing.assert_close(result, ops.residual_project(G, U, V, 0.5, backend="torch"), atol=1e-5, rtol=1e-5)
+    expected = ops.residual_project(G, U, V, 0.5, backend="torch")
+    if backend == "cpp":  # the C++ kernel applies I − BBᵀ only: forced, it says so (no silent torch)
+        with raises(ValueError, "backend 'cpp' cannot run", "complement"):
+            ops.residual_project(G, Uc, Vc, 0.5, backend=backend, U_complement=True, V_complement=True)
+        backend = None  # auto-dispatch takes the complement through torch's thin products
+    for uc, vc in [(True, True), (True, False), (False, True)]:
+        result = ops.residual_project(G, Uc if uc else U, Vc if vc else V, 0.5, backend=backend,
+                                      U_complement=uc, V_complement=vc)
+        torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+        H = G.clone()
+        ops.residual_project(H, Uc if uc else U, Vc if vc else V, 0.5, out=H, backend=backend,
+                             U_complement=uc, V_complement=vc)
+        torch.testing.assert_close(H, expected, atol=1e-5, rtol=1e-5)
+    kept_nothing = ops.residual_project(G, None, V.new_zeros(24, 0), 1.0, backend=backend, V_complement=True)
+    assert torch.equal(kept_nothing, torch.zeros_like(G))
 
 
 @pytest.mark.parametrize("shape", [(5,), (4, 9), (2, 3, 9)], ids=str)

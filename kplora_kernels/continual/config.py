@@ -2,9 +2,45 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 
-METHODS = ("keeplora++", "keeplora", "lora")
+METHODS = ("keeplora++", "keeplora", "lora", "lora-fa", "inflora", "olora")
+FULL_METHODS = ("keeplora++", "keeplora", "lora")  # methods that accept adapter="full"
+ADAPTERS = ("lora", "full")
+
+
+def _number(name: str, value, *, integer: bool = False) -> float | int:
+    """``value`` as an int/float; bools, strings and non-finite numbers are refused."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value if integer else float(value)
+
+
+def _patterns(name: str, value) -> list:
+    """A list of valid regular expressions (a lone string is refused: it would be read per character)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of regular expressions, got {type(value).__name__} {value!r}"
+                        + (f" (write [{value!r}])" if isinstance(value, str) else ""))
+    for i, p in enumerate(value):
+        if not isinstance(p, str):
+            raise TypeError(f"{name}[{i}] must be a str (a regular expression), got {type(p).__name__} {p!r}")
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"{name}[{i}] = {p!r} is not a valid regular expression: {exc}") from None
+    return list(value)
+
+
+def _names(name: str, value) -> list:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a list of str, got {type(value).__name__} {value!r}")
+    return list(value)
 
 
 @dataclass
@@ -12,7 +48,13 @@ class KeepLoRAConfig:
     """What to adapt and how.
 
     ``method``: ``keeplora++`` (residual subspaces + layer scaling), ``keeplora`` (no layer
-    scaling), ``lora`` (plain sequential LoRA, merged after each task: the forgetting baseline).
+    scaling), ``lora`` (plain sequential LoRA as peft's, merged after each task: the forgetting
+    baseline), ``lora-fa`` (frozen random ``A``), ``inflora`` (Liang & Li, CVPR 2024), ``olora``
+    (Wang et al., EMNLP Findings 2023; ``olora_lambda1``, ``olora_lambda2`` weigh its loss), see
+    :mod:`kplora_kernels.continual.methods`.
+    ``adapter``: ``"lora"`` (low-rank adapters) or ``"full"`` (the target weights themselves train,
+    every update confined to the residual subspace; for ``keeplora++``, ``keeplora``, and ``lora``
+    = plain sequential fine-tuning), see :mod:`kplora_kernels.continual.adapter_modes`.
     ``eps_w``: energy of the pre-trained principal subspace, per tower (``"default"`` for layers
     outside a named tower). ``eps_w_out``: two-sided protection (output side) when set.
     ``targets``: regular expressions on module names (``re.search``) choosing the linears to adapt.
@@ -37,19 +79,61 @@ class KeepLoRAConfig:
     basis_dtype: str = "fp32"
     sketch_memory_budget: int = 64 * 2**20
     seed: int = 0
+    adapter: str = "lora"
+    olora_lambda1: float = 0.5
+    olora_lambda2: float = 0.0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.eps_w, (int, float)):
-            self.eps_w = {"default": float(self.eps_w)}
-        for name, eps in [*(("eps_w[" + k + "]", v) for k, v in self.eps_w.items()), ("eps_f", self.eps_f)]:
+        """Validate every field (types and ranges); raises ``TypeError``/``ValueError`` naming it."""
+        from ..schedules import SCHEDULES
+
+        for name, allowed in (("method", METHODS), ("adapter", ADAPTERS), ("basis_dtype", ("fp32", "bf16")),
+                              ("schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+        if self.adapter == "full" and self.method not in FULL_METHODS:
+            raise ValueError(f"adapter='full' works with method in {FULL_METHODS}, got method={self.method!r}")
+        if isinstance(self.eps_w, bool) or not isinstance(self.eps_w, (int, float, dict)):
+            raise TypeError(f"eps_w must be a number or a dict {{tower: number}}, got {type(self.eps_w).__name__} "
+                            f"{self.eps_w!r}")
+        if not isinstance(self.eps_w, dict):
+            self.eps_w = {"default": self.eps_w}
+        self.eps_w = {k: _number(f"eps_w[{k!r}]", v) for k, v in self.eps_w.items()}
+        if not all(isinstance(k, str) for k in self.eps_w):
+            raise TypeError(f"eps_w keys must be tower names (str), got {list(self.eps_w)}")
+        self.eps_f = _number("eps_f", self.eps_f)
+        if self.eps_w_out is not None:
+            self.eps_w_out = _number("eps_w_out", self.eps_w_out)
+        for name, eps in [*((f"eps_w[{k!r}]", v) for k, v in self.eps_w.items()), ("eps_f", self.eps_f),
+                          *([("eps_w_out", self.eps_w_out)] if self.eps_w_out is not None else [])]:
             if not 0.0 < eps <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1], got {eps}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
-        if self.basis_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"basis_dtype must be 'fp32' or 'bf16', got {self.basis_dtype!r}")
+        for name in ("rank", "sketch_memory_budget"):
+            if _number(name, getattr(self, name), integer=True) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        _number("seed", self.seed, integer=True)
+        self.alpha = _number("alpha", self.alpha)
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        self.gamma = _number("gamma", self.gamma)
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        for name in ("olora_lambda1", "olora_lambda2"):
+            setattr(self, name, _number(name, getattr(self, name)))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.eps_w_out is not None and self.method not in ("keeplora++", "keeplora"):
+            raise ValueError(f"eps_w_out (output-side protection) applies to keeplora++/keeplora only, got "
+                             f"method={self.method!r} with eps_w_out={self.eps_w_out}")
+        if self.method != "olora" and (self.olora_lambda1, self.olora_lambda2) != (0.5, 0.0):
+            raise ValueError(f"olora_lambda1/olora_lambda2 apply to method='olora' only, got method={self.method!r} "
+                             f"with ({self.olora_lambda1}, {self.olora_lambda2})")
+        self.targets = _patterns("targets", self.targets)
+        if not self.targets:
+            raise ValueError("targets must name at least one pattern, got []")
+        self.extra_trainable = _patterns("extra_trainable", self.extra_trainable)
+        self.layer_scaling_towers = _names("layer_scaling_towers", self.layer_scaling_towers)
 
     def eps_for(self, tower: str) -> float:
         return self.eps_w.get(tower, self.eps_w.get("default", 0.85))
@@ -59,6 +143,8 @@ class KeepLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "KeepLoRAConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"data must be a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -1,9 +1,11 @@
-"""The KeepLoRA++ controller: wrap a model, then for each task ``begin_task`` → train → ``end_task``.
+"""The continual-learning engine: wrap a model, then for each task ``begin_task`` → train → ``end_task``.
 
-``begin_task`` estimates the projected task gradient through the layers' gradient hook (no weight
-``.grad``), sets ``A`` to its top-r right singular vectors and zeroes ``B``. ``end_task`` merges the
-adapters into the weights, runs the task's data through the merged model collecting each adapted
-linear's inputs (once per shared input), and expands ``V`` by the GPM rule.
+The method (:mod:`.methods`) decides how adapters start and what is protected or recorded; the
+adapter mode (:mod:`.adapter_modes`) how weights train. For KeepLoRA(++), ``begin_task`` estimates
+the projected task gradient through the layers' gradient hook (no weight ``.grad``), sets ``A`` to
+its top-r right singular vectors and zeroes ``B``; ``end_task`` merges the adapters into the weights,
+runs the task's data through the merged model collecting each adapted linear's inputs (one sketch
+per distinct input tensor, :mod:`.inputs`), and expands ``V`` by the GPM rule.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import re
+import secrets
 from contextlib import contextmanager
 
 import torch
@@ -19,15 +22,19 @@ import torch.distributed
 from torch import nn
 
 from ..distributed import is_distributed, is_rank0
-from ..nn import FusedKeepLoRALinear, register_projection_hooks
+from ..nn import FusedKeepLoRALinear
 from ..nn.linear import assign_, full
 from ..schedules import layer_scales
-from ..subspace import GradientSketch, InputSketch, principal_subspace
+from ..subspace import InputSketch, principal_subspace
 from ..subspace.sketch import complement_basis
+from .adapter_modes import make_adapter
 from .adapters import find_targets, replace_module, split_multihead_attention
 from .config import KeepLoRAConfig
+from .inputs import collect_inputs
+from .methods import make_method
 
-FORMAT = "kplora-controller/1"
+FORMAT = "kplora-controller/2"
+READABLE_FORMATS = ("kplora-controller/1", FORMAT)
 
 
 def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
@@ -43,6 +50,30 @@ def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _progress(iterable, total, desc, enabled):
     if not enabled:
         return iterable
@@ -54,11 +85,18 @@ def _progress(iterable, total, desc, enabled):
 
 
 class KeepLoRA:
-    """Wraps ``model`` in place: every target linear becomes a :class:`FusedKeepLoRALinear` with its
-    layer scale and, except for ``method="lora"``, the principal subspace of its pre-trained weight
-    as protected basis ``V`` (and ``U`` with ``eps_w_out``). The model's outputs are unchanged.
-    ``layer_index`` maps module paths to layer indices where they cannot be parsed from the path.
-    ``compute_bases=False`` skips the principal subspaces (when a checkpoint will provide them).
+    """The continual-learning engine. Wraps ``model`` in place: every target linear becomes a
+    :class:`FusedKeepLoRALinear`; the configured method (:mod:`.methods`: ``keeplora++``, ``keeplora``,
+    ``lora``, ``lora-fa``, ``inflora``, ``olora``) decides the protected bases, the layer scales, the
+    adapters' initialisation, the extra loss and what is recorded, and the ``adapter`` mode
+    (:mod:`.adapter_modes`: ``"lora"`` or ``"full"``) how the weights train. The model's outputs are
+    unchanged by wrapping. ``layer_index`` maps module paths to layer indices where they cannot be
+    parsed from the path. ``compute_bases=False`` skips the principal subspaces (when a checkpoint
+    will provide them).
+
+    The lifecycle is a state machine: idle → :meth:`begin_task` → task open (train; add
+    :meth:`regularization` to the loss) → :meth:`end_task` → idle. Calling them out of order raises
+    ``RuntimeError``; an empty loader raises ``ValueError``.
 
     Under ``torch.distributed`` (DDP: wrap the model after this, train through the wrapper) each rank
     passes its shard of the data to ``begin_task``/``end_task``; the sketches are summed over
@@ -68,9 +106,15 @@ class KeepLoRA:
 
     def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
                  compute_bases: bool = True, layer_index: dict | None = None, process_group=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if config is not None and not isinstance(config, KeepLoRAConfig):
+            raise TypeError(f"config must be a KeepLoRAConfig, got {type(config).__name__}")
         self.model, self.config, self.process_group = model, config or KeepLoRAConfig(), process_group
         self.progress = progress and is_rank0()
         cfg = self.config
+        self.method = make_method(cfg)
+        self.adapter = make_adapter(cfg)
         split_multihead_attention(model)
         model.requires_grad_(False)
         extra = [re.compile(p) for p in cfg.extra_trainable]
@@ -83,12 +127,13 @@ class KeepLoRA:
             depth[t.tower] = max(depth.get(t.tower, 0), t.index + 1)
         self.layers: dict[str, FusedKeepLoRALinear] = {}
         for t in self.targets:
-            scaled = cfg.method == "keeplora++" and t.tower in cfg.layer_scaling_towers
+            scaled = self.method.layer_scaling and t.tower in cfg.layer_scaling_towers
             scale = layer_scales(depth[t.tower], cfg.gamma, cfg.schedule)[t.index] if scaled else 1.0
             layer = FusedKeepLoRALinear.from_linear(model.get_submodule(t.name), cfg.rank, cfg.alpha, scale)
             replace_module(model, t.name, layer)
             self.layers[t.name] = layer
-            if compute_bases and cfg.method != "lora":
+            self.adapter.wrap(self, layer)
+            if compute_bases and self.method.protects_pretrained:
                 W = full(layer.weight.detach())
                 V = principal_subspace(W, cfg.eps_for(t.tower), "in")[:, : layer.in_features - layer.rank]
                 U = principal_subspace(W, cfg.eps_w_out, "out").to(self._basis_dtype) if cfg.eps_w_out else None
@@ -96,6 +141,7 @@ class KeepLoRA:
                 if U is not None:
                     layer.set_bases(U=_from_rank0(U, process_group))
         self.task_index = 0
+        self.task_open = False
 
     @property
     def extra_parameters(self) -> dict[str, nn.Parameter]:
@@ -107,6 +153,10 @@ class KeepLoRA:
     def _basis_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.config.basis_dtype == "bf16" else torch.float32
 
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``t`` on every rank (``t`` itself without torch.distributed)."""
+        return _from_rank0(t, self.process_group)
+
     def _set_input_basis(self, layer: FusedKeepLoRALinear, V: torch.Tensor, complement: bool) -> None:
         """Store ``V`` (with ``complement``: already its complement) in the cheaper form, switching to
         the complement once the protected subspace covers more than half of the input space (it only
@@ -117,17 +167,31 @@ class KeepLoRA:
 
     # --- the task lifecycle ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The adapters' trainable parameters and the ``extra_trainable`` ones, for the user's optimizer."""
-        adapters = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
-        return adapters + list(self.extra_parameters.values())
+        """What the user's optimizer trains: the adapters' trainable factors (or, with
+        ``adapter="full"``, the target weights while a task is open) and the ``extra_trainable`` ones."""
+        return self.adapter.trainable(self) + list(self.extra_parameters.values())
 
     def register_projection_hook(self, optimizer: torch.optim.Optimizer):
-        """Re-project every adapter after each ``optimizer.step()``; returns the removable handle."""
-        return register_projection_hooks(self.model, optimizer)
+        """Keep every update in its residual subspace for ``optimizer``: re-project every adapter after
+        each ``optimizer.step()`` (``adapter="full"``: project the weights' gradients before the step
+        and restore the constraint after it). Returns a handle with ``remove()``."""
+        return self.adapter.register_hooks(self, optimizer)
 
-    def _batches(self, loader, fraction: float, desc: str):
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    def project_gradients_(self) -> None:
+        """``adapter="full"``: project the target gradients now (e.g. before gradient clipping); the
+        optimizer's pre-step hook then skips them for this step. A no-op in LoRA mode."""
+        if hasattr(self.adapter, "project_gradients_"):
+            self.adapter.project_gradients_(self)
+
+    def regularization(self) -> torch.Tensor:
+        """The method's extra loss for the open task, to add to the task loss (O-LoRA's orthogonality
+        and L2 terms; a zero scalar for the other methods)."""
+        return self.method.regularization(self)
+
+    def batches(self, loader, fraction: float, desc: str):
+        """The first ``fraction`` of ``loader`` (with a progress bar)."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         try:
             total = max(1, math.ceil(fraction * len(loader)))
         except TypeError:  # an iterable without len: use all of it
@@ -135,76 +199,79 @@ class KeepLoRA:
         batches = loader if total is None else itertools.islice(loader, total)
         return _progress(batches, total, f"{desc} (task {self.task_index})", self.progress)
 
-    def begin_task(self, loader, loss_fn, fraction: float = 1.0) -> None:
-        """Initialise the adapters for a new task: ``A`` from the projected task gradient (over the
-        first ``fraction`` of ``loader``; ``loss_fn(model, batch)`` returns the loss), ``B = 0``."""
-        cfg = self.config
-        if cfg.method == "lora":
-            gen = torch.Generator().manual_seed(cfg.seed + self.task_index)
-            for layer in self.layers.values():
-                A = torch.linalg.qr(torch.randn(layer.in_features, layer.rank, generator=gen))[0].mT
-                layer.reset_adapter(A)
-            return
-        sketches = {}
-        for name, layer in self.layers.items():
-            sketches[name] = GradientSketch(layer.out_features, layer.in_features, layer.rank,
-                                            U=layer.U if layer.U.shape[1] else None, V=layer.V,
-                                            V_complement=layer.V_complement,
-                                            memory_budget=cfg.sketch_memory_budget,
-                                            seed=cfg.seed + self.task_index, device=layer.weight.device)
-            layer.grad_accumulator = sketches[name]
+    @staticmethod
+    def _check_loader(loader, where: str) -> None:
+        if loader is None or not hasattr(loader, "__iter__"):
+            raise TypeError(f"{where}: loader must be an iterable of batches, got {type(loader).__name__}")
         try:
-            for batch in self._batches(loader, fraction, "task gradient"):
-                loss_fn(self.model, batch).backward()
-        finally:
-            for layer in self.layers.values():
-                layer.grad_accumulator = None
-        for p in self.trainable_parameters():
-            p.grad = None  # the estimation pass is not a training step
-        for name, layer in self.layers.items():
-            sketches[name].all_reduce(self.process_group)  # a no-op without torch.distributed
-            A = _from_rank0(sketches[name].adapter_init().to(layer.V.device), self.process_group)
-            layer.reset_adapter(A)
+            empty = len(loader) == 0
+        except TypeError:
+            return  # no len(): checked while iterating
+        if empty:
+            raise ValueError(f"{where}: the loader is empty (len(loader) == 0); pass the task's batches")
+
+    def collect_inputs(self, loader, forward_fn, fraction: float, desc: str) -> dict[str, InputSketch]:
+        """``{name: InputSketch}`` of each adapted linear's inputs over the first ``fraction`` of
+        ``loader`` (``forward_fn(model, batch)``, without gradients); layers that really receive the
+        same tensor share one exact sketch (see :mod:`.inputs`). Sketches are summed over ranks."""
+        cfg = self.config
+
+        def exact(name):
+            return 4 * self.layers[name].in_features ** 2 <= cfg.sketch_memory_budget
+
+        def make(name):
+            layer = self.layers[name]
+            return InputSketch(layer.in_features, layer.V, V_complement=layer.V_complement,
+                               memory_budget=cfg.sketch_memory_budget,
+                               seed=cfg.seed + self.task_index, device=layer.weight.device)
+
+        sketches = collect_inputs(self.layers, self.batches(loader, fraction, desc),
+                                  lambda batch: forward_fn(self.model, batch), make, exact=exact)
+        for sketch in {id(s): s for s in sketches.values()}.values():
+            sketch.all_reduce(self.process_group)
+        return sketches
+
+    def begin_task(self, loader, loss_fn, fraction: float = 1.0) -> None:
+        """Open task ``task_index``: the method initialises the adapters (KeepLoRA: ``A`` from the
+        projected task gradient over the first ``fraction`` of ``loader``, ``loss_fn(model, batch)``
+        returning the loss; InfLoRA: from the task's inputs; LoRA/O-LoRA: peft's init), ``B = 0``;
+        with ``adapter="full"`` the target weights become trainable instead.
+
+        Raises ``RuntimeError`` when a task is already open, ``ValueError`` for an empty loader."""
+        if self.task_open:
+            raise RuntimeError(f"begin_task: task {self.task_index} is still open; call end_task first "
+                               "(a second begin_task would discard its training)")
+        self._check_loader(loader, "begin_task")
+        if not callable(loss_fn):
+            raise TypeError(f"begin_task: loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
+        self.adapter.begin_task(self, loader, loss_fn, fraction)
+        self.task_open = True
 
     def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
-        """Merge the adapters, then expand each ``V`` by the GPM rule from the inputs the merged model
-        sees on the first ``fraction`` of ``loader`` (``forward_fn(model, batch)`` runs a forward)."""
-        cfg = self.config
-        for layer in self.layers.values():
-            layer.absorb_()
-        if cfg.method != "lora":
+        """Close the open task: merge the adapters into the weights, then, for methods that grow the
+        protected input basis, expand each ``V`` by the GPM rule from the inputs the merged model sees
+        on the first ``fraction`` of ``loader`` (``forward_fn(model, batch)`` runs a forward); the
+        method records what it keeps (O-LoRA: the task's ``A``).
+
+        Raises ``RuntimeError`` when no task is open, ``ValueError`` for an empty loader (the task
+        then stays open and ``end_task`` may be called again)."""
+        if not self.task_open:
+            raise RuntimeError(f"end_task: no task is open (call begin_task first); {self.task_index} tasks done")
+        self._check_loader(loader, "end_task")
+        if not callable(forward_fn):
+            raise TypeError(f"end_task: forward_fn must be callable (model, batch), got {type(forward_fn).__name__}")
+        self.adapter.end_task(self)
+        if self.method.grows_input_basis:
             self._expand_bases(loader, forward_fn, fraction)
+        self.method.end_task(self)
         self.task_index += 1
+        self.task_open = False
 
     def _expand_bases(self, loader, forward_fn, fraction):
         cfg = self.config
-        sketch_of: dict[str, InputSketch] = {}
-        shared: dict[str, InputSketch] = {}
-        for t in self.targets:
-            layer = self.layers[t.name]
-            exact = 4 * layer.in_features ** 2 <= cfg.sketch_memory_budget
-            if exact and t.input_group in shared:  # q, k, v: one exact sketch of their common input
-                sketch_of[t.name] = shared[t.input_group]
-                continue
-            sketch = InputSketch(layer.in_features, layer.V, V_complement=layer.V_complement,
-                                 memory_budget=cfg.sketch_memory_budget,
-                                 seed=cfg.seed + self.task_index, device=layer.weight.device)
-            sketch_of[t.name] = sketch
-            if exact:
-                shared[t.input_group] = sketch
-            layer.input_accumulator = sketch
-        try:
-            with torch.no_grad():
-                for batch in self._batches(loader, fraction, "input subspace"):
-                    forward_fn(self.model, batch)
-        finally:
-            for layer in self.layers.values():
-                layer.input_accumulator = None
-        for sketch in {id(s): s for s in sketch_of.values()}.values():
-            sketch.all_reduce(self.process_group)
-        for t in self.targets:
-            layer = self.layers[t.name]
-            V = sketch_of[t.name].expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+        sketches = self.collect_inputs(loader, forward_fn, fraction, "input subspace")
+        for name, layer in self.layers.items():
+            V = sketches[name].expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
             self._set_input_basis(layer, V, layer.V_complement)
 
     @contextmanager
@@ -223,32 +290,71 @@ class KeepLoRA:
         return layout
 
     def save(self, path: str) -> None:
-        """Everything needed to continue the sequence (config, task index, the adapted layers' merged
-        weights, bases and adapters) as safetensors, written atomically (temp file + rename). Under
+        """Everything needed to continue the sequence (config, task index, whether a task is open, the
+        adapted layers' weights, bases and adapters, the method's and the adapter mode's records) as
+        safetensors, written atomically: a temp file ``.<name>.kplora.tmp-<pid>-<token>`` beside
+        ``path``, fsynced, renamed over ``path``, then the directory fsynced; temp files that an
+        earlier crashed save left (their process is gone) are removed first. Under
         torch.distributed only rank 0 writes, and every rank waits for it; the file holds full
-        tensors, so it loads under any world size."""
+        tensors, so it loads under any world size. Raises ``FileNotFoundError`` when the directory
+        of ``path`` does not exist."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"save: the directory of path {path!r} does not exist ({directory}); create it first")
         tensors = {}  # gathered on every rank (DTensor shards under FSDP2), written by rank 0
         for name, layer in self.layers.items():
             for key in ("weight", "lora_A", "lora_B", "V", "U"):
                 tensors[f"{name}.{key}"] = full(getattr(layer, key).detach()).cpu().contiguous().clone()
         for name, p in self.extra_parameters.items():
             tensors[f"extra.{name}"] = full(p.detach()).cpu().contiguous().clone()
+        for key, t in {**self.method.state_tensors(), **self.adapter.state_tensors(self)}.items():
+            tensors[f"state.{key}"] = t.detach().cpu().contiguous().clone()
         if is_rank0():
             self._write(path, tensors)
         if is_distributed():
             torch.distributed.barrier(group=self.process_group)
 
+    @staticmethod
+    def _temp_prefix(path: str) -> str:
+        directory, base = os.path.split(os.path.abspath(path))
+        return os.path.join(directory, f".{base}.kplora.tmp-")
+
+    @classmethod
+    def _remove_stale_temps(cls, path: str) -> list[str]:
+        """Remove the temp files of earlier saves to ``path`` whose writing process no longer runs."""
+        prefix = cls._temp_prefix(path)
+        directory, stem = os.path.split(prefix)
+        removed = []
+        for entry in os.listdir(directory):
+            if not entry.startswith(stem):
+                continue
+            pid = entry[len(stem):].split("-", 1)[0]
+            alive = pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))
+            if not alive:
+                try:
+                    os.remove(os.path.join(directory, entry))
+                    removed.append(entry)
+                except FileNotFoundError:
+                    pass
+        return removed
+
     def _write(self, path: str, tensors: dict) -> None:
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
-                "layout": self._layout(), "V_complement": {n: l.V_complement for n, l in self.layers.items()}}
-        tmp = f"{path}.tmp-{os.getpid()}"
+                "task_open": self.task_open, "layout": self._layout(),
+                "V_complement": {n: l.V_complement for n, l in self.layers.items()}}
+        self._remove_stale_temps(path)
+        tmp = f"{self._temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_directory(os.path.dirname(os.path.abspath(path)))
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -265,17 +371,18 @@ class KeepLoRA:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for bad files
             raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from exc
-        if not meta or meta.get("format") != FORMAT:
+        if not meta or meta.get("format") not in READABLE_FORMATS:
             raise ValueError(f"{path} is not a kplora controller checkpoint (format {FORMAT})")
         return meta, tensors
 
     def load(self, path: str) -> None:
-        """Restore a :meth:`save` d state into this (freshly wrapped) model; refuses a checkpoint of
-        another architecture or configuration."""
+        """Restore a :meth:`save` d state into this (freshly wrapped) model, an open task included;
+        refuses a checkpoint of another architecture or configuration."""
         meta, tensors = self._read(path)
-        if meta["config"] != self.config.to_dict():
-            diff = {k: (v, self.config.to_dict().get(k)) for k, v in meta["config"].items()
-                    if self.config.to_dict().get(k) != v}
+        theirs_cfg = KeepLoRAConfig.from_dict(meta["config"]).to_dict()
+        mine_cfg = self.config.to_dict()
+        if theirs_cfg != mine_cfg:
+            diff = {k: (v, mine_cfg.get(k)) for k, v in theirs_cfg.items() if mine_cfg.get(k) != v}
             raise ValueError(f"checkpoint {path} was written with another configuration "
                              f"(key: (checkpoint, this)): {diff}")
         mine, theirs = self._layout(), meta["layout"]
@@ -289,14 +396,18 @@ class KeepLoRA:
             for name, layer in self.layers.items():
                 dev = layer.weight.device
                 assign_(layer.weight, tensors[f"{name}.weight"])
-                layer.V = tensors[f"{name}.V"].to(dev)
+                layer.V = tensors[f"{name}.V"].to(dev).clone()
                 layer.V_complement = bool(meta.get("V_complement", {}).get(name, False))
-                layer.U = tensors[f"{name}.U"].to(dev)
+                layer.U = tensors[f"{name}.U"].to(dev).clone()
                 assign_(layer.lora_A, tensors[f"{name}.lora_A"])
                 assign_(layer.lora_B, tensors[f"{name}.lora_B"])
             for name, p in self.extra_parameters.items():
                 assign_(p, tensors[f"extra.{name}"])
+        state = {k[len("state."):]: t for k, t in tensors.items() if k.startswith("state.")}
         self.task_index = meta["task_index"]
+        self.task_open = bool(meta.get("task_open", False))
+        self.method.load_state_tensors(state, self)
+        self.adapter.load_state_tensors(self, state, self.task_open)
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True) -> "KeepLoRA":

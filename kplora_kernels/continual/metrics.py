@@ -12,7 +12,19 @@ import torch
 
 
 def _matrix(acc) -> torch.Tensor:
-    a = torch.as_tensor(acc, dtype=torch.float64)
+    """``acc`` as a float64 ``T×T`` tensor; raises ``ValueError`` naming ``acc`` for a ragged, non-square
+    or non-numeric matrix."""
+    if isinstance(acc, (list, tuple)):
+        rows = list(acc)
+        for i, row in enumerate(rows):
+            if not isinstance(row, (list, tuple, torch.Tensor)) or len(row) != len(rows):
+                got = len(row) if hasattr(row, "__len__") else type(row).__name__
+                raise ValueError(f"acc must be a square T×T accuracy matrix (T = {len(rows)} rows): row {i} has "
+                                 f"{got} entries, expected {len(rows)}")
+    try:
+        a = torch.as_tensor(acc, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"acc must be a square T×T matrix of numbers, got {type(acc).__name__}: {exc}") from None
     if a.dim() != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 1:
         raise ValueError(f"the accuracy matrix must be square T×T with T ≥ 1, got shape {tuple(a.shape)}")
     return a

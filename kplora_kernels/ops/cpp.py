@@ -22,6 +22,10 @@ def _register_fakes() -> None:
     def _(G, U, V, scale):
         return None
 
+    @torch.library.register_fake("kplora::residual_project_grouped_")
+    def _(Gs, Us, Vs, scales):
+        return None
+
     @torch.library.register_fake("kplora::project_rows")
     def _(X, V, scale):
         return torch.empty_like(X, memory_format=torch.contiguous_format)

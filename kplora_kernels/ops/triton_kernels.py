@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import low_rank_factors
+from .reference import thin_factors
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -31,7 +31,7 @@ else:
 def _epilogue_kernel(G, L, R, O, M, N, K,
                      stride_gm, stride_gn, stride_lm, stride_lk, stride_rk, stride_rn,
                      stride_om, stride_on, scale,
-                     UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                     KEEP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -55,19 +55,39 @@ def _epilogue_kernel(G, L, R, O, M, N, K,
         else:
             acc += tl.dot(l_t, r_t)
     mask = mask_m[:, None] & mask_n[None, :]
-    g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask, other=0.0)
-    result = scale * (g.to(tl.float32) - acc)
+    if KEEP:
+        g = tl.load(G + rm[:, None] * stride_gm + rn[None, :] * stride_gn, mask=mask, other=0.0)
+        result = scale * (g.to(tl.float32) - acc)
+    else:
+        result = -scale * acc
     tl.store(O + rm[:, None] * stride_om + rn[None, :] * stride_on, result.to(O.dtype.element_ty), mask=mask)
 
 
-def residual_project_2d(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None,
-                        scale: float, out: torch.Tensor) -> None:
-    """Writes ``scale·(I−UUᵀ) G (I−VVᵀ)`` into ``out`` (may be ``G``). 2-D ``G``; at least one basis,
-    each non-empty and already in ``G``'s dtype; fp32, fp16 or bf16."""
-    L, R = low_rank_factors(G, U, V)
-    M, N = G.shape
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    _epilogue_kernel[grid](G, L, R, out, M, N, L.shape[1],
-                           G.stride(0), G.stride(1), L.stride(0), L.stride(1), R.stride(0), R.stride(1),
-                           out.stride(0), out.stride(1), float(scale),
-                           UPCAST=INTERPRET, IEEE=G.dtype == torch.float32)
+def project(G, U, V, scale, out, *, U_complement=False, V_complement=False, GV0=None, UtG0=None) -> None:
+    """Writes ``scale·(I−UUᵀ)(G − G0)(I−VVᵀ)`` (+ ``G0`` when offsets are given) into ``out`` (may be
+    ``G``); ``G`` is ``(..., out, in)`` in fp32, fp16 or bf16."""
+    import itertools
+
+    for index in itertools.product(*map(range, G.shape[:-2])):
+        G2, out2 = G[index], out[index]
+        if G2.numel() == 0:
+            continue
+        U2 = U if U_complement or U is None or U.shape[1] else None
+        V2 = V if V_complement or V is None or V.shape[1] else None
+        keep, L, R = thin_factors(G2, U2, V2, U_complement=U_complement, V_complement=V_complement,
+                                  GV0=GV0, UtG0=UtG0)
+        if L.dtype != G2.dtype and L.dtype != torch.float32:
+            L, R = L.to(G2.dtype), R.to(G2.dtype)
+        M, N = G2.shape
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _epilogue_kernel[grid](G2, L, R, out2, M, N, L.shape[1],
+                               G2.stride(0), G2.stride(1), L.stride(0), L.stride(1), R.stride(0), R.stride(1),
+                               out2.stride(0), out2.stride(1), float(scale), KEEP=bool(keep),
+                               UPCAST=INTERPRET or L.dtype != G2.dtype,
+                               IEEE=G2.dtype == torch.float32)
+
+
+def project_grouped_(entries) -> None:
+    """In-place projection of ``[G, U, V, scale, U_complement, V_complement]`` entries."""
+    for G, U, V, s, uc, vc in entries:
+        project(G, U, V, s, G, U_complement=uc, V_complement=vc)

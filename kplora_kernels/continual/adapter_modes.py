@@ -1,0 +1,284 @@
+"""How the engine trains a target weight: a LoRA adapter merged at each task end (``adapter="lora"``)
+or the whole weight with every update confined to the residual subspace (``adapter="full"``).
+
+Full mode (docs/design.md §1 applied to the weight itself): at a task start the target weights become
+trainable and their start value ``W₀`` is recorded through thin products; before each optimizer step
+every target gradient is replaced in place by ``s_l·(I−UUᵀ)G(I−VVᵀ)``; after each step the constraint
+``(W − W₀)V = 0``, ``Uᵀ(W − W₀) = 0`` is restored exactly (Adam's element-wise scaling leaves it
+otherwise). The task end grows ``V`` by the GPM rule as in LoRA mode. The grouped projection and
+the restore are the ops :func:`~kplora_kernels.ops.residual_project_grouped_` and
+:func:`~kplora_kernels.ops.subspace_restore_grouped_`.
+
+The gradient projection runs in the optimizer's pre-step hook, once per step, not after each
+backward: with gradient accumulation, projecting after every backward would apply ``s_l`` once per
+micro-batch to the earlier ones. Code that reads the gradients before the step (gradient clipping)
+calls :meth:`KeepLoRA.project_gradients_` first; the hook then skips that step's projection.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed
+
+from ..nn import register_projection_hooks
+from ..ops import (SubspaceAnchor, residual_project, residual_project_grouped_, subspace_anchor,
+                   subspace_restore_grouped_)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .controller import KeepLoRA
+
+
+class _Handles:
+    """Several hook handles removed together (the optimizer's pre- and post-step hooks)."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class LoRAAdapter:
+    """``A``/``B`` per layer, set by the method at each task start and merged at each task end."""
+
+    name = "lora"
+
+    def wrap(self, engine: "KeepLoRA", layer) -> None:
+        pass
+
+    def trainable(self, engine: "KeepLoRA") -> list:
+        return [p for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
+
+    def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
+        for layer in engine.layers.values():  # the method's estimation passes train nothing
+            layer.lora_A.requires_grad_(False)
+            layer.lora_B.requires_grad_(True)
+        engine.method.init_adapters(engine, loader, loss_fn, fraction)
+        for layer in engine.layers.values():
+            layer.lora_A.requires_grad_(engine.method.trains_A)
+
+    def end_task(self, engine: "KeepLoRA") -> None:
+        for layer in engine.layers.values():
+            layer.absorb_()  # B = 0 afterwards: absorbing twice (a retried end_task) adds nothing
+
+    def register_hooks(self, engine: "KeepLoRA", optimizer):
+        return register_projection_hooks(engine.model, optimizer)
+
+    def state_tensors(self, engine: "KeepLoRA") -> dict:
+        return {}
+
+    def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
+        for layer in engine.layers.values():
+            layer.lora_A.requires_grad_(task_open and engine.method.trains_A)
+
+
+# --- FSDP2: weights and gradients are row shards (Shard(0)) ------------------------------------------
+
+def _row_shard(t, name: str = "weight"):
+    """``(local rows, first row's global index, process group)`` of a DTensor sharded ``Shard(0)`` on a
+    1-D mesh (FSDP2's layout); raises ``NotImplementedError`` for any other layout."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise NotImplementedError(f"adapter='full' supports sharded weights only as FSDP2 row shards (Shard(0) on "
+                                  f"a 1-D mesh); {name} has placements {tuple(t.placements)} on a "
+                                  f"{t.device_mesh.ndim}-D mesh")
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), int(offset[0]), t.device_mesh.get_group()
+
+
+def _summed(t: torch.Tensor, group) -> torch.Tensor:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
+    return t
+
+
+@torch.no_grad()
+def _sharded_snapshot(layer) -> dict[str, torch.Tensor]:
+    """The task-start reference of a row-sharded weight: this rank's rows of ``W₀V`` (row-local) and
+    the whole ``UᵀW₀`` (``k_out×in``, summed over the shards), or this rank's rows of ``W₀``."""
+    U, V, complement = FullAdapter._bases(layer)
+    if U is None and V is None:
+        return {}
+    W, off, group = _row_shard(layer.weight.detach())
+    if complement:
+        return {"W0": W.clone()}
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    snap = {"W0V": W.to(work) @ V.to(work)} if V is not None else {}
+    if U is not None:
+        snap["UtW0"] = _summed(U[off:off + W.shape[0]].to(work).mT @ W.to(work), group)
+    return snap
+
+
+@torch.no_grad()
+def _project_sharded_(G, U, V, complement: bool, scale: float) -> None:
+    """``G ← s·(I−UUᵀ)G(I−VVᵀ)`` for a row-sharded gradient: the ``V`` side on the local rows, then
+    ``UᵀG`` (``k_out×in``) summed over the shard group and subtracted through this rank's rows of U."""
+    G_l, off, group = _row_shard(G, "weight.grad")
+    residual_project_grouped_([G_l], None, [V], [scale], V_complement=[complement])
+    if U is not None:
+        U_l = U[off:off + G_l.shape[0]].to(G_l.dtype)
+        G_l.addmm_(U_l, _summed(U_l.mT @ G_l, group), alpha=-1.0)
+
+
+@torch.no_grad()
+def _restore_sharded_(W, U, V, complement: bool, snap: dict) -> None:
+    """:func:`~kplora_kernels.ops.subspace_restore_` for a row-sharded weight (one ``k_out×in``
+    all-reduce for the ``U`` side)."""
+    W_l, off, group = _row_shard(W)
+    work = torch.float64 if W_l.dtype == torch.float64 else torch.float32
+    Ww = W_l.to(work)
+    U_l = None if U is None else U[off:off + W_l.shape[0]].to(work)
+    if "W0" in snap:
+        H = Ww - snap["W0"].to(work)
+        H = residual_project(H, None, V.to(work), 1.0, V_complement=True) if V is not None else H
+        if U_l is not None:
+            H.addmm_(U_l, _summed(U_l.mT @ H, group), alpha=-1.0)
+        W_l.copy_(snap["W0"].to(work) + H)
+        return
+    new = Ww.clone()  # one local shard in the work dtype: the correction is read from the old values
+    if V is not None:
+        Vw = V.to(work)
+        new.addmm_(Ww @ Vw - snap["W0V"], Vw.mT, alpha=-1.0)  # − (W − W₀)V Vᵀ
+    if U_l is not None:
+        UtD = _summed(U_l.mT @ Ww, group) - snap["UtW0"]  # Uᵀ(W − W₀), whole k_out×in
+        if V is not None:
+            UtD.addmm_(UtD @ Vw, Vw.mT, alpha=-1.0)  # Uᵀ(W − W₀)(I − VVᵀ)
+        new.addmm_(U_l, UtD, alpha=-1.0)
+    W_l.copy_(new)
+
+
+class FullAdapter:
+    """Residual-subspace full fine-tuning. Extra memory per layer while a task is open: the thin
+    products ``W₀V`` (``out×k_in``) and ``UᵀW₀`` (``k_out×in``) while ``V`` is stored as itself; once
+    ``V`` is stored as its complement (``k_in > in/2``) thin products no longer determine ``W − W₀`` and
+    a copy of ``W₀`` (``out×in``) is kept instead. Plain data parallel (DDP) works (the gradients are
+    already summed when the pre-step hook runs). FSDP2 (row shards, ``Shard(0)``): the ``V`` side is
+    row-local; the ``U`` side sums ``UᵀG`` (``k_out×in``) over the shard group, one all-reduce per
+    weight per step for the gradient and one for the restore; each rank keeps its rows of ``W₀V``
+    (or of ``W₀``) and the whole ``UᵀW₀``. Checkpoints saved mid-task under FSDP2 hold each rank's
+    reference rows only on that rank and are refused (save between tasks)."""
+
+    name = "full"
+
+    def __init__(self):
+        self.start: dict[str, dict[str, torch.Tensor]] = {}  # name → snapshot of W₀ (thin or whole)
+        self._projected = False  # gradients of the current step already projected
+
+    def wrap(self, engine: "KeepLoRA", layer) -> None:
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+        layer.merged = True  # B = 0, nothing to fold: the forward is the plain linear of the weight
+
+    def trainable(self, engine: "KeepLoRA") -> list:
+        return [layer.weight for layer in engine.layers.values() if layer.weight.requires_grad]
+
+    @staticmethod
+    def _bases(layer):
+        """``(U or None, V or None, V_complement)`` of ``layer`` as the ops take them."""
+        U = layer.U if layer.U.shape[1] else None
+        V = layer.V if layer.protects_input else None
+        return U, V, layer.V_complement and V is not None
+
+    @torch.no_grad()
+    def _snapshot(self, layer) -> dict[str, torch.Tensor]:
+        U, V, complement = self._bases(layer)
+        W = layer.weight.detach()
+        if U is None and V is None:
+            return {}
+        if complement:  # thin products of a complement basis are as large as W₀: keep W₀
+            return {"W0": W.clone()}
+        anchor = subspace_anchor(W, U, V)
+        return {k: t for k, t in anchor._asdict().items() if t is not None}
+
+    def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
+        for name, layer in engine.layers.items():
+            if hasattr(layer.weight, "device_mesh"):
+                _row_shard(layer.weight, name)  # raises for layouts other than FSDP2's Shard(0)
+        self.start = {name: (_sharded_snapshot(layer) if hasattr(layer.weight, "device_mesh") else self._snapshot(layer))
+                      for name, layer in engine.layers.items()}
+        for layer in engine.layers.values():
+            layer.weight.requires_grad_(True)
+        self._projected = False
+
+    @torch.no_grad()
+    def project_gradients_(self, engine: "KeepLoRA") -> None:
+        """``G ← s_l·(I−UUᵀ)G(I−VVᵀ)`` in place for every target weight's gradient, all in one grouped
+        call (:func:`~kplora_kernels.ops.residual_project_grouped_`); once per optimizer step."""
+        if self._projected:
+            return
+        Gs, Us, Vs, scales, complements = [], [], [], [], []
+        for layer in engine.layers.values():
+            G = layer.weight.grad
+            U, V, complement = self._bases(layer)
+            if G is None or (U is None and V is None and layer.layer_scale == 1.0):
+                continue
+            if hasattr(G, "device_mesh"):
+                _project_sharded_(G, U, V, complement, layer.layer_scale)
+                continue
+            Gs.append(G)
+            Us.append(U)
+            Vs.append(V)
+            scales.append(layer.layer_scale)
+            complements.append(complement)
+        if Gs:
+            residual_project_grouped_(Gs, Us, Vs, scales, V_complement=complements)
+        self._projected = True
+
+    @torch.no_grad()
+    def restore_(self, engine: "KeepLoRA") -> None:
+        """``W ← W₀ + (I−UUᵀ)(W − W₀)(I−VVᵀ)`` for every target weight
+        (:func:`~kplora_kernels.ops.subspace_restore_grouped_`): ``(W − W₀)V = 0`` and ``Uᵀ(W − W₀) = 0``
+        again after an optimizer step (a rank-(k_in + k_out) correction from the thin anchor)."""
+        self._projected = False
+        Ws, Us, Vs, W0s, anchors, complements = [], [], [], [], [], []
+        for name, layer in engine.layers.items():
+            snap = self.start[name]
+            if not snap:
+                continue
+            U, V, complement = self._bases(layer)
+            if hasattr(layer.weight, "device_mesh"):
+                _restore_sharded_(layer.weight.detach(), U, V, complement, snap)
+                continue
+            Ws.append(layer.weight.detach())
+            Us.append(U)
+            Vs.append(V)
+            complements.append(complement)
+            W0s.append(snap.get("W0"))
+            anchors.append(None if "W0" in snap else SubspaceAnchor(snap.get("W0V"), snap.get("UtW0")))
+        if Ws:
+            subspace_restore_grouped_(Ws, Us, Vs, W0s=W0s, anchors=anchors, V_complement=complements)
+
+    def end_task(self, engine: "KeepLoRA") -> None:
+        for layer in engine.layers.values():
+            layer.weight.requires_grad_(False)
+            layer.weight.grad = None
+        self.start = {}
+
+    def register_hooks(self, engine: "KeepLoRA", optimizer):
+        pre = optimizer.register_step_pre_hook(lambda *_: self.project_gradients_(engine))
+        post = optimizer.register_step_post_hook(lambda *_: self.restore_(engine))
+        return _Handles(pre, post)
+
+    def state_tensors(self, engine: "KeepLoRA") -> dict:
+        if self.start and any(hasattr(layer.weight, "device_mesh") for layer in engine.layers.values()):
+            raise NotImplementedError("saving an open task of adapter='full' with FSDP2-sharded weights is not "
+                                      "implemented (each rank holds its own rows of the task-start reference); "
+                                      "save after end_task")
+        return {f"full_start.{name}.{key}": t for name, snap in self.start.items() for key, t in snap.items()}
+
+    def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
+        self.start = {}
+        if not task_open:
+            return
+        for name, layer in engine.layers.items():
+            prefix = f"full_start.{name}."
+            self.start[name] = {k[len(prefix):]: t.to(layer.weight.device).clone() for k, t in tensors.items()
+                                if k.startswith(prefix)}
+            layer.weight.requires_grad_(True)
+
+
+def make_adapter(config):
+    return FullAdapter() if config.adapter == "full" else LoRAAdapter()
