@@ -32,7 +32,7 @@ class DemoConfig:
     """The demo's settings (``--config`` file keys); ``kplora demo --help`` lists them."""
 
     seed: int = setting(0, "seed of the data split, the models and the batches", ge=0)
-    methods: list[str] = setting(default_factory=lambda: ["keeplora++", "keeplora", "lora"],
+    methods: list[str] = setting(default_factory=lambda: ["keeplora++", "keeplora", "inflora", "olora", "lora"],
                                  help="the methods compared, each from the same stage-0 model")
     fashion: bool = setting(False, "replace the mirrored-digits task by two Fashion-MNIST tasks "
                                    "(Debian package dataset-fashion-mnist)")
@@ -152,7 +152,7 @@ def run_method(method: str, cfg: DemoConfig, stage0: nn.Module, base: Task, task
         opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=0.0)
         kl.register_projection_hook(opt)
         torch.manual_seed(seed)
-        trained = train_steps(lambda batch: classification_loss(model, batch),
+        trained = train_steps(lambda batch: classification_loss(model, batch) + kl.regularization(),
                               task.batches(cfg.batch_size, seed + 1, cfg.task_steps), cfg.task_steps, opt,
                               desc=f"{method}: task {t} ({task.domain.name})", reports=0)
         kl.end_task(list(task.batches(cfg.batch_size, seed + 2, 8)), classification_loss)

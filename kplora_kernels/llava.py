@@ -251,7 +251,8 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
             steps = -(-total // cfg.gradient_accumulation)
             schedule = make_scheduler(opt, cfg.lr_schedule, steps, cfg.warmup_fraction)
             epochs = (b for _ in range(cfg.epochs) for b in batches)
-            trained_task = train_steps(lambda batch: loss_fn(trained, batch), epochs, total, opt,
+            # a method's extra loss (O-LoRA), kept out of loss_fn, which begin_task also uses
+            trained_task = train_steps(lambda batch: loss_fn(trained, batch) + kl.regularization(), epochs, total, opt,
                                        accumulation=cfg.gradient_accumulation, scheduler=schedule, amp=cfg.amp,
                                        device=device, desc=f"task {t} ({names[t]})", scalars=scalars,
                                        step_offset=step, model=trained)

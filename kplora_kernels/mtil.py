@@ -219,7 +219,9 @@ class Benchmark:
                 seen["images"] += len(batch[1])
                 yield batch
         start = time.perf_counter()
-        train_steps(lambda batch: loss(model, batch), counted(itertools.islice(_epochs(train), total)), total, opt,
+        # kl.regularization(): a method's extra loss (O-LoRA's orthogonality penalty), 0 for the others;
+        # not part of `loss`, which begin_task also uses to estimate the task gradient
+        train_steps(lambda batch: loss(model, batch) + kl.regularization(), counted(itertools.islice(_epochs(train), total)), total, opt,
                     accumulation=cfg.gradient_accumulation, scheduler=schedule, amp=cfg.amp, device=self.device,
                     desc=f"task {t} ({split.name})", scalars=scalars, step_offset=t * cfg.iterations)
         throughput.append(seen["images"] / max(time.perf_counter() - start, 1e-9))

@@ -200,10 +200,8 @@ class InfLoRA(Method):
         for name, layer in engine.layers.items():
             sketch = sketches[name]
             V = layer.V if (layer.V.shape[1] or layer.V_complement) else None
-            if sketch.strategy == "covariance":
-                _, vecs, _ = sketch.residual_spectrum(V, layer.V_complement)
-            else:
-                _, vecs, _ = sketch.residual_spectrum(sketch.V, sketch.V_complement)
+            # a few more than r: residual_directions drops any that rounding left inside span(V)
+            vecs = sketch.top_residual_directions(2 * layer.rank, V, layer.V_complement)
             A = residual_directions(layer, vecs, layer.rank, self.config.seed + engine.task_index)
             layer.reset_adapter(engine.broadcast((self.SCALE * A).to(layer.weight.dtype)))
 

@@ -310,6 +310,30 @@ class InputSketch(_Guard):
         inside = float((Vd * (C @ Vd)).sum())
         return inside if complement else float(C.diagonal().sum()) - inside
 
+    def top_residual_directions(self, count: int, V: torch.Tensor | None = None,
+                                complement: bool = False) -> torch.Tensor:
+        """The ``count`` leading eigenvectors (``dim×c``, fp64, ``c ≤ count``, in the residual space) of
+        the residual input covariance ``(I − VVᵀ) Σ XᵀX (I − VVᵀ)``: exact for the covariance strategy
+        (for the given ``V``; ``complement``: ``V`` spans the residual space), the stable Nyström
+        approximation for the randomized one (its own ``V``). InfLoRA's task-start design uses them.
+        Raises ``ValueError`` for a bad ``count`` or when batches were refused."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count must be an int ≥ 0, got {count!r}")
+        self._finalise_checks([self.state], "inputs X")
+        if self.strategy == "randomized":
+            return self._nystrom_spectrum()[1](count)
+        C = self.state.double()
+        if V is not None and (V.shape[1] or complement):
+            Vd = V.to(self.device).double()
+            if complement:  # the residual covariance lives in span(V): decompose Vᵀ C V
+                M = Vd.mT @ C @ Vd
+                evals, W = torch.linalg.eigh((M + M.mT) / 2)
+                return Vd @ W.flip(1)[:, :count]
+            C = C - Vd @ (Vd.mT @ C)
+            C = C - (C @ Vd) @ Vd.mT
+        evals, evecs = torch.linalg.eigh((C + C.mT) / 2)
+        return evecs.flip(1)[:, :count]
+
     def expand(self, V: torch.Tensor | None, eps: float, *, V_complement: bool = False,
                keep_free: int = 0) -> torch.Tensor:
         """``V`` extended by the GPM rule (:func:`~kplora_kernels.subspace.linalg.gpm_count`, the one
