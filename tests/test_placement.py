@@ -88,3 +88,63 @@ def test_cpu_placement_keeps_bases_in_pinned_host_memory_on_cuda():
     with placement.resident({"l": layer}):
         assert layer.V.device.type == "cuda"
     assert layer.V.device.type == "cpu"
+
+
+def run_two_tasks(placement, steps=5):
+    """Two digit tasks through the controller with ``placement``; what was observed of the bases
+    during training and during the boundaries, and the final state."""
+    from kplora_kernels.continual import KeepLoRA
+    from test_continual import DigitsMLP, config, digits_tasks, task_loss
+
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    kl = KeepLoRA(model, config("keeplora++"), progress=False, placement=placement)
+    seen = {"boundary": [], "training": []}
+
+    def observe(where):
+        seen[where].append({n: kl.placement.is_offloaded(n) for n in kl.layers})
+
+    def boundary_loss(m, batch):
+        observe("boundary")
+        return task_loss(m, batch)
+
+    for train, _ in digits_tasks()[:2]:
+        kl.begin_task([train], boundary_loss)
+        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
+        kl.register_projection_hook(opt)
+        for _ in range(steps):
+            observe("training")
+            opt.zero_grad()
+            task_loss(model, train).backward()
+            opt.step()
+        kl.end_task([train], boundary_loss)
+    return kl, seen
+
+
+def test_controller_keeps_bases_off_between_boundaries_and_is_bit_identical(tmp_path):
+    from kplora_kernels.continual.placement import BasisPlacement
+
+    ref, _ = run_two_tasks("device")
+    kl, seen = run_two_tasks(BasisPlacement("mmap", tmp_path))
+    assert all(all(step.values()) for step in seen["training"]), "bases resident during training"
+    assert not any(any(step.values()) for step in seen["boundary"]), "bases not resident at a boundary"
+    assert all(kl.placement.is_offloaded(n) for n in kl.layers)
+    assert str(tmp_path / "bases.safetensors") in mapped_files()
+    for name, layer in kl.layers.items():
+        assert torch.equal(layer.weight, ref.layers[name].weight), name
+        assert torch.equal(layer.V, ref.layers[name].V), name
+    kl.save(str(tmp_path / "a.safetensors"))
+    ref.save(str(tmp_path / "b.safetensors"))
+    from helpers import assert_same_checkpoint
+
+    assert_same_checkpoint(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+def test_controller_full_mode_keeps_bases_resident(tmp_path):
+    from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
+    from kplora_kernels.continual.placement import BasisPlacement
+    from test_continual import DigitsMLP, config
+
+    cfg = KeepLoRAConfig(**{**config("keeplora++").to_dict(), "adapter": "full"})
+    kl = KeepLoRA(DigitsMLP(), cfg, progress=False, placement=BasisPlacement("mmap", tmp_path))
+    assert kl.placement.mode == "device" and not any(kl.placement.is_offloaded(n) for n in kl.layers)

@@ -30,6 +30,7 @@ from ..subspace.sketch import complement_basis
 from .adapter_modes import make_adapter
 from .adapters import find_targets, replace_module, split_multihead_attention
 from .config import KeepLoRAConfig
+from .placement import BasisPlacement
 from .inputs import collect_inputs
 from .methods import make_method
 
@@ -102,10 +103,18 @@ class KeepLoRA:
     passes its shard of the data to ``begin_task``/``end_task``; the sketches are summed over
     ``process_group`` and rank 0's ``A`` and bases are broadcast, so every rank holds the same state
     as a single process that saw the global batch. :meth:`save` writes from rank 0 only.
+
+    ``placement`` (a name or a :class:`~kplora_kernels.continual.placement.BasisPlacement`) says where
+    the protected bases live between task boundaries: ``"cpu"`` (the default: pinned host memory when
+    the model is on CUDA, nothing moves for a model on the CPU), ``"device"`` (with the weights), or
+    ``BasisPlacement("mmap", folder)`` (a memory-mapped safetensors file). Only the boundaries
+    (``begin_task``, ``end_task``) bring them back. ``adapter="full"`` keeps them on the device (its
+    every step projects on them); so do layers with ``train_A`` or an output basis.
     """
 
     def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
-                 compute_bases: bool = True, layer_index: dict | None = None, process_group=None):
+                 compute_bases: bool = True, layer_index: dict | None = None, process_group=None,
+                 placement: "str | BasisPlacement" = "cpu"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if config is not None and not isinstance(config, KeepLoRAConfig):
@@ -142,6 +151,10 @@ class KeepLoRA:
                     layer.set_bases(U=_from_rank0(U, process_group))
         self.task_index = 0
         self.task_open = False
+        self.placement = placement if isinstance(placement, BasisPlacement) else BasisPlacement(placement)
+        if self.adapter.name == "full":  # the per-step gradient projection reads the bases
+            self.placement = BasisPlacement("device")
+        self.placement.offload(self.layers)
 
     @property
     def extra_parameters(self) -> dict[str, nn.Parameter]:
@@ -244,7 +257,8 @@ class KeepLoRA:
         self._check_loader(loader, "begin_task")
         if not callable(loss_fn):
             raise TypeError(f"begin_task: loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
-        self.adapter.begin_task(self, loader, loss_fn, fraction)
+        with self.placement.resident(self.layers):  # the boundaries are the only users of the bases
+            self.adapter.begin_task(self, loader, loss_fn, fraction)
         self.task_open = True
 
     def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
@@ -260,10 +274,11 @@ class KeepLoRA:
         self._check_loader(loader, "end_task")
         if not callable(forward_fn):
             raise TypeError(f"end_task: forward_fn must be callable (model, batch), got {type(forward_fn).__name__}")
-        self.adapter.end_task(self)
-        if self.method.grows_input_basis:
-            self._expand_bases(loader, forward_fn, fraction)
-        self.method.end_task(self)
+        with self.placement.resident(self.layers):
+            self.adapter.end_task(self)
+            if self.method.grows_input_basis:
+                self._expand_bases(loader, forward_fn, fraction)
+            self.method.end_task(self)
         self.task_index += 1
         self.task_open = False
 
@@ -408,6 +423,7 @@ class KeepLoRA:
         self.task_open = bool(meta.get("task_open", False))
         self.method.load_state_tensors(state, self)
         self.adapter.load_state_tensors(self, state, self.task_open)
+        self.placement.offload(self.layers)  # the loaded bases go where the placement keeps them
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True) -> "KeepLoRA":

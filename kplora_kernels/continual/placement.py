@@ -9,7 +9,7 @@ the training device in between and brings them back, layer by layer, for a bound
 - ``"device"``: the bases stay with the weights (no transfers; the behaviour before placements);
 - ``"cpu"``: host memory, pinned when CUDA is available (the default for CUDA models), so the copy
   back overlaps with compute on a side stream;
-- ``"mmap"``: a safetensors file under ``folder``, memory-mapped (``torch.from_file``), for hosts
+- ``"mmap"``: a safetensors file under ``folder`` (one per rank), memory-mapped (``torch.from_file``), for hosts
   short of RAM; the file is rewritten whenever the bases change.
 
 A layer that reads its bases in every step stays resident, whatever the placement: ``train_A=True``
@@ -23,6 +23,9 @@ import os
 from contextlib import contextmanager
 
 import torch
+import torch.distributed
+
+from ..distributed import is_distributed
 
 PLACEMENTS = ("device", "cpu", "mmap")
 _BASES = ("V", "U")
@@ -51,19 +54,20 @@ class BasisPlacement:
         if mode == "mmap" and not folder:
             raise ValueError("folder: the 'mmap' placement needs a folder for its safetensors file, got None")
         self.mode, self.folder = mode, os.fspath(folder) if folder else None
-        self._home: dict[str, torch.device] = {}  # where each offloaded layer's bases belong
+        self._off: set[str] = set()  # the layers whose bases are off their weights' device
 
     # --- one layer at a time ------------------------------------------------------------------------
     def is_offloaded(self, name: str) -> bool:
-        return name in self._home
+        return name in self._off
 
     def offload(self, layers: dict) -> None:
         """Move the bases of every layer that does not need them in training off its device."""
         if self.mode == "device":
             return
+        if self.mode == "cpu" and not any(layer.weight.device.type != "cpu" for layer in layers.values()):
+            return  # the training device is the host: nothing to move
         movable = {n: layer for n, layer in layers.items() if not needs_bases_in_training(layer)}
-        for name, layer in movable.items():
-            self._home.setdefault(name, layer.weight.device)
+        self._off.update(movable)
         if self.mode == "cpu":
             pin = torch.cuda.is_available()
             for layer in movable.values():
@@ -77,13 +81,15 @@ class BasisPlacement:
             self._write_mmap(movable)
 
     def fetch(self, name: str, layer, non_blocking: bool = False) -> None:
-        """Bring ``layer``'s bases back to its device (a no-op when they are there)."""
-        home = self._home.pop(name, None)
-        if home is None:
-            return
+        """Bring ``layer``'s bases to the device of its weight — where the weight is now, so a model
+        moved after wrapping (``model.cuda()``) is followed (a no-op when they are there)."""
+        home = layer.weight.device
+        offloaded = name in self._off
+        self._off.discard(name)
         for key in _BASES:
             t = getattr(layer, key)
-            setattr(layer, key, t.to(home, non_blocking=non_blocking and t.is_pinned(), copy=True))
+            if offloaded or t.device != home:
+                setattr(layer, key, t.to(home, non_blocking=non_blocking and t.is_pinned(), copy=True))
 
     @contextmanager
     def resident(self, layers: dict):
@@ -98,10 +104,11 @@ class BasisPlacement:
     def fetch_all(self, layers: dict) -> None:
         """Every layer's bases back on its device; on CUDA the copies are queued on a side stream,
         one layer ahead of the next, and the current stream waits for them once."""
-        names = [n for n in layers if self.is_offloaded(n)]
+        names = [n for n, layer in layers.items()
+                 if self.is_offloaded(n) or any(getattr(layer, k).device != layer.weight.device for k in _BASES)]
         if not names:
             return
-        cuda = any(self._home[n].type == "cuda" for n in names)
+        cuda = any(layers[n].weight.device.type == "cuda" for n in names)
         if not cuda:
             for n in names:
                 self.fetch(n, layers[n])
@@ -117,7 +124,8 @@ class BasisPlacement:
         from safetensors.torch import save_file
 
         os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, "bases.safetensors")
+        rank = torch.distributed.get_rank() if is_distributed() else 0  # one file per rank: no two writers
+        path = os.path.join(self.folder, "bases.safetensors" if rank == 0 else f"bases-rank{rank}.safetensors")
         tensors = {f"{n}.{k}": getattr(layer, k).detach().cpu().contiguous()
                    for n, layer in movable.items() for k in _BASES if getattr(layer, k).numel()}
         tmp = f"{path}.tmp-{os.getpid()}"
