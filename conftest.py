@@ -1,4 +1,4 @@
-"""Shared by tests/ and bench/. Runs before anything imports Triton or transformers (DESIGN §3)."""
+"""Shared by tests/ and bench/. Runs before anything imports Triton or transformers (docs/design.md §3)."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

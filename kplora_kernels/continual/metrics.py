@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix (DESIGN §1).
+"""Continual-learning metrics from an accuracy matrix (docs/design.md §1).
 
 ``a[i][j]`` is the accuracy on task ``j`` after training task ``i`` (``T×T``, every task evaluated
 after every stage). Transfer = mean over ``j ≥ 1`` of ``mean_{i<j} a[i][j]``; Average = mean over
