@@ -258,3 +258,29 @@ def test_out_overlapping_an_input_is_refused(backend):
     ops.residual_project(square, U, V, out=square, backend=backend)
     torch.testing.assert_close(square, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_restore_above_the_fused_rank(backend, dtype):
+    # k_out + k_in = 140: the C++ kernel switches to whole-matrix BLAS, Triton to cuBLAS + epilogue
+    W, W0, U, V = restore_case(150, 160, 10, 130, dtype, device_for(backend))
+    W_before = W.clone()
+    ops.subspace_restore_(W, U, V, anchor=ops.subspace_anchor(W0, U, V), backend=backend)
+    oracle = as64(W0) + reference.residual_project_unchecked(as64(W_before) - as64(W0), as64(U), as64(V), 1.0)
+    assert_close_to_oracle(W, oracle, reference.subspace_restore(W_before, W0, U, V), W0.abs().max().item(), dtype)
+
+
+def test_forced_cpp_restore_runs_the_cpp_kernel(monkeypatch):
+    if not cpp.load(jit=True):
+        pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the torch thin-factor path ran for a forced C++ restore")
+
+    monkeypatch.setattr(reference, "thin_factors", no_torch)
+    cases = [restore_case(40, 56, *sides, torch.float32, "cpu", seed=i) for i, sides in enumerate(SIDES.values())]
+    Ws = [c[0].clone() for c in cases]
+    ops.subspace_restore_grouped_(Ws, [c[2] for c in cases], [c[3] for c in cases],
+                                  anchors=[ops.subspace_anchor(c[1], c[2], c[3]) for c in cases], backend="cpp")
+    for W, (W_before, W0, U, V) in zip(Ws, cases):
+        torch.testing.assert_close(W, reference.subspace_restore(W_before, W0, U, V), atol=1e-5, rtol=1e-5)

@@ -182,17 +182,40 @@ def _check_reference(i, W, U, V, uc, vc, W0, anchor, what):
                              "recompute the anchor with subspace_anchor after the bases change")
 
 
-def _restore_one_(W, U, V, uc, vc, W0, anchor, backend):
-    if W.numel() == 0:
-        return
-    if W0 is not None:
-        # W ← W0 + P(W − W0): in place, no temporary of W's size
-        W.sub_(W0)
-        project_into_(W, W, U, V, 1.0, backend, uc, vc)
-        W.add_(W0)
-        return
-    project_into_(W, W, U, V, 1.0, "triton" if backend == "triton" else "torch", False, False,
-                  GV0=anchor[0], UtG0=anchor[1])
+def _restore_all_(entries, backends, W0s, anchors) -> None:
+    """Restore every entry in place; entries with an anchor go to the C++ kernel in one call on CPU
+    and to the Triton kernels in one launch per group of equal shapes on CUDA."""
+    cpp_lists = ([], [], [], [], [])
+    triton_groups: dict = {}
+    for e, b, W0, anchor in zip(entries, backends, W0s, anchors):
+        W, U, V, _, uc, vc = e
+        if W.numel() == 0:
+            continue
+        if W0 is not None:
+            # W ← W0 + P(W − W0): in place, no temporary of W's size
+            W.sub_(W0)
+            project_into_(W, W, U, V, 1.0, b, uc, vc)
+            W.add_(W0)
+            continue
+        U, V = _nonempty(U), _nonempty(V)
+        GV0 = None if V is None else anchor[0]
+        UtG0 = None if U is None else anchor[1]
+        if b == "cpp":
+            for lst, item in zip(cpp_lists, (W, U, V, GV0, UtG0)):
+                lst.append(item)
+        elif b == "triton":
+            from . import triton_kernels
+
+            key = triton_kernels.group_key(W, W, U, V, False, False, GV0, UtG0)
+            triton_groups.setdefault(key, []).append((W, W, U, V, 1.0, False, False, GV0, UtG0))
+        else:
+            project_into_(W, W, U, V, 1.0, "torch", False, False, GV0=GV0, UtG0=UtG0)
+    if cpp_lists[0]:
+        torch.ops.kplora.subspace_restore_grouped_(*cpp_lists)
+    for group in triton_groups.values():
+        from . import triton_kernels
+
+        triton_kernels.project_group(group)
 
 
 def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None, *,
@@ -209,8 +232,10 @@ def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.T
 
     * ``anchor=subspace_anchor(W₀, U, V)`` (bases stored as themselves): the thin products ``W₀V``
       and ``UᵀW₀`` replace ``W₀``; the restore is the rank-(k_out+k_in) update ``W ← W − L R`` of the
-      projection kernel family with an offset (``Q = WV − W₀V``, ``P = UᵀW − UᵀW₀``). Extra memory:
-      the anchor, ``out·k_in + k_out·in`` elements per weight, and thin temporaries of that size.
+      projection kernels with an offset (``Q = WV − W₀V``, ``P = UᵀW − UᵀW₀``, ``L = [U, Q − U(PV)]``,
+      ``R = [P; Vᵀ]``): the C++ tile pass on CPU, the fused Triton row kernel on CUDA. Extra memory:
+      the anchor, ``out·k_in + k_out·in`` elements per weight (float32 for half-precision weights),
+      and thin temporaries of that size.
     * ``W0=`` a full tensor: ``W ← ((W − W₀) projected) + W₀`` computed in place (no temporary of
       ``W``'s size; the reference itself costs one ``out×in`` copy). This is the form for bases
       stored as their complement, whose thin products would be as large as ``W₀``. The reference
@@ -225,7 +250,7 @@ def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.T
     e = _entries([W], [U], [V], 1.0, U_complement, V_complement, "W")[0]
     _check_reference(None, W, U, V, e[4], e[5], W0, anchor, "W")
     b = resolve_backend(W, backend, U_complement=e[4], V_complement=e[5])
-    _restore_one_(W, U, V, e[4], e[5], W0, anchor, b)
+    _restore_all_([e], [b], [W0], [anchor])
     return W
 
 
@@ -241,6 +266,5 @@ def subspace_restore_grouped_(Ws: Sequence[torch.Tensor], Us=None, Vs=None, *, W
     for i, e in enumerate(entries):
         _check_reference(i, e[0], e[1], e[2], e[4], e[5], W0s[i], anchors[i], "Ws")
     backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5]) for e in entries]
-    for e, b, W0, anchor in zip(entries, backends, W0s, anchors):
-        _restore_one_(e[0], e[1], e[2], e[4], e[5], W0, anchor, b)
+    _restore_all_(entries, backends, W0s, anchors)
     return [e[0] for e in entries]
