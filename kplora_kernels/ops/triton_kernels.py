@@ -69,11 +69,12 @@ def _configs(kind: str):
 def _ptr(addr, CODE: tl.constexpr):
     """A 64-bit address from a pointer array as a typed pointer (0 fp32, 1 fp16, 2 bf16)."""
     if CODE == 0:
-        return addr.to(tl.pointer_type(tl.float32))
+        p = addr.to(tl.pointer_type(tl.float32))
     elif CODE == 1:
-        return addr.to(tl.pointer_type(tl.float16))
+        p = addr.to(tl.pointer_type(tl.float16))
     else:
-        return addr.to(tl.pointer_type(tl.bfloat16))
+        p = addr.to(tl.pointer_type(tl.bfloat16))
+    return p
 
 
 @triton.jit
@@ -251,6 +252,15 @@ def group_key(G, out, U, V, uc, vc, GV0, UtG0):
 
 
 def project_group(entries) -> None:
+    """See :func:`_project_group`; launches on the device of the entries."""
+    if entries and entries[0][0].is_cuda:
+        with torch.cuda.device(entries[0][0].device):
+            _project_group(entries)
+    else:
+        _project_group(entries)
+
+
+def _project_group(entries) -> None:
     """Run entries ``(G, out, U, V, scale, U_complement, V_complement, GV0, UtG0)`` that share a
     :func:`group_key`: writes ``s·(I−UUᵀ)(G − G0)(I−VVᵀ)`` into each ``out`` (``out`` may be ``G``;
     ``G0`` as offsets ``GV0 = G0V``, ``UtG0 = UᵀG0``, for the restore with ``s = 1``). Empty bases are
