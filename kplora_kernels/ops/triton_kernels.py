@@ -244,11 +244,11 @@ def _launch(kernel, grid, Op, outputs, in_place, *args, **kwargs):
         _SAVED.pop(key, None)
 
 
-def group_key(G, out, U, V, uc, vc, GV0, UtG0):
+def group_key(G, out, U, V, uc, vc, GV0, UtG0, UtD=None):
     """Entries with equal keys run in one launch."""
     k = lambda B: None if B is None else B.shape[1]  # noqa: E731
     return (tuple(G.shape), G.dtype, G.device, G.stride(), out.stride(), k(U), k(V), uc, vc,
-            GV0 is not None, UtG0 is not None)
+            GV0 is not None, UtG0 is not None, UtD is not None)
 
 
 def project_group(entries) -> None:
@@ -265,7 +265,8 @@ def _project_group(entries) -> None:
     :func:`group_key`: writes ``s·(I−UUᵀ)(G − G0)(I−VVᵀ)`` into each ``out`` (``out`` may be ``G``;
     ``G0`` as offsets ``GV0 = G0V``, ``UtG0 = UᵀG0``, for the restore with ``s = 1``). Empty bases are
     None here unless complement. 2-D, fp32/fp16/bf16."""
-    G, out, U, V, _, uc, vc, GV0, UtG0 = entries[0]
+    entries = [tuple(e) + (None,) * (10 - len(e)) for e in entries]
+    G, out, U, V, _, uc, vc, GV0, UtG0, UtD = entries[0]
     M, N = G.shape
     if M == 0 or N == 0:
         return
@@ -284,7 +285,11 @@ def _project_group(entries) -> None:
         Vs = [e[3].to(dt).contiguous() for e in entries]
         Q0s = [e[7].float().contiguous() for e in entries] if GV0 is not None else None
         Us = Ps = Ws = None
-        if kU:
+        if kU and UtD is not None:  # Uᵀ(G − G0) given (summed over row shards by the caller)
+            Us = [e[2].to(dt).contiguous() for e in entries]
+            Ps = [e[9].float().contiguous() for e in entries]
+            Ws = [P @ Vb.float() for P, Vb in zip(Ps, Vs)]
+        elif kU:
             Us = [e[2].to(dt).contiguous() for e in entries]
             Ps = [torch.empty(kU, N, dtype=torch.float32, device=dev) for _ in entries]
             P0s = [e[8].float().contiguous() for e in entries] if UtG0 is not None else None
@@ -308,8 +313,8 @@ def _project_group(entries) -> None:
                 UPCAST=INTERPRET, IEEE=ieee or INTERPRET)
         return
     # general: thin factors from torch (cuBLAS), then one epilogue launch for the group
-    factors = [thin_factors(e[0], e[2], e[3], U_complement=e[5], V_complement=e[6], GV0=e[7], UtG0=e[8])
-               for e in entries]
+    factors = [thin_factors(e[0], e[2], e[3], U_complement=e[5], V_complement=e[6], GV0=e[7], UtG0=e[8],
+                            UtD=e[9]) for e in entries]
     keep = factors[0][0]
     lt = factors[0][1].dtype
     Ls = [f[1].to(lt).contiguous() for f in factors]
@@ -323,6 +328,42 @@ def _project_group(entries) -> None:
             G.stride(0), G.stride(1), out.stride(0), out.stride(1),
             *(Ls[0].stride() if K else (0, 0)), *(Rs[0].stride() if K else (0, 0)),
             DT=code, LT=_DT_CODES[Ls[0].dtype], KEEP=bool(keep), IEEE=ieee or INTERPRET)
+
+
+def left_products(Gs, Us) -> list:
+    """``[Uᵢᵀ Gᵢ]`` in float32 (``k_out×in``) by the column-pass kernel, one launch per group of
+    equal shapes (pass 1 of a two-sided projection whose products are summed between the passes)."""
+    results = [None] * len(Gs)
+    groups: dict = {}
+    for i, (G, U) in enumerate(zip(Gs, Us)):
+        groups.setdefault((tuple(G.shape), G.stride(), G.dtype, G.device, U.shape[1]), []).append(i)
+    for idx in groups.values():
+        G, kU = Gs[idx[0]], Us[idx[0]].shape[1]
+        M, N = G.shape
+        dev = G.device
+        U_list = [Us[i].to(G.dtype).contiguous() for i in idx]
+        P_list = [torch.zeros(kU, N, dtype=torch.float32, device=dev) for _ in idx]
+        for i, P in zip(idx, P_list):
+            results[i] = P
+        if M == 0 or N == 0 or kU == 0:
+            continue
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), len(idx))  # noqa: E731
+        Gp = _pointers([Gs[i] for i in idx], dev)
+        for c in range(0, kU, FUSED_MAX_K):  # chunks of U's columns: the accumulator is k×BLOCK_N
+            kc = min(FUSED_MAX_K, kU - c)
+            U_c = [U_[:, c:c + kc] for U_ in U_list]
+            with torch.cuda.device(dev) if G.is_cuda else _nullcontext():
+                KERNELS["cols"][grid](Gp, _pointers([P[c:] for P in P_list], dev), _pointers(U_c, dev), Gp, M, N,
+                                      kc, G.stride(0), G.stride(1), U_c[0].stride(0), U_c[0].stride(1), 0, 0,
+                                      DT=_DT_CODES[G.dtype], KUP=_pow2(kc), HAS_P0=False, UPCAST=INTERPRET,
+                                      IEEE=G.dtype == torch.float32 or INTERPRET)
+    return results
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def project(G, U, V, scale, out, *, U_complement=False, V_complement=False, GV0=None, UtG0=None) -> None:
