@@ -393,3 +393,21 @@ def test_sharded_bad_input():
     if cpp.load(jit=True):
         with raises(ValueError, "backend 'cpp' cannot run", "row shard"):
             ops.residual_project_grouped_([G], [U], None, backend="cpp", U_reduce=lambda Ps: None)
+
+
+def test_sharded_projection_with_a_complement_v():
+    # auto dispatch on CPU: row shards go through the thin-factor form (shared with Triton's general path)
+    G, U, V = make_group(torch.float32, "cpu", cases=[(40, 24, 4, 20, False, True)])[:3]
+    G, U, V = G[0], U[0], V[0]
+    expected = reference.residual_project(G, U, V, 0.5, V_complement=True)
+    halves = torch.tensor_split(torch.arange(40), 2)
+    reducer, results = ThreadAllReduce(2), {}
+
+    def rank(r):
+        H = G[halves[r]].clone()
+        ops.residual_project_grouped_([H], [U[halves[r]].clone()], [V], 0.5, V_complement=True,
+                                      U_reduce=reducer.for_rank(r))
+        results[r] = H
+
+    run_ranks(2, rank, reducer.barrier)
+    torch.testing.assert_close(torch.cat([results[0], results[1]]), expected, atol=1e-5, rtol=1e-5)

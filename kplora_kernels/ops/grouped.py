@@ -186,10 +186,23 @@ def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scal
     if U_reduce is not None:
         idx = [i for i, sh in enumerate(sharded) if sh]
         Ps = _reduce(U_reduce, _left_products([(entries[i][0], entries[i][1]) for i in idx], [backends[i] for i in idx]))
+        sharded_groups: dict = {}
         for i, P in zip(idx, Ps):
             G, U, V, s, _, vc = entries[i]
-            if G.numel():
+            if not G.numel():
+                continue
+            if backends[i] == "triton":  # one launch per group of equal shapes
+                from . import triton_kernels
+
+                V = _nonempty(V)
+                key = triton_kernels.group_key(G, G, U, V, False, vc, None, None, P)
+                sharded_groups.setdefault(key, []).append((G, G, U, V, s, False, vc, None, None, P))
+            else:
                 project_into_(G, G, U, V, s, backends[i], False, vc, UtD=P)
+        for group in sharded_groups.values():
+            from . import triton_kernels
+
+            triton_kernels.project_group(group)
         entries = [e for e, sh in zip(entries, sharded) if not sh]
         backends = [b for b, sh in zip(backends, sharded) if not sh]
     rest = _cpp_grouped_(entries, backends)

@@ -94,7 +94,7 @@ def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, name: 
         triton_kernels.project(G, U, V, scale, out, U_complement=U_complement, V_complement=V_complement,
                                GV0=GV0, UtG0=UtG0)
         return
-    # torch (and the C++ backend's restore): thin factors, then one addmm per matrix into out
+    # torch (also row shards on CPU, which the C++ kernel does not take): thin factors, one addmm per matrix
     for index in _batch_indices(G):
         G2, out2 = G[index], out[index]
         keep, L, R = reference.thin_factors(G2, _nonempty(U) if not U_complement else U,

@@ -172,7 +172,8 @@ def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None
             Q = Gw @ V                                   # out×kv: G VcVcᵀ = Q Vcᵀ
             if U is None:
                 return 0, -Q, V.mT
-            Q = U @ (U.mT @ Q) if U_complement else Q - U @ (U.mT @ Q)
+            UtQ = UtD.to(wd) @ V if UtD is not None else U.mT @ Q  # over row shards only P V is global
+            Q = U @ UtQ if U_complement else Q - U @ UtQ
             return 0, -Q, V.mT
         P = U.mT @ Gw                                    # U complement (V normal or absent): Uc (UcᵀG)(I−VVᵀ)
         return 0, -U, (P if V is None else right(P, V))
