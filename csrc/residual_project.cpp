@@ -5,7 +5,8 @@
 // read once, Q = G_t V is formed while the tile sits in cache, and s·(G_t − Q Vᵀ) is written.
 // Two sides: pass 1 reads each row tile once and forms both Q = G V and per-thread partials of
 // P = Uᵀ G; pass 2 reads each tile again and writes s·(G_t − L_t R) with L = [U, Q − U(UᵀQ)],
-// R = [P; Vᵀ]. Half and bfloat16 tiles are computed in fp32.
+// R = [P; Vᵀ]. Half and bfloat16 tiles are computed in fp32. The constraint restore of full
+// fine-tuning is the same pass with offsets: Q = W V − W0 V, P = Uᵀ W − Uᵀ W0, scale 1.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -65,8 +66,10 @@ void write_tile(const at::Tensor& G_t, const at::Tensor& L_t, const at::Tensor& 
   }
 }
 
-// out = s·G (I − V Vᵀ), one pass over row tiles. G, out: rows×cols (any strides).
-void project_right(const at::Tensor& G, const at::Tensor& V, double scale, at::Tensor& out) {
+// out = s·G (I − V Vᵀ), one pass over row tiles. G, out: rows×cols (any strides). With an offset
+// Q0 = G0 V (rows×k, compute type): out = G − (G V − Q0) Vᵀ, the constraint restore (scale 1).
+void project_right(const at::Tensor& G, const at::Tensor& V, double scale, at::Tensor& out,
+                   const c10::optional<at::Tensor>& Q0 = c10::nullopt) {
   const auto ct = compute_type(G.scalar_type());
   const auto Vt = V.t();
   const int64_t rows = G.size(0);
@@ -77,14 +80,18 @@ void project_right(const at::Tensor& G, const at::Tensor& V, double scale, at::T
       auto G_t = G.narrow(0, r, n);
       auto out_t = out.narrow(0, r, n);
       auto Gc = G_t.scalar_type() == ct ? G_t : G_t.to(ct);
-      write_tile(G_t, at::mm(Gc, V), Vt, scale, out_t, ct);
+      auto Q_t = at::mm(Gc, V);
+      if (Q0) Q_t.sub_(Q0->narrow(0, r, n));
+      write_tile(G_t, Q_t, Vt, scale, out_t, ct);
     }
   });
 }
 
 // Two-sided projection, two passes (see the file comment).
+// Offsets Q0 = G0 V and P0 = Uᵀ G0 (the restore) are subtracted from Q and P.
 void project_both(const at::Tensor& G, const at::Tensor& U, const at::Tensor& V, double scale,
-                  at::Tensor& out) {
+                  at::Tensor& out, const c10::optional<at::Tensor>& Q0 = c10::nullopt,
+                  const c10::optional<at::Tensor>& P0 = c10::nullopt) {
   const auto ct = compute_type(G.scalar_type());
   const int64_t rows = G.size(0), cols = G.size(1), k_out = U.size(1), k_in = V.size(1);
   const int64_t tile = rows_per_tile(cols, at::elementSize(ct));
@@ -100,10 +107,12 @@ void project_both(const at::Tensor& G, const at::Tensor& U, const at::Tensor& V,
       auto Gc = G_t.scalar_type() == ct ? G_t : G_t.to(ct);
       auto Q_t = Q.narrow(0, r, n);
       at::mm_out(Q_t, Gc, V);
+      if (Q0) Q_t.sub_(Q0->narrow(0, r, n));
       P_mine.addmm_(U.narrow(0, r, n).t(), Gc);
     }
   });
   auto P = P_parts.sum(0);
+  if (P0) P.sub_(*P0);
   auto L = at::cat({U, Q - at::mm(U, at::mm(U.t(), Q))}, 1);
   auto R = at::cat({P, V.t()}, 0);
   at::parallel_for(0, rows, tile, [&](int64_t begin, int64_t end) {
@@ -116,25 +125,38 @@ void project_both(const at::Tensor& G, const at::Tensor& U, const at::Tensor& V,
 }
 
 std::pair<at::Tensor, at::Tensor> low_rank_factors(const at::Tensor& G, const c10::optional<at::Tensor>& U,
-                                                   const c10::optional<at::Tensor>& V) {
-  if (!U) return {at::mm(G, *V), V->t()};
-  if (!V) return {*U, at::mm(U->t(), G)};
-  auto Q = at::mm(G, *V);
-  return {at::cat({*U, Q - at::mm(*U, at::mm(U->t(), Q))}, 1), at::cat({at::mm(U->t(), G), V->t()}, 0)};
+                                                   const c10::optional<at::Tensor>& V,
+                                                   const c10::optional<at::Tensor>& Q0,
+                                                   const c10::optional<at::Tensor>& P0) {
+  c10::optional<at::Tensor> Q, P;
+  if (V) Q = Q0 ? at::mm(G, *V).sub_(*Q0) : at::mm(G, *V);
+  if (U) P = P0 ? at::mm(U->t(), G).sub_(*P0) : at::mm(U->t(), G);
+  if (!U) return {*Q, V->t()};
+  if (!V) return {*U, *P};
+  return {at::cat({*U, *Q - at::mm(*U, at::mm(U->t(), *Q))}, 1), at::cat({*P, V->t()}, 0)};
 }
 
+// The offsets GV0 = G0 V and UtG0 = Uᵀ G0 (or none) turn the projection into the restore
+// out = G − L R with L, R from D = G − G0 (used with scale 1).
 void project_matrix(const at::Tensor& G, const c10::optional<at::Tensor>& U_opt,
-                    const c10::optional<at::Tensor>& V_opt, double scale, at::Tensor& out) {
+                    const c10::optional<at::Tensor>& V_opt, double scale, at::Tensor& out,
+                    const c10::optional<at::Tensor>& GV0_opt = c10::nullopt,
+                    const c10::optional<at::Tensor>& UtG0_opt = c10::nullopt) {
   const auto ct = compute_type(G.scalar_type());
   auto prepared = [&](const c10::optional<at::Tensor>& B) -> c10::optional<at::Tensor> {
     if (!B.has_value() || B->size(1) == 0) return c10::nullopt;
     return B->to(ct).contiguous();
   };
   auto U = prepared(U_opt), V = prepared(V_opt);
+  auto offset = [&](const c10::optional<at::Tensor>& B, const c10::optional<at::Tensor>& T) -> c10::optional<at::Tensor> {
+    if (!B || !T.has_value()) return c10::nullopt;
+    return T->to(ct).contiguous();
+  };
+  auto GV0 = offset(V, GV0_opt), UtG0 = offset(U, UtG0_opt);
   const int64_t k_total = (U ? U->size(1) : 0) + (V ? V->size(1) : 0);
   if (k_total > kFusedMaxRank && G.scalar_type() == ct && out.scalar_type() == ct) {
     // Compute-bound: whole-matrix BLAS calls run faster than per-tile ones.
-    auto LR = low_rank_factors(G, U, V);
+    auto LR = low_rank_factors(G, U, V, GV0, UtG0);
     if (same_memory(out, G)) {
       out.addmm_(LR.first, LR.second, scale, -scale);
     } else {
@@ -143,12 +165,14 @@ void project_matrix(const at::Tensor& G, const c10::optional<at::Tensor>& U_opt,
     return;
   }
   if (U && V) {
-    project_both(G, *U, *V, scale, out);
+    project_both(G, *U, *V, scale, out, GV0, UtG0);
   } else if (V) {
-    project_right(G, *V, scale, out);
+    project_right(G, *V, scale, out, GV0);
   } else if (U) {
     auto out_t = out.t();
-    project_right(G.t(), *U, scale, out_t);
+    c10::optional<at::Tensor> P0t;
+    if (UtG0) P0t = UtG0->t();
+    project_right(G.t(), *U, scale, out_t, P0t);
   } else if (same_memory(out, G)) {
     out.mul_(scale);
   } else {
@@ -210,6 +234,39 @@ void residual_project_grouped_(at::TensorList Gs, const c10::List<std::optional<
   }
 }
 
+// The constraint restore of full fine-tuning, in place: W ← W − L R with L, R from D = W − W0 given
+// through the thin products W0V = W0 V (out×k_in) and UtW0 = Uᵀ W0 (k_out×in), i.e.
+// W ← W0 + (I − UUᵀ)(W − W0)(I − VVᵀ). The caller checked shapes and aliasing.
+void restore_one(at::Tensor& W, const c10::optional<at::Tensor>& U, const c10::optional<at::Tensor>& V,
+                 const c10::optional<at::Tensor>& W0V, const c10::optional<at::Tensor>& UtW0) {
+  TORCH_CHECK(W.dim() == 2, "kplora::subspace_restore_: W must be 2-D, got ", W.sizes());
+  check_inputs(W, U, V, W);
+  if (V && V->size(1) > 0) TORCH_CHECK(W0V && W0V->size(0) == W.size(0) && W0V->size(1) == V->size(1),
+                                       "kplora::subspace_restore_: W0V must be ", W.size(0), "×", V->size(1));
+  if (U && U->size(1) > 0) TORCH_CHECK(UtW0 && UtW0->size(0) == U->size(1) && UtW0->size(1) == W.size(1),
+                                       "kplora::subspace_restore_: UtW0 must be ", U->size(1), "×", W.size(1));
+  if (W.numel() == 0) return;
+  project_matrix(W, U, V, 1.0, W, W0V, UtW0);
+}
+
+void subspace_restore_(at::Tensor& W, const c10::optional<at::Tensor>& U, const c10::optional<at::Tensor>& V,
+                       const c10::optional<at::Tensor>& W0V, const c10::optional<at::Tensor>& UtW0) {
+  restore_one(W, U, V, W0V, UtW0);
+}
+
+void subspace_restore_grouped_(at::TensorList Ws, const c10::List<std::optional<at::Tensor>>& Us,
+                               const c10::List<std::optional<at::Tensor>>& Vs,
+                               const c10::List<std::optional<at::Tensor>>& W0Vs,
+                               const c10::List<std::optional<at::Tensor>>& UtW0s) {
+  const auto n = Ws.size();
+  TORCH_CHECK(Us.size() == n && Vs.size() == n && W0Vs.size() == n && UtW0s.size() == n,
+              "kplora::subspace_restore_grouped_: every list needs one entry per weight (", n, ")");
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor W = Ws[i];
+    restore_one(W, Us.get(i), Vs.get(i), W0Vs.get(i), UtW0s.get(i));
+  }
+}
+
 // scale·(X − (X V) Vᵀ) for X of shape (..., d).
 at::Tensor project_rows(const at::Tensor& X, const at::Tensor& V, double scale) {
   TORCH_CHECK(X.dim() >= 1, "kplora::project_rows: X must have at least 1 dim");
@@ -228,6 +285,9 @@ TORCH_LIBRARY(kplora, m) {
   m.def("residual_project_(Tensor(a!) G, Tensor? U, Tensor? V, float scale) -> ()");
   m.def("project_rows(Tensor X, Tensor V, float scale) -> Tensor");
   m.def("residual_project_grouped_(Tensor(a!)[] Gs, Tensor?[] Us, Tensor?[] Vs, float[] scales) -> ()");
+  m.def("subspace_restore_(Tensor(a!) W, Tensor? U, Tensor? V, Tensor? W0V, Tensor? UtW0) -> ()");
+  m.def("subspace_restore_grouped_(Tensor(a!)[] Ws, Tensor?[] Us, Tensor?[] Vs, Tensor?[] W0Vs, "
+        "Tensor?[] UtW0s) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kplora, CPU, m) {
@@ -236,6 +296,8 @@ TORCH_LIBRARY_IMPL(kplora, CPU, m) {
   m.impl("residual_project_", &residual_project_);
   m.impl("project_rows", &project_rows);
   m.impl("residual_project_grouped_", &residual_project_grouped_);
+  m.impl("subspace_restore_", &subspace_restore_);
+  m.impl("subspace_restore_grouped_", &subspace_restore_grouped_);
 }
 
 // Importable as kplora_kernels._C; the ops register when the library loads.

@@ -258,3 +258,156 @@ def test_out_overlapping_an_input_is_refused(backend):
     ops.residual_project(square, U, V, out=square, backend=backend)
     torch.testing.assert_close(square, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_restore_above_the_fused_rank(backend, dtype):
+    # k_out + k_in = 140: the C++ kernel switches to whole-matrix BLAS, Triton to cuBLAS + epilogue
+    W, W0, U, V = restore_case(150, 160, 10, 130, dtype, device_for(backend))
+    W_before = W.clone()
+    ops.subspace_restore_(W, U, V, anchor=ops.subspace_anchor(W0, U, V), backend=backend)
+    oracle = as64(W0) + reference.residual_project_unchecked(as64(W_before) - as64(W0), as64(U), as64(V), 1.0)
+    assert_close_to_oracle(W, oracle, reference.subspace_restore(W_before, W0, U, V), W0.abs().max().item(), dtype)
+
+
+def test_forced_cpp_restore_runs_the_cpp_kernel(monkeypatch):
+    if not cpp.load(jit=True):
+        pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("the torch thin-factor path ran for a forced C++ restore")
+
+    monkeypatch.setattr(reference, "thin_factors", no_torch)
+    cases = [restore_case(40, 56, *sides, torch.float32, "cpu", seed=i) for i, sides in enumerate(SIDES.values())]
+    Ws = [c[0].clone() for c in cases]
+    ops.subspace_restore_grouped_(Ws, [c[2] for c in cases], [c[3] for c in cases],
+                                  anchors=[ops.subspace_anchor(c[1], c[2], c[3]) for c in cases], backend="cpp")
+    for W, (W_before, W0, U, V) in zip(Ws, cases):
+        torch.testing.assert_close(W, reference.subspace_restore(W_before, W0, U, V), atol=1e-5, rtol=1e-5)
+
+
+# --- row shards (FSDP2 Shard(0)): UᵀG summed over the shard group between the passes -------------
+
+class ThreadAllReduce:
+    """An in-process stand-in for ``dist.all_reduce`` over ``n`` ranks running in threads."""
+
+    def __init__(self, n):
+        import threading
+
+        self.n, self.barrier, self.slots = n, threading.Barrier(n, timeout=120), [None] * n
+
+    def for_rank(self, rank):
+        def reduce(Ps):
+            self.slots[rank] = [P.clone() for P in Ps]
+            self.barrier.wait()
+            total = [sum(parts) for parts in zip(*self.slots)]
+            self.barrier.wait()
+            for P, T in zip(Ps, total):
+                P.copy_(T)
+        return reduce
+
+
+def _locked(lock, fn, *args, **kwargs):
+    with lock:
+        return fn(*args, **kwargs)
+
+
+def run_ranks(n, fn, barrier):
+    import threading
+
+    errors = []
+
+    def target(rank):
+        try:
+            fn(rank)
+        except BaseException as exc:  # noqa: BLE001 (re-raised below)
+            errors.append(exc)
+            barrier.abort()  # the other rank must not wait for this one
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sharded_projection_and_restore_equal_the_full_ones(backend, dtype, monkeypatch):
+    if backend == "cpp":
+        pytest.skip("the C++ kernel refuses row shards (tested below)")
+    dev = device_for(backend)
+    if backend == "triton" and dev == "cpu":  # the Triton interpreter is not thread-safe: one launch at a time
+        import threading
+
+        from kplora_kernels.ops import triton_kernels
+        lock = threading.Lock()
+        for name in ("project_group", "left_products"):
+            original = getattr(triton_kernels, name)
+            monkeypatch.setattr(triton_kernels, name, lambda *a, _f=original, **k: _locked(lock, _f, *a, **k))
+    cases = [restore_case(40, 56, 4, 6, dtype, dev, seed=1), restore_case(40, 56, 3, None, dtype, dev, seed=2),
+             restore_case(30, 24, None, 5, dtype, dev, seed=3)]
+    grads = [torch.randn(c[0].shape, dtype=torch.float64).to(dtype=dtype, device=dev) for c in cases]
+    scales = [0.5, 1.0, 0.25]
+    full_G = [G.clone() for G in grads]
+    ops.residual_project_grouped_(full_G, [c[2] for c in cases], [c[3] for c in cases], scales, backend=backend)
+    full_W = [c[0].clone() for c in cases]
+    ops.subspace_restore_grouped_(full_W, [c[2] for c in cases], [c[3] for c in cases],
+                                  anchors=[ops.subspace_anchor(c[1], c[2], c[3]) for c in cases], backend=backend)
+    rows = [torch.tensor_split(torch.arange(c[0].shape[0]), 2) for c in cases]
+    shard = lambda t, i, r: None if t is None else t[rows[i][r]].clone()  # noqa: E731
+    results = {}
+    reducer = ThreadAllReduce(2)
+
+    def rank(r):
+        reduce = reducer.for_rank(r)
+        Gs = [shard(G, i, r) for i, G in enumerate(grads)]
+        Us = [shard(c[2], i, r) for i, c in enumerate(cases)]
+        Vs = [c[3] for c in cases]
+        ops.residual_project_grouped_(Gs, Us, Vs, scales, backend=backend, U_reduce=reduce)
+        anchors = [ops.subspace_anchor(shard(c[1], i, r), Us[i], Vs[i], U_reduce=reduce) for i, c in enumerate(cases)]
+        Ws = [shard(c[0], i, r) for i, c in enumerate(cases)]
+        ops.subspace_restore_grouped_(Ws, Us, Vs, anchors=anchors, backend=backend, U_reduce=reduce)
+        W2s = [shard(c[0], i, r) for i, c in enumerate(cases)]
+        ops.subspace_restore_grouped_(W2s, Us, Vs, W0s=[shard(c[1], i, r) for i, c in enumerate(cases)],
+                                      backend=backend, U_reduce=reduce)
+        results[r] = (Gs, Ws, W2s)
+
+    run_ranks(2, rank, reducer.barrier)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    for i in range(len(cases)):
+        torch.testing.assert_close(torch.cat([results[r][0][i] for r in range(2)]), full_G[i], **tol)
+        torch.testing.assert_close(torch.cat([results[r][1][i] for r in range(2)]), full_W[i], **tol)
+        torch.testing.assert_close(torch.cat([results[r][2][i] for r in range(2)]), full_W[i], **tol)
+
+
+def test_sharded_bad_input():
+    G, U = torch.randn(6, 5), random_basis(12, 2, torch.float32)[:6]
+    with raises(TypeError, "U_reduce", "callable", "str"):
+        ops.residual_project_grouped_([G], [U], None, U_reduce="sum")
+    with raises(ValueError, "Gs[0]", "row shard", "6 rows", "(5, 2)"):
+        ops.residual_project_grouped_([G], [U[:5]], None, U_reduce=lambda Ps: None)
+    with raises(ValueError, "U_reduce", "same shapes"):
+        ops.residual_project_grouped_([G], [U], None, U_reduce=lambda Ps: [P[:1] for P in Ps])
+    if cpp.load(jit=True):
+        with raises(ValueError, "backend 'cpp' cannot run", "row shard"):
+            ops.residual_project_grouped_([G], [U], None, backend="cpp", U_reduce=lambda Ps: None)
+
+
+def test_sharded_projection_with_a_complement_v():
+    # auto dispatch on CPU: row shards go through the thin-factor form (shared with Triton's general path)
+    G, U, V = make_group(torch.float32, "cpu", cases=[(40, 24, 4, 20, False, True)])[:3]
+    G, U, V = G[0], U[0], V[0]
+    expected = reference.residual_project(G, U, V, 0.5, V_complement=True)
+    halves = torch.tensor_split(torch.arange(40), 2)
+    reducer, results = ThreadAllReduce(2), {}
+
+    def rank(r):
+        H = G[halves[r]].clone()
+        ops.residual_project_grouped_([H], [U[halves[r]].clone()], [V], 0.5, V_complement=True,
+                                      U_reduce=reducer.for_rank(r))
+        results[r] = H
+
+    run_ranks(2, rank, reducer.barrier)
+    torch.testing.assert_close(torch.cat([results[0], results[1]]), expected, atol=1e-5, rtol=1e-5)

@@ -26,6 +26,14 @@ def _register_fakes() -> None:
     def _(Gs, Us, Vs, scales):
         return None
 
+    @torch.library.register_fake("kplora::subspace_restore_")
+    def _(W, U, V, W0V, UtW0):
+        return None
+
+    @torch.library.register_fake("kplora::subspace_restore_grouped_")
+    def _(Ws, Us, Vs, W0Vs, UtW0s):
+        return None
+
     @torch.library.register_fake("kplora::project_rows")
     def _(X, V, scale):
         return torch.empty_like(X, memory_format=torch.contiguous_format)

@@ -28,10 +28,11 @@ def _triton_import_error() -> str | None:
 
 
 def not_supported_reasons(backend: str, t: torch.Tensor, *, U_complement: bool = False,
-                          V_complement: bool = False, jit: bool = False) -> list[str]:
+                          V_complement: bool = False, U_sharded: bool = False, jit: bool = False) -> list[str]:
     """Why ``backend`` cannot project the tensor ``t`` (a gradient/weight ``G`` or rows ``X``) with
-    bases in the given form; an empty list when it can. ``jit=True`` lets the C++ check compile the
-    kernels when the ahead-of-time build is missing (about 30 s, once)."""
+    bases in the given form; an empty list when it can. ``U_sharded``: ``U`` is a row shard whose
+    products ``UᵀG`` are summed by the caller between the two passes (``U_reduce``). ``jit=True``
+    lets the C++ check compile the kernels when the ahead-of-time build is missing (~30 s, once)."""
     reasons = []
     if backend == "torch":
         return reasons
@@ -42,6 +43,9 @@ def not_supported_reasons(backend: str, t: torch.Tensor, *, U_complement: bool =
             side = "U" if U_complement else "V"
             reasons.append(f"{side} is stored as its complement (the kept space): the C++ kernel applies "
                            "I − BBᵀ only; backend=None or 'torch' projects with the complement")
+        if U_sharded:
+            reasons.append("U is a row shard (U_reduce given): UᵀG must be summed between the two passes, "
+                           "which the C++ kernel runs back to back; backend=None or 'torch' runs them apart")
         if not reasons and not cpp.load(jit=jit):
             reasons.append(f"the C++ kernels are not built: {cpp.unavailable_reason()}")
         return reasons
@@ -59,11 +63,11 @@ def not_supported_reasons(backend: str, t: torch.Tensor, *, U_complement: bool =
 
 
 def resolve_backend(t: torch.Tensor, backend: str | None, *, U_complement: bool = False,
-                    V_complement: bool = False) -> str:
+                    V_complement: bool = False, U_sharded: bool = False) -> str:
     """The backend that will run for tensor ``t``; raises ``ValueError`` with the reasons when a
     forced one (argument or ``KPLORA_BACKEND``) cannot run."""
     forced = backend or os.environ.get("KPLORA_BACKEND") or None
-    flags = dict(U_complement=U_complement, V_complement=V_complement)
+    flags = dict(U_complement=U_complement, V_complement=V_complement, U_sharded=U_sharded)
     if forced is None:
         order = ("triton", "torch") if t.is_cuda else ("cpp", "torch")
         return next(b for b in order if not not_supported_reasons(b, t, **flags))

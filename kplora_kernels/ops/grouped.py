@@ -20,7 +20,8 @@ import torch
 
 from . import reference
 from .dispatch import resolve_backend
-from .projection import _nonempty, check_out, has_internal_overlap, may_overlap, project_into_
+from .._checks import check_same_device, check_tensor
+from .projection import _nonempty, has_internal_overlap, may_overlap, project_into_
 
 
 class SubspaceAnchor(NamedTuple):
@@ -43,7 +44,7 @@ def _per_entry(value, n: int, name: str, kind) -> list:
     return list(value)
 
 
-def _entries(Ws, Us, Vs, scales, U_complement, V_complement, what: str):
+def _entries(Ws, Us, Vs, scales, U_complement, V_complement, what: str, U_sharded: bool = False):
     if isinstance(Ws, torch.Tensor) or not isinstance(Ws, (list, tuple)):
         raise TypeError(f"{what} must be a list or tuple of tensors, got {type(Ws).__name__}")
     n = len(Ws)
@@ -59,7 +60,9 @@ def _entries(Ws, Us, Vs, scales, U_complement, V_complement, what: str):
     entries = []
     for i, (W, U, V, s) in enumerate(zip(Ws, Us, Vs, scales)):
         try:
-            s = reference.validate_residual_project(W, U, V, s)
+            s = reference.validate_residual_project(W, None if U_sharded else U, V, s)
+            if U_sharded and U is not None:
+                _check_shard(W, U, Uc[i])
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{what}[{i}]: {exc}") from None
         if W.dim() != 2:
@@ -82,6 +85,53 @@ def _entries(Ws, Us, Vs, scales, U_complement, V_complement, what: str):
     return entries
 
 
+def _check_shard(W, U, complement: bool) -> None:
+    """A row shard of ``U`` (``rows×k_out``, the rows of ``W``'s shard): its columns are orthonormal
+    only across all shards, so only the shape is checked here."""
+    check_tensor("U", U, ndim=2)
+    check_same_device(W=W, U=U)
+    if U.shape[0] != W.shape[0]:
+        raise ValueError(f"U (a row shard, U_reduce given) must have {W.shape[0]} rows, the rows of this "
+                         f"shard, got shape {tuple(U.shape)}")
+    if complement:
+        raise ValueError("U_reduce needs U stored as itself, not as its complement")
+
+
+def _reduce(U_reduce, Ps: list) -> list:
+    """Sum the products over the shards through the caller's ``U_reduce`` (in place, or returned)."""
+    result = U_reduce(Ps)
+    if result is None:
+        return Ps
+    result = list(result)
+    if len(result) != len(Ps) or any(not isinstance(r, torch.Tensor) or r.shape != P.shape
+                                      for r, P in zip(result, Ps)):
+        raise ValueError(f"U_reduce must reduce its list of UᵀG products in place (return None) or return "
+                         f"tensors of the same shapes {[tuple(P.shape) for P in Ps]}")
+    return result
+
+
+def _left_products(pairs, backends) -> list:
+    """``[Uᵢᵀ Gᵢ]`` (``k_out×in``; float32 for half precision) for pass 1 of a sharded projection."""
+    results = [None] * len(pairs)
+    tri = [i for i, b in enumerate(backends) if b == "triton"]
+    if tri:
+        from . import triton_kernels
+
+        for i, P in zip(tri, triton_kernels.left_products([pairs[i][0] for i in tri], [pairs[i][1] for i in tri])):
+            results[i] = P
+    for i, (G, U) in enumerate(pairs):
+        if results[i] is None:
+            wd = torch.float32 if G.dtype in (torch.float16, torch.bfloat16) else G.dtype
+            results[i] = U.to(wd).mT @ G.to(wd)
+    return results
+
+
+def _check_reduce(U_reduce) -> None:
+    if U_reduce is not None and not callable(U_reduce):
+        raise TypeError(f"U_reduce must be a callable that sums a list of tensors over the shard group, "
+                        f"got {type(U_reduce).__name__}")
+
+
 def _cpp_grouped_(entries, backends) -> list:
     """Run the entries the C++ backend takes in one call; returns the others."""
     rest, Gs, Us, Vs, ss = [], [], [], [], []
@@ -99,7 +149,8 @@ def _cpp_grouped_(entries, backends) -> list:
 
 
 def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scales=1.0, *,
-                              U_complement=False, V_complement=False, backend: str | None = None) -> list:
+                              U_complement=False, V_complement=False, backend: str | None = None,
+                              U_reduce=None) -> list:
     """Replace every ``Gs[i]`` (``out×in``) in place by ``scales[i]·(I − UᵢUᵢᵀ) Gᵢ (I − VᵢVᵢᵀ)``.
 
     The step of full fine-tuning in the residual subspace that follows each backward (docs/design.md
@@ -117,12 +168,43 @@ def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scal
         U_complement, V_complement: one bool or a list; True when that basis spans the kept space.
         backend: None (by device), ``"torch"``, ``"cpp"`` or ``"triton"`` (forced for every entry;
             raises ``ValueError`` with the reasons when it cannot run one).
+        U_reduce: for row-sharded tensors (FSDP2 ``Shard(0)``: each rank holds rows of ``G`` and the
+            same rows of ``U``): a callable that sums a list of ``k_out×in`` products ``UᵀG`` over
+            the shard group, in place (e.g. ``lambda Ps: [dist.all_reduce(P) for P in Ps]``) or by
+            returning the sums. Every rank must call with the same entries in the same order. The
+            ``V`` side is row-local. Shards of ``U`` are checked for shape only (their columns are
+            orthonormal only together). Not with the C++ kernel (it runs both passes back to back).
 
     Returns ``Gs`` as a list (the same tensors). Raises ``TypeError``/``ValueError`` naming the entry
     and argument for bad input, before anything is written.
     """
-    entries = _entries(Gs, Us, Vs, scales, U_complement, V_complement, "Gs")
-    backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5]) for e in entries]
+    _check_reduce(U_reduce)
+    entries = _entries(Gs, Us, Vs, scales, U_complement, V_complement, "Gs", U_sharded=U_reduce is not None)
+    sharded = [U_reduce is not None and _nonempty(e[1]) is not None for e in entries]
+    backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5], U_sharded=sh)
+                for e, sh in zip(entries, sharded)]
+    if U_reduce is not None:
+        idx = [i for i, sh in enumerate(sharded) if sh]
+        Ps = _reduce(U_reduce, _left_products([(entries[i][0], entries[i][1]) for i in idx], [backends[i] for i in idx]))
+        sharded_groups: dict = {}
+        for i, P in zip(idx, Ps):
+            G, U, V, s, _, vc = entries[i]
+            if not G.numel():
+                continue
+            if backends[i] == "triton":  # one launch per group of equal shapes
+                from . import triton_kernels
+
+                V = _nonempty(V)
+                key = triton_kernels.group_key(G, G, U, V, False, vc, None, None, P)
+                sharded_groups.setdefault(key, []).append((G, G, U, V, s, False, vc, None, None, P))
+            else:
+                project_into_(G, G, U, V, s, backends[i], False, vc, UtD=P)
+        for group in sharded_groups.values():
+            from . import triton_kernels
+
+            triton_kernels.project_group(group)
+        entries = [e for e, sh in zip(entries, sharded) if not sh]
+        backends = [b for b, sh in zip(backends, sharded) if not sh]
     rest = _cpp_grouped_(entries, backends)
     triton_groups: dict = {}
     for e, b in rest:
@@ -135,20 +217,26 @@ def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scal
         from . import triton_kernels
 
         triton_kernels.project_grouped_(group)
-    return [e[0] for e in entries]
+    return list(Gs)
 
 
-def subspace_anchor(W0: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None) -> SubspaceAnchor:
+def subspace_anchor(W0: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None, *,
+                    U_reduce=None) -> SubspaceAnchor:
     """The thin products of the task-start weight ``W₀`` (``out×in``) that
     :func:`subspace_restore_` needs instead of ``W₀`` itself: ``W₀V`` (``out×k_in``) and ``UᵀW₀``
     (``k_out×in``), float32 for a half-precision ``W₀`` (``W V`` and ``W₀ V`` nearly cancel in the
     restore). Memory: ``(out·k_in + k_out·in)`` elements instead of ``out·in``. Thin products exist
     only for bases stored as themselves; for a complement basis keep a full reference (see
-    :func:`subspace_restore_`). Raises as :func:`residual_project` does for bad bases."""
-    reference.validate_residual_project(W0, U, V, 1.0)
-    if W0.dim() != 2:
-        raise ValueError(f"W0 must be 2-D (out×in), got shape {tuple(W0.shape)}")
-    return SubspaceAnchor(*reference.subspace_anchor(W0, _nonempty(U), _nonempty(V)))
+    :func:`subspace_restore_`). With ``U_reduce`` (row shards, see :func:`residual_project_grouped_`)
+    ``W0`` and ``U`` are this rank's rows: ``W0V`` is this rank's rows, ``UtW0`` the full sum.
+    Raises as :func:`residual_project` does for bad bases."""
+    _check_reduce(U_reduce)
+    e = _entries([W0], [U], [V], 1.0, False, False, "W0", U_sharded=U_reduce is not None)[0]
+    W0V, UtW0 = reference.subspace_anchor(W0, _nonempty(U), _nonempty(V))
+    if U_reduce is not None and UtW0 is not None:
+        UtW0 = _reduce(U_reduce, [UtW0])[0]
+    del e
+    return SubspaceAnchor(W0V, UtW0)
 
 
 def _check_reference(i, W, U, V, uc, vc, W0, anchor, what):
@@ -182,23 +270,75 @@ def _check_reference(i, W, U, V, uc, vc, W0, anchor, what):
                              "recompute the anchor with subspace_anchor after the bases change")
 
 
-def _restore_one_(W, U, V, uc, vc, W0, anchor, backend):
-    if W.numel() == 0:
+def _restore_sharded_(entries, backends, W0s, anchors, U_reduce) -> None:
+    """The restore over row shards: ``Uᵀ(W − W0)`` is summed over the shard group between passes."""
+    for e, W0 in zip(entries, W0s):
+        if W0 is not None:
+            e[0].sub_(W0)
+    idx = [i for i, e in enumerate(entries) if _nonempty(e[1]) is not None]
+    Ps = _reduce(U_reduce, _left_products([(entries[i][0], entries[i][1]) for i in idx], [backends[i] for i in idx]))
+    UtDs = dict(zip(idx, Ps))
+    for i, (e, b, W0, anchor) in enumerate(zip(entries, backends, W0s, anchors)):
+        W, U, V, _, _, vc = e
+        GV0 = None if W0 is not None or _nonempty(V) is None else anchor[0]
+        UtD = UtDs.get(i)
+        if UtD is not None and W0 is None:
+            UtD = UtD - anchor[1].to(UtD.dtype)
+        if W.numel():
+            if UtD is None and b == "cpp":
+                if GV0 is None:
+                    project_into_(W, W, U, V, 1.0, b, False, vc)
+                else:
+                    torch.ops.kplora.subspace_restore_(W, None, _nonempty(V), GV0, None)
+            else:
+                project_into_(W, W, U, V, 1.0, "triton" if b == "triton" else "torch", False, vc, GV0=GV0, UtD=UtD)
+        if W0 is not None:
+            W.add_(W0)
+
+
+def _restore_all_(entries, backends, W0s, anchors, U_reduce=None) -> None:
+    """Restore every entry in place; entries with an anchor go to the C++ kernel in one call on CPU
+    and to the Triton kernels in one launch per group of equal shapes on CUDA."""
+    if U_reduce is not None:
+        _restore_sharded_(entries, backends, W0s, anchors, U_reduce)
         return
-    if W0 is not None:
-        # W ← W0 + P(W − W0): in place, no temporary of W's size
-        W.sub_(W0)
-        project_into_(W, W, U, V, 1.0, backend, uc, vc)
-        W.add_(W0)
-        return
-    project_into_(W, W, U, V, 1.0, "triton" if backend == "triton" else "torch", False, False,
-                  GV0=anchor[0], UtG0=anchor[1])
+    cpp_lists = ([], [], [], [], [])
+    triton_groups: dict = {}
+    for e, b, W0, anchor in zip(entries, backends, W0s, anchors):
+        W, U, V, _, uc, vc = e
+        if W.numel() == 0:
+            continue
+        if W0 is not None:
+            # W ← W0 + P(W − W0): in place, no temporary of W's size
+            W.sub_(W0)
+            project_into_(W, W, U, V, 1.0, b, uc, vc)
+            W.add_(W0)
+            continue
+        U, V = _nonempty(U), _nonempty(V)
+        GV0 = None if V is None else anchor[0]
+        UtG0 = None if U is None else anchor[1]
+        if b == "cpp":
+            for lst, item in zip(cpp_lists, (W, U, V, GV0, UtG0)):
+                lst.append(item)
+        elif b == "triton":
+            from . import triton_kernels
+
+            key = triton_kernels.group_key(W, W, U, V, False, False, GV0, UtG0)
+            triton_groups.setdefault(key, []).append((W, W, U, V, 1.0, False, False, GV0, UtG0))
+        else:
+            project_into_(W, W, U, V, 1.0, "torch", False, False, GV0=GV0, UtG0=UtG0)
+    if cpp_lists[0]:
+        torch.ops.kplora.subspace_restore_grouped_(*cpp_lists)
+    for group in triton_groups.values():
+        from . import triton_kernels
+
+        triton_kernels.project_group(group)
 
 
 def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None, *,
                       W0: torch.Tensor | None = None, anchor: SubspaceAnchor | None = None,
                       U_complement: bool = False, V_complement: bool = False,
-                      backend: str | None = None) -> torch.Tensor:
+                      backend: str | None = None, U_reduce=None) -> torch.Tensor:
     """Restore the constraint of full fine-tuning after an optimizer step, in place:
     ``W ← W₀ + (I − UUᵀ)(W − W₀)(I − VVᵀ)``, so that ``(W − W₀) V = 0`` and ``Uᵀ (W − W₀) = 0`` hold
     to the rounding of ``W``'s dtype (docs/design.md §1; the part of the step inside the protected
@@ -209,8 +349,10 @@ def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.T
 
     * ``anchor=subspace_anchor(W₀, U, V)`` (bases stored as themselves): the thin products ``W₀V``
       and ``UᵀW₀`` replace ``W₀``; the restore is the rank-(k_out+k_in) update ``W ← W − L R`` of the
-      projection kernel family with an offset (``Q = WV − W₀V``, ``P = UᵀW − UᵀW₀``). Extra memory:
-      the anchor, ``out·k_in + k_out·in`` elements per weight, and thin temporaries of that size.
+      projection kernels with an offset (``Q = WV − W₀V``, ``P = UᵀW − UᵀW₀``, ``L = [U, Q − U(PV)]``,
+      ``R = [P; Vᵀ]``): the C++ tile pass on CPU, the fused Triton row kernel on CUDA. Extra memory:
+      the anchor, ``out·k_in + k_out·in`` elements per weight (float32 for half-precision weights),
+      and thin temporaries of that size.
     * ``W0=`` a full tensor: ``W ← ((W − W₀) projected) + W₀`` computed in place (no temporary of
       ``W``'s size; the reference itself costs one ``out×in`` copy). This is the form for bases
       stored as their complement, whose thin products would be as large as ``W₀``. The reference
@@ -219,28 +361,32 @@ def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.T
       trainer may snapshot each weight just before its step, one weight at a time, and drop the
       snapshot after the restore: the extra memory is then one weight, not all of them.
 
+    Row shards (FSDP2): pass ``U_reduce`` as for :func:`residual_project_grouped_`, this rank's rows
+    of ``W``, ``U`` and ``W0`` (or the anchor from :func:`subspace_anchor` with the same ``U_reduce``).
+
     Raises ``TypeError``/``ValueError`` naming the argument for bad input (both or neither of
     ``W0``/``anchor``, an anchor that does not match the bases, a complement basis with an anchor).
     """
-    e = _entries([W], [U], [V], 1.0, U_complement, V_complement, "W")[0]
-    _check_reference(None, W, U, V, e[4], e[5], W0, anchor, "W")
-    b = resolve_backend(W, backend, U_complement=e[4], V_complement=e[5])
-    _restore_one_(W, U, V, e[4], e[5], W0, anchor, b)
+    subspace_restore_grouped_([W], [U], [V], W0s=None if W0 is None else [W0],
+                              anchors=None if anchor is None else [anchor], U_complement=U_complement,
+                              V_complement=V_complement, backend=backend, U_reduce=U_reduce, _what="W")
     return W
 
 
 def subspace_restore_grouped_(Ws: Sequence[torch.Tensor], Us=None, Vs=None, *, W0s=None, anchors=None,
-                              U_complement=False, V_complement=False, backend: str | None = None) -> list:
+                              U_complement=False, V_complement=False, backend: str | None = None,
+                              U_reduce=None, _what: str = "Ws") -> list:
     """:func:`subspace_restore_` over a list of weights (``W0s`` or ``anchors``: one entry per
     weight, None entries allowed in one list when the other gives that entry). All arguments are
     checked before any weight is written. Returns ``Ws`` as a list."""
-    entries = _entries(Ws, Us, Vs, 1.0, U_complement, V_complement, "Ws")
+    _check_reduce(U_reduce)
+    entries = _entries(Ws, Us, Vs, 1.0, U_complement, V_complement, _what, U_sharded=U_reduce is not None)
     n = len(entries)
     W0s = [None] * n if W0s is None else _per_entry(W0s, n, "W0s", ())
     anchors = [None] * n if anchors is None else _per_entry(anchors, n, "anchors", ())
     for i, e in enumerate(entries):
-        _check_reference(i, e[0], e[1], e[2], e[4], e[5], W0s[i], anchors[i], "Ws")
-    backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5]) for e in entries]
-    for e, b, W0, anchor in zip(entries, backends, W0s, anchors):
-        _restore_one_(e[0], e[1], e[2], e[4], e[5], W0, anchor, b)
-    return [e[0] for e in entries]
+        _check_reference(None if _what == "W" else i, e[0], e[1], e[2], e[4], e[5], W0s[i], anchors[i], _what)
+    backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5],
+                                U_sharded=U_reduce is not None and _nonempty(e[1]) is not None) for e in entries]
+    _restore_all_(entries, backends, W0s, anchors, U_reduce)
+    return list(Ws)

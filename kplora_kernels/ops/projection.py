@@ -72,11 +72,16 @@ def _cpp_bases(U, V, U_complement, V_complement):
 # --- ops --------------------------------------------------------------------------------------------
 
 def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, name: str,
-                  U_complement: bool, V_complement: bool, GV0=None, UtG0=None) -> None:
-    """Write ``scale·P(G − G0)`` (+ nothing else) into ``out`` with backend ``name``; arguments were
-    validated. ``out`` may be ``G``. With offsets ``GV0``/``UtG0`` this computes
-    ``G − L R`` for the restore (scale 1)."""
-    if name == "cpp" and GV0 is None and UtG0 is None:
+                  U_complement: bool, V_complement: bool, GV0=None, UtG0=None, UtD=None) -> None:
+    """Write ``scale·(keep·G − L R)`` (:func:`reference.thin_factors`) into ``out`` with backend
+    ``name``; arguments were validated. ``out`` may be ``G``. With offsets ``GV0``/``UtG0`` this is
+    the restore ``G − L R`` (scale 1); ``UtD`` gives ``Uᵀ(G − G0)`` summed over row shards."""
+    if UtD is not None and name == "triton":
+        from . import triton_kernels
+
+        triton_kernels.project_group([(G, out, _nonempty(U), _nonempty(V), scale, False, False, GV0, UtG0, UtD)])
+        return
+    if name == "cpp" and GV0 is None and UtG0 is None and UtD is None:
         U_sub, V_sub = _cpp_bases(U, V, U_complement, V_complement)
         if same_view(out, G):
             torch.ops.kplora.residual_project_(out, U_sub, V_sub, scale)
@@ -89,13 +94,13 @@ def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, name: 
         triton_kernels.project(G, U, V, scale, out, U_complement=U_complement, V_complement=V_complement,
                                GV0=GV0, UtG0=UtG0)
         return
-    # torch (and the C++ backend's restore): thin factors, then one addmm per matrix into out
+    # torch (also row shards on CPU, which the C++ kernel does not take): thin factors, one addmm per matrix
     for index in _batch_indices(G):
         G2, out2 = G[index], out[index]
         keep, L, R = reference.thin_factors(G2, _nonempty(U) if not U_complement else U,
                                             _nonempty(V) if not V_complement else V,
                                             U_complement=U_complement, V_complement=V_complement,
-                                            GV0=GV0, UtG0=UtG0)
+                                            GV0=GV0, UtG0=UtG0, UtD=UtD)
         beta = scale * keep
         if out2.dtype == L.dtype:
             if same_view(out2, G2):

@@ -142,7 +142,8 @@ def subspace_restore(W: torch.Tensor, W0: torch.Tensor, U: torch.Tensor | None =
 
 def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None, *,
                  U_complement: bool = False, V_complement: bool = False,
-                 GV0: torch.Tensor | None = None, UtG0: torch.Tensor | None = None):
+                 GV0: torch.Tensor | None = None, UtG0: torch.Tensor | None = None,
+                 UtD: torch.Tensor | None = None):
     """``(keep, L, R)`` with ``(I − UUᵀ) D (I − VVᵀ) = keep·D − L R`` for the 2-D ``D = G − G0``,
     from thin products only: ``L`` is ``out×K``, ``R`` is ``K×in``, ``keep`` is 1 or 0.
 
@@ -151,10 +152,11 @@ def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None
     stored as its complement ``C`` (the kept space) gives ``keep = 0`` and ``L R = −(CCᵀ)…``. Bases must
     be None or non-empty unless complement (an empty complement keeps nothing: the result is 0).
     Computed in ``G``'s dtype; with offsets in float32 for a half-precision ``G`` (``G V`` and
-    ``G0 V`` nearly cancel there).
+    ``G0 V`` nearly cancel there). ``UtD``: ``Uᵀ(G − G0)`` given by the caller (``k_out×in``, e.g.
+    summed over the row shards of ``G`` and ``U``); ``UtG0`` is then ignored.
     """
     wd = G.dtype
-    if (GV0 is not None or UtG0 is not None) and G.dtype in (torch.float16, torch.bfloat16):
+    if (GV0 is not None or UtG0 is not None or UtD is not None) and G.dtype in (torch.float16, torch.bfloat16):
         wd = torch.float32
     Gw = G.to(wd)
     U = None if U is None else U.to(wd)
@@ -170,7 +172,8 @@ def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None
             Q = Gw @ V                                   # out×kv: G VcVcᵀ = Q Vcᵀ
             if U is None:
                 return 0, -Q, V.mT
-            Q = U @ (U.mT @ Q) if U_complement else Q - U @ (U.mT @ Q)
+            UtQ = UtD.to(wd) @ V if UtD is not None else U.mT @ Q  # over row shards only P V is global
+            Q = U @ UtQ if U_complement else Q - U @ UtQ
             return 0, -Q, V.mT
         P = U.mT @ Gw                                    # U complement (V normal or absent): Uc (UcᵀG)(I−VVᵀ)
         return 0, -U, (P if V is None else right(P, V))
@@ -179,11 +182,15 @@ def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None
     Q = None if V is None else Gw @ V
     if Q is not None and GV0 is not None:
         Q = Q - GV0.to(wd)
-    P = None if U is None else U.mT @ Gw
-    if P is not None and UtG0 is not None:
-        P = P - UtG0.to(wd)
+    if UtD is not None:
+        P = UtD.to(wd)
+    else:
+        P = None if U is None else U.mT @ Gw
+        if P is not None and UtG0 is not None:
+            P = P - UtG0.to(wd)
     if U is None:
         return 1, Q, V.mT
     if V is None:
         return 1, U, P
-    return 1, torch.cat([U, Q - U @ (U.mT @ Q)], dim=1), torch.cat([P, V.mT], dim=0)
+    UtQ = P @ V if UtD is not None else U.mT @ Q  # Uᵀ D V; over row shards only P V is global
+    return 1, torch.cat([U, Q - U @ UtQ], dim=1), torch.cat([P, V.mT], dim=0)
