@@ -1,6 +1,6 @@
 """Every projection backend against the float64 reference oracle.
 
-Tolerance (DESIGN §3): a kernel's error against the float64 oracle may be at most a few times the
+Tolerance (docs/design.md §3): a kernel's error against the float64 oracle may be at most a few times the
 reference's own error in the same dtype, plus one rounding of the output.
 """
 import os
