@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layers' bases on the device at once at a boundary with the 'cpu' placement (default 2)")
     memory.add_argument("--sketch-budget", default="64MiB", help="bytes per sketch, e.g. 64MiB (default 64MiB)")
     memory.add_argument("--device-memory", default=None, help="the accelerator's memory, e.g. 24GiB, 80GB, 24000MiB")
+    memory.add_argument("--reserve", default="1GiB",
+                        help="device memory the peaks do not count: CUDA context, fragmentation (default 1GiB)")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -63,13 +65,14 @@ def _memory(args) -> None:
                                 "resident_layers": args.resident_layers}, "kplora memory")
     sketch_budget = parse_size(args.sketch_budget, "--sketch-budget")
     device_memory = None if args.device_memory is None else parse_size(args.device_memory, "--device-memory")
+    reserve = parse_size(args.reserve, "--reserve", allow_zero=True)
     cfg = text_config(args.model_config)
     if args.rank >= min(cfg["hidden_size"], cfg["intermediate_size"]):
         raise ConfigError(f"--rank must be below the layers' input width {min(cfg['hidden_size'], cfg['intermediate_size'])}, "
                           f"got {args.rank}")
     result = plan(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype, seq_len=args.seq_len,
                   micro_batch=args.micro_batch, tasks=args.tasks, resident_layers=args.resident_layers,
-                  sketch_budget=sketch_budget, device_memory=device_memory)
+                  sketch_budget=sketch_budget, device_memory=device_memory, reserve=reserve)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 

@@ -1,4 +1,5 @@
-"""``kplora memory``: what the KeepLoRA++ state costs per layer and in total for an LLM config.
+"""``kplora memory``: what the KeepLoRA++ state costs per layer and in total for an LLM config, and
+the peaks of a run on one accelerator.
 
 Counts, per adapted linear (q, k, v, o, gate, up, down of every decoder layer): the adapter
 (``A`` r×in frozen, ``B`` out×r with its gradient and two AdamW moments), the protected
@@ -6,10 +7,16 @@ basis ``V`` (in×k_in), and the transient sketches (the task-start gradient sket
 the task-end input sketch shared by q, k, v and by gate, up) as the library allocates them.
 ``k_in`` depends on the pre-trained spectrum and ``ε_w``; it is given as a fraction of ``in``.
 
+:func:`plan` adds the model weights, activations under activation checkpointing and the logits,
+and sums what is live at the three peaks — a training step, ``begin_task``, ``end_task`` — for the
+``"device"`` and ``"cpu"`` basis placements (:mod:`kplora_kernels.continual.placement`), beside
+plain LoRA's training step; it also sizes the controller checkpoints. Which figures are checked
+against allocations and which are estimates is said at each function.
+
 Bases in bf16 halve the basis memory but let 2e-3 of each projected update leak into the
 protected subspace (measured: ``‖P(G) V‖ / ‖P(G)‖`` for a random G, 4096 wide, k = 2048; 6.6e-7
-with fp32 bases), so fp32 stays the default. Storing the complement when ``k_in > in/2`` is not
-implemented by the layer yet, so it is not counted.
+with fp32 bases), so fp32 stays the default. Past ``k_in > in/2`` the layer stores the complement
+(``V_complement``), so a basis never holds more than ``in²/2`` values.
 """
 from __future__ import annotations
 
@@ -168,15 +175,16 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str, name: str = "--device-memory") -> int:
+def parse_size(text: str, name: str = "--device-memory", allow_zero: bool = False) -> int:
     """Bytes of a size such as ``24GiB``, ``80GB``, ``24000MiB`` or ``512B`` (units B, KB, MB, GB,
     TB — powers of 1000 — and KiB, MiB, GiB, TiB — powers of 1024; case-insensitive). Anything
-    else, or a size that is not positive, is a ``ConfigError`` naming ``name``."""
+    else, or a size that is not positive (``allow_zero``: negative), is a ``ConfigError`` naming ``name``."""
     import re
 
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", str(text))
-    if not match or match.group(2).upper() not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise ConfigError(f"{name} must be a positive size with a unit such as 24GiB, 80GB or 24000MiB, got {text!r}")
+    if not match or match.group(2).upper() not in _SIZE_UNITS or (float(match.group(1)) <= 0 and not allow_zero):
+        kind = "a size ≥ 0" if allow_zero else "a positive size"
+        raise ConfigError(f"{name} must be {kind} with a unit such as 24GiB, 80GB or 24000MiB, got {text!r}")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
@@ -243,7 +251,7 @@ def forward_bytes(cfg: dict, tokens: int, param_bytes: int) -> int:
 def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: str = "bf16",
          basis_dtype: str = "fp32", seq_len: int = 2048, micro_batch: int = 1, tasks: int = 8,
          resident_layers: int = 2, sketch_budget: int = DEFAULT_MEMORY_BUDGET,
-         device_memory: int | None = None) -> dict:
+         device_memory: int | None = None, reserve: int = 2**30) -> dict:
     """Peaks of a KeepLoRA++ run in bytes — training step, ``begin_task``, ``end_task`` — for the
     ``"device"`` and ``"cpu"`` basis placements, beside plain LoRA's training step, and the controller
     checkpoint sizes after ``tasks`` tasks.
@@ -265,6 +273,10 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
       ``resident_layers`` layers' bases (the current one and the prefetched next). This needs the
       sketches not to keep device references to ``V`` beyond their construction; the sketches of
       :mod:`kplora_kernels.subspace.sketch` do keep one (``bases_held_by_sketches``).
+
+    A peak fits ``device_memory`` when it plus ``reserve`` does: the reserve stands for what the
+    peaks do not count — the CUDA context (a few hundred MiB, outside ``max_memory_allocated``) and
+    the caching allocator's fragmentation (default 1 GiB, an assumption).
     """
     pb, bb = DTYPE_BYTES[param_dtype], DTYPE_BYTES[basis_dtype]
     r = report(cfg, rank, basis_fraction, param_dtype, basis_dtype, sketch_budget)
@@ -307,7 +319,7 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
         peaks[placement]["run"] = max(peaks[placement].values())
         peaks[placement]["training_vs_plain_lora"] = peaks[placement]["training_step"] / plain
         if device_memory is not None:
-            peaks[placement]["fits"] = {k: peaks[placement][k] <= device_memory
+            peaks[placement]["fits"] = {k: peaks[placement][k] + reserve <= device_memory
                                         for k in ("training_step", "begin_task", "end_task", "run")}
     history = tasks * sum(rank * (in_ + out) * pb for _, out, in_ in linear_shapes(cfg)) * layers
     adapter_weights = layers * sum(pb * rank * (in_ + out) for _, out, in_ in linear_shapes(cfg))
@@ -315,13 +327,16 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
         **r,
         "run": {"seq_len": seq_len, "micro_batch": micro_batch, "tokens": tokens, "tasks": tasks,
                 "resident_layers": resident_layers, "sketch_budget": sketch_budget,
-                "vocab_size": cfg.get("vocab_size", 32000), "device_memory": device_memory},
+                "vocab_size": cfg.get("vocab_size", 32000), "device_memory": device_memory, "reserve": reserve},
         "items": {"weights": weights, "adapters": adapters, "optimizer": optimizer, "bases": bases,
                   "gradient_sketches": grad_sketches, "input_sketches": input_sketches,
                   "activations": acts, "end_task_forward": forward_bytes(cfg, tokens, pb),
                   "finalise_workspace": workspace, "bases_per_layer": layer_basis,
                   "bases_held_by_sketches": held},
         "plain_lora_training_step": plain,
+        # host memory the "cpu" placement holds (pinned) for the bases; "mmap" holds them in a file instead
+        "cpu_placement_host_bytes": bases,
+        "vision_tower_counted": "frozen_extra_params" in cfg,
         "peaks": peaks,
         "checkpoint": {"full": weights + bases + adapter_weights,
                        "compact": bases + adapter_weights + history, "task_history": history},
@@ -352,9 +367,12 @@ def format_plan(p: dict) -> str:
                  f"cpu {p['peaks']['cpu']['training_vs_plain_lora']:.4f}")
     if fits:
         verdict = {pl: "fits" if p["peaks"][pl]["fits"]["run"] else "does not fit" for pl in ("device", "cpu")}
-        lines.append(f"device memory {gib(run['device_memory'])}: the run {verdict['device']} with 'device', "
-                     f"{verdict['cpu']} with 'cpu' (✗: a peak over it)")
+        lines.append(f"device memory {gib(run['device_memory'])}, {run['reserve'] / 2**30:.2f} GiB of it reserved (CUDA "
+                     f"context, fragmentation): the run {verdict['device']} with 'device', {verdict['cpu']} with 'cpu' "
+                     f"(✗: a peak over it)")
     held = items["bases_held_by_sketches"]
+    lines.append(f"'cpu' placement: {gib(p['cpu_placement_host_bytes'])} of pinned host memory for the bases"
+                 + ("" if p["vision_tower_counted"] else "; model weights: the language model only"))
     lines.append(f"note: the sketches keep a reference to their V (begin_task {gib(held['begin_task'])}, end_task "
                  f"{gib(held['end_task'])}); the 'cpu' boundary peaks assume those are not on the device")
     ck = p["checkpoint"]

@@ -208,8 +208,11 @@ def test_plan_peaks_and_placements():
     ck, pb = p["checkpoint"], 2
     history = 3 * 2 * sum(4 * (o + i) * pb for _, o, i in linear_shapes(cfg))
     assert ck["compact"] - ck["task_history"] == ck["full"] - items["weights"] and ck["task_history"] == history
-    tight = plan(cfg, rank=4, seq_len=16, device_memory=peaks["cpu"]["training_step"])
-    assert tight["peaks"]["cpu"]["fits"]["training_step"] and not tight["peaks"]["cpu"]["fits"]["end_task"]
+    same = {"rank": 4, "seq_len": 16, "micro_batch": 2, "resident_layers": 1}
+    tight = plan(cfg, **same, device_memory=peaks["cpu"]["training_step"] + 100, reserve=100)["peaks"]["cpu"]["fits"]
+    assert tight["training_step"] and not tight["end_task"] and not tight["run"]
+    over = plan(cfg, **same, device_memory=peaks["cpu"]["training_step"] + 100, reserve=101)["peaks"]["cpu"]["fits"]
+    assert not over["training_step"]
 
 
 @pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("24000MiB", 24000 * 2**20),
@@ -225,10 +228,10 @@ def test_memory_plan_command(capsys):
     out = capsys.readouterr().out
     assert "training_step" in out and "end_task" in out and "plain LoRA" in out and "compact" in out
     assert main(["memory", "--model-config", "llava-1.5-7b", "--device-memory", "80GB", "--seq-len", "1024",
-                 "--micro-batch", "2", "--sketch-budget", "16MiB", "--json"]) == 0
+                 "--micro-batch", "2", "--sketch-budget", "16MiB", "--reserve", "0GiB", "--json"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["run"]["tokens"] == 2048 and p["run"]["device_memory"] == 80 * 10**9
-    assert p["run"]["sketch_budget"] == 16 * 2**20 and p["peaks"]["device"]["fits"]["run"]
+    assert p["run"]["sketch_budget"] == 16 * 2**20 and p["peaks"]["device"]["fits"]["run"] and p["run"]["reserve"] == 0
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -236,6 +239,7 @@ def test_memory_plan_command(capsys):
     (["--device-memory", "24 parsecs"], "got '24 parsecs'"),
     (["--device-memory", "0GiB"], "--device-memory must be a positive size"),
     (["--sketch-budget", "lots"], "--sketch-budget must be a positive size"),
+    (["--reserve=-1GiB"], "--reserve must be a size ≥ 0 with a unit"),
     (["--seq-len", "0"], "seq_len must be an integer ≥ 1, got 0"),
     (["--micro-batch", "-1"], "micro_batch must be an integer ≥ 1, got -1"),
     (["--tasks", "0"], "tasks must be an integer ≥ 1, got 0"),
