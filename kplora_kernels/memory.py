@@ -198,7 +198,7 @@ def model_params(cfg: dict) -> int:
     return heads * vocab * h + layers * (linears + 2 * h) + h + cfg.get("frozen_extra_params", 0)
 
 
-def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int) -> int:
+def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradient_sketch: bool = False) -> int:
     """Bytes autograd saves in the forward of one LLaMA decoder layer (transformers' SDPA attention,
     frozen base weights, the seven linears wrapped as :class:`~kplora_kernels.nn.FusedKeepLoRALinear`
     with ``A`` frozen), per ``tokens`` tokens:
@@ -207,7 +207,11 @@ def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int) -> in
     - attention saves ``q, k, v`` after RoPE (``h + 2·kv`` values), its output (``h``) and the fp32
       log-sum-exp per head;
     - the MLP saves ``gate``'s output (for SiLU), ``act`` and ``up`` (for the product): ``3·m``;
-    - a frozen linear saves nothing per token; each fused adapter saves ``x·Aᵀ`` (``r``).
+    - a frozen linear saves nothing per token; each fused adapter saves ``x·Aᵀ`` (``r``);
+    - with ``gradient_sketch`` (the ``begin_task`` pass: a ``grad_accumulator`` on every layer) each
+      adapter also saves its input ``x`` for the sketch's backward update: ``2·h + m`` (q, k, v share
+      the first norm's output, gate and up the second's; ``o``'s input is the attention output SDPA
+      already saves — its ``(b, s, heads, d)`` layout makes the transpose a view).
 
     Checked against ``saved_tensors_hooks`` on a tiny bf16 LLaMA in ``tests/test_memory.py``. This is
     also the working set one layer's recompute holds under activation checkpointing."""
@@ -215,16 +219,21 @@ def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int) -> in
     heads = cfg.get("num_attention_heads", 1)
     kv = h * cfg.get("num_key_value_heads", heads) // heads
     per_token = 2 * (4 * h + 4) + param_bytes * (2 * h + 2 * kv) + 4 * heads + 3 * m * param_bytes + 7 * rank * param_bytes
+    if gradient_sketch:
+        per_token += param_bytes * (2 * h + m)
     return tokens * per_token
 
 
-def activation_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int) -> dict:
+def activation_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradient_sketch: bool = False) -> dict:
     """Activation memory of one training micro-batch of ``tokens`` tokens under activation
-    checkpointing (each decoder layer a checkpoint), in bytes:
+    checkpointing (each decoder layer a checkpoint), in bytes. ``peak`` is ``checkpoints`` plus the
+    larger of ``logits`` (live at the start of the backward) and ``recompute + backward_transients``
+    (later, one layer at a time): the two do not overlap in time.
 
     - ``checkpoints``: every layer's input hidden state, ``layers·tokens·h`` in the param dtype
       (measured: the saved bytes grow by exactly this per layer in the test);
-    - ``recompute``: one layer's saved tensors while it is recomputed (:func:`layer_saved_bytes`);
+    - ``recompute``: one layer's saved tensors while it is recomputed (:func:`layer_saved_bytes`,
+      ``gradient_sketch`` as there);
     - ``backward_transients``: an estimate, not measured: the gradients in flight inside one layer's
       backward — three ``tokens×m`` (of ``act·up``, ``act``, ``up``) in the param dtype, two fp32
       ``tokens×h`` (the norms' upcast gradients) and two ``tokens×h`` hidden-state gradients;
@@ -232,12 +241,14 @@ def activation_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int) -> dic
       the cross-entropy, and the fp32 gradient — an estimate (transformers' loss may fuse some).
     """
     h, m, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("vocab_size", 32000)
-    return {
+    acts = {
         "checkpoints": cfg["num_hidden_layers"] * tokens * h * param_bytes,
-        "recompute": layer_saved_bytes(cfg, tokens, rank, param_bytes),
+        "recompute": layer_saved_bytes(cfg, tokens, rank, param_bytes, gradient_sketch),
         "backward_transients": tokens * (3 * m * param_bytes + 2 * 4 * h + 2 * h * param_bytes),
         "logits": tokens * vocab * (param_bytes + 4 + 4),
     }
+    acts["peak"] = acts["checkpoints"] + max(acts["logits"], acts["recompute"] + acts["backward_transients"])
+    return acts
 
 
 def forward_bytes(cfg: dict, tokens: int, param_bytes: int) -> int:
@@ -260,11 +271,12 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
 
     - always on the device: the model weights (param dtype), the adapters (``A``, ``B``, ``B``'s
       gradient) and AdamW's moments of ``B`` (kept alive across boundaries);
-    - training step: plus the activations (:func:`activation_bytes`); with ``"device"`` plus all bases;
+    - training step: plus the activations' peak (:func:`activation_bytes`); with ``"device"`` plus all bases;
       ``"cpu"`` keeps no basis on the device (``A`` frozen, no output basis), so it equals plain LoRA
       with the same adapters (plain LoRA training ``A`` too would add ``A``'s gradient and moments);
-    - ``begin_task``: the gradient pass (forward + backward under checkpointing) with every layer's
-      gradient sketch resident (updated in one backward), then finalisation layer by layer;
+    - ``begin_task``: the gradient pass (forward + backward under checkpointing, each layer also saving
+      its inputs for the sketch) with every layer's gradient sketch resident (updated in one
+      backward), then finalisation layer by layer;
     - ``end_task``: the no-grad input pass with every layer's input sketch resident, then
       finalisation layer by layer: the new basis of the layer being finalised beside the old ones and an
       eigendecomposition workspace of two fp64 ``in×in`` (the largest exact covariance) or of
@@ -291,7 +303,8 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
     grad_sketches = layers * sum(s.gradient_sketch for s in per_linear.values())
     input_sketches = layers * sum(s.input_sketch for s in per_linear.values())
     acts = activation_bytes(cfg, tokens, rank, pb)
-    train_acts = sum(acts.values())
+    train_acts = acts["peak"]
+    sketch_acts = activation_bytes(cfg, tokens, rank, pb, gradient_sketch=True)["peak"]  # the begin_task pass
     workspace = 0
     for _, out, in_ in linear_shapes(cfg):
         if 4 * in_ * in_ <= sketch_budget:
@@ -305,6 +318,8 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
                                      if 4 * in_ * in_ > sketch_budget)}
     base = weights + adapters + optimizer
     plain = base + train_acts
+    # the project's "lora" method (peft's LoraLayer) trains A too: its gradient and two AdamW moments
+    plain_peft = plain + layers * sum(3 * pb * rank * in_ for _, _, in_ in linear_shapes(cfg))
     peaks = {}
     for placement in ("device", "cpu"):
         resident = bases if placement == "device" else 0
@@ -312,7 +327,7 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
         final_extra = layer_basis  # the new basis of the layer being finalised (one at a time)
         peaks[placement] = {
             "training_step": base + resident + train_acts,
-            "begin_task": base + grad_sketches + max(resident + train_acts, at_finalise + final_extra),
+            "begin_task": base + grad_sketches + max(resident + sketch_acts, at_finalise + final_extra),
             "end_task": base + input_sketches + max(resident + forward_bytes(cfg, tokens, pb),
                                                     at_finalise + final_extra + workspace),
         }
@@ -330,10 +345,11 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
                 "vocab_size": cfg.get("vocab_size", 32000), "device_memory": device_memory, "reserve": reserve},
         "items": {"weights": weights, "adapters": adapters, "optimizer": optimizer, "bases": bases,
                   "gradient_sketches": grad_sketches, "input_sketches": input_sketches,
-                  "activations": acts, "end_task_forward": forward_bytes(cfg, tokens, pb),
+                  "activations": acts, "begin_task_activations": sketch_acts, "end_task_forward": forward_bytes(cfg, tokens, pb),
                   "finalise_workspace": workspace, "bases_per_layer": layer_basis,
                   "bases_held_by_sketches": held},
         "plain_lora_training_step": plain,
+        "plain_lora_training_A_training_step": plain_peft,
         # host memory the "cpu" placement holds (pinned) for the bases; "mmap" holds them in a file instead
         "cpu_placement_host_bytes": bases,
         "vision_tower_counted": "frozen_extra_params" in cfg,
@@ -352,7 +368,8 @@ def format_plan(p: dict) -> str:
              f"  model weights {gib(items['weights'])}   adapters {gib(items['adapters'])}   "
              f"AdamW {gib(items['optimizer'])}   bases {gib(items['bases'])}",
              f"  activations: checkpoints {gib(acts['checkpoints'])}, one layer's recompute {gib(acts['recompute'])}, "
-             f"backward {gib(acts['backward_transients'])}, logits {gib(acts['logits'])}",
+             f"backward {gib(acts['backward_transients'])}, logits {gib(acts['logits'])}; peak {gib(acts['peak'])} "
+             f"(begin_task pass {gib(items['begin_task_activations'])})",
              f"  sketches (all layers): gradient {gib(items['gradient_sketches'])}, input {gib(items['input_sketches'])}",
              f"{'peak':<16}{'device':>14}{'cpu':>14}"]
     fits = "fits" in p["peaks"]["cpu"]
@@ -364,7 +381,8 @@ def format_plan(p: dict) -> str:
         lines.append(row)
     lines.append(f"plain LoRA training step {gib(p['plain_lora_training_step'])}; KeepLoRA++ / plain LoRA: "
                  f"device {p['peaks']['device']['training_vs_plain_lora']:.4f}, "
-                 f"cpu {p['peaks']['cpu']['training_vs_plain_lora']:.4f}")
+                 f"cpu {p['peaks']['cpu']['training_vs_plain_lora']:.4f} (plain LoRA training A too, as peft: "
+                 f"{gib(p['plain_lora_training_A_training_step'])})")
     if fits:
         verdict = {pl: "fits" if p["peaks"][pl]["fits"]["run"] else "does not fit" for pl in ("device", "cpu")}
         lines.append(f"device memory {gib(run['device_memory'])}, {run['reserve'] / 2**30:.2f} GiB of it reserved (CUDA "
