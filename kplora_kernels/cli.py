@@ -44,20 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--basis-fraction", type=float, default=0.5, help="k_in / in, in [0, 1) (default 0.5)")
     memory.add_argument("--param-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     memory.add_argument("--basis-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
+    memory.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    memory.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    memory.add_argument("--tasks", type=int, default=8, help="tasks, for the checkpoint sizes (default 8)")
+    memory.add_argument("--resident-layers", type=int, default=2,
+                        help="layers' bases on the device at once at a boundary with the 'cpu' placement (default 2)")
+    memory.add_argument("--sketch-budget", default="64MiB", help="bytes per sketch, e.g. 64MiB (default 64MiB)")
+    memory.add_argument("--device-memory", default=None, help="the accelerator's memory, e.g. 24GiB, 80GB, 24000MiB")
+    memory.add_argument("--reserve", default="1GiB",
+                        help="device memory the peaks do not count: CUDA context, fragmentation (default 1GiB)")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
 def _memory(args) -> None:
-    from .memory import MemoryArgs, format_report, report, text_config
+    from .memory import MemoryArgs, format_plan, parse_size, plan, text_config
 
-    check_settings(MemoryArgs, {"rank": args.rank, "basis_fraction": args.basis_fraction}, "kplora memory")
+    check_settings(MemoryArgs, {"rank": args.rank, "basis_fraction": args.basis_fraction, "seq_len": args.seq_len,
+                                "micro_batch": args.micro_batch, "tasks": args.tasks,
+                                "resident_layers": args.resident_layers}, "kplora memory")
+    sketch_budget = parse_size(args.sketch_budget, "--sketch-budget")
+    device_memory = None if args.device_memory is None else parse_size(args.device_memory, "--device-memory")
+    reserve = parse_size(args.reserve, "--reserve", allow_zero=True)
     cfg = text_config(args.model_config)
     if args.rank >= min(cfg["hidden_size"], cfg["intermediate_size"]):
         raise ConfigError(f"--rank must be below the layers' input width {min(cfg['hidden_size'], cfg['intermediate_size'])}, "
                           f"got {args.rank}")
-    result = report(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    result = plan(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype, seq_len=args.seq_len,
+                  micro_batch=args.micro_batch, tasks=args.tasks, resident_layers=args.resident_layers,
+                  sketch_budget=sketch_budget, device_memory=device_memory, reserve=reserve)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 
 def _demo(args) -> None:

@@ -1,4 +1,5 @@
-"""``kplora memory``: what the KeepLoRA++ state costs per layer and in total for an LLM config.
+"""``kplora memory``: what the KeepLoRA++ state costs per layer and in total for an LLM config, and
+the peaks of a run on one accelerator.
 
 Counts, per adapted linear (q, k, v, o, gate, up, down of every decoder layer): the adapter
 (``A`` r×in frozen, ``B`` out×r with its gradient and two AdamW moments), the protected
@@ -6,10 +7,16 @@ basis ``V`` (in×k_in), and the transient sketches (the task-start gradient sket
 the task-end input sketch shared by q, k, v and by gate, up) as the library allocates them.
 ``k_in`` depends on the pre-trained spectrum and ``ε_w``; it is given as a fraction of ``in``.
 
+:func:`plan` adds the model weights, activations under activation checkpointing and the logits,
+and sums what is live at the three peaks — a training step, ``begin_task``, ``end_task`` — for the
+``"device"`` and ``"cpu"`` basis placements (:mod:`kplora_kernels.continual.placement`), beside
+plain LoRA's training step; it also sizes the controller checkpoints. Which figures are checked
+against allocations and which are estimates is said at each function.
+
 Bases in bf16 halve the basis memory but let 2e-3 of each projected update leak into the
 protected subspace (measured: ``‖P(G) V‖ / ‖P(G)‖`` for a random G, 4096 wide, k = 2048; 6.6e-7
-with fp32 bases), so fp32 stays the default. Storing the complement when ``k_in > in/2`` is not
-implemented by the layer yet, so it is not counted.
+with fp32 bases), so fp32 stays the default. Past ``k_in > in/2`` the layer stores the complement
+(``V_complement``), so a basis never holds more than ``in²/2`` values.
 """
 from __future__ import annotations
 
@@ -20,11 +27,15 @@ from dataclasses import dataclass
 from .config_file import ConfigError, check_settings, setting
 from .subspace.sketch import DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes
 
-PRESETS = {  # LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes)
+# LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes). ``frozen_extra_params``: the vision tower
+# (CLIP ViT-L/14-336, about 3.035e8 parameters) and the two-layer projector (1024→h→h), approximate.
+PRESETS = {
     "llava-1.5-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 32},
+                     "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                     "frozen_extra_params": 303_500_000 + 1024 * 4096 + 4096 + 4096 * 4096 + 4096},
     "llava-1.5-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                      "num_attention_heads": 40, "num_key_value_heads": 40},
+                      "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
+                      "frozen_extra_params": 303_500_000 + 1024 * 5120 + 5120 + 5120 * 5120 + 5120},
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -35,6 +46,12 @@ class MemoryArgs:
 
     rank: int = setting(32, "adapter rank r", ge=1)
     basis_fraction: float = setting(0.5, "k_in / in", ge=0, lt=1)
+    seq_len: int = setting(2048, "tokens per sequence", ge=1)
+    micro_batch: int = setting(1, "sequences per micro-batch", ge=1)
+    tasks: int = setting(8, "tasks, for the checkpoint sizes", ge=1)
+    resident_layers: int = setting(2, "layers whose bases are on the device at once at a boundary "
+                                      "with the 'cpu' placement (2: the current one and the prefetched next)",
+                                   ge=1)
 
 
 @dataclass
@@ -46,6 +63,7 @@ class ModelShape:
     num_hidden_layers: int = setting(32, "", ge=1)
     num_attention_heads: int = setting(32, "", ge=1)
     num_key_value_heads: int = setting(32, "", ge=1)
+    vocab_size: int = setting(32000, "", ge=1)
 
 
 def text_config(name_or_path: str) -> dict:
@@ -115,10 +133,10 @@ def linear_state(name: str, out: int, in_: int, rank: int, basis_fraction: float
 
 
 def report(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: str = "bf16",
-           basis_dtype: str = "fp32") -> dict:
+           basis_dtype: str = "fp32", sketch_budget: int = DEFAULT_MEMORY_BUDGET) -> dict:
     layers = cfg["num_hidden_layers"]
     per_linear = {name: linear_state(name, out, in_, rank, basis_fraction, DTYPE_BYTES[param_dtype],
-                                     DTYPE_BYTES[basis_dtype]) for name, out, in_ in linear_shapes(cfg)}
+                                     DTYPE_BYTES[basis_dtype], sketch_budget) for name, out, in_ in linear_shapes(cfg)}
     per_layer = {field: sum(getattr(s, field) for s in per_linear.values())
                  for field in ("adapter", "optimizer", "basis", "gradient_sketch", "input_sketch")}
     shapes = {name: [out, in_] for name, out, in_ in linear_shapes(cfg)}
@@ -149,4 +167,233 @@ def format_report(r: dict) -> str:
     lines += [f"persistent (adapters, AdamW, bases), all layers: {gib(r['total_persistent'])}",
               f"peak transient (sketches, all layers at once):  {gib(r['peak_transient'])}",
               f"the authors' transient (fp32 full gradients):   {gib(r['authors_transient'])}"]
+    return "\n".join(lines)
+
+
+# --- the three peaks of a run: training step, begin_task, end_task ------------------------------------
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, name: str = "--device-memory", allow_zero: bool = False) -> int:
+    """Bytes of a size such as ``24GiB``, ``80GB``, ``24000MiB`` or ``512B`` (units B, KB, MB, GB,
+    TB — powers of 1000 — and KiB, MiB, GiB, TiB — powers of 1024; case-insensitive). Anything
+    else, or a size that is not positive (``allow_zero``: negative), is a ``ConfigError`` naming ``name``."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", str(text))
+    if not match or match.group(2).upper() not in _SIZE_UNITS or (float(match.group(1)) <= 0 and not allow_zero):
+        kind = "a size ≥ 0" if allow_zero else "a positive size"
+        raise ConfigError(f"{name} must be {kind} with a unit such as 24GiB, 80GB or 24000MiB, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
+def model_params(cfg: dict) -> int:
+    """Parameters of a LLaMA-style language model (embeddings, decoder layers with their two RMSNorms,
+    the final norm, the LM head unless ``tie_word_embeddings``) plus ``frozen_extra_params`` (a
+    preset's vision tower and projector)."""
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("vocab_size", 32000)
+    linears = sum(o * i for _, o, i in linear_shapes(cfg))
+    heads = 1 if cfg.get("tie_word_embeddings") is True else 2
+    return heads * vocab * h + layers * (linears + 2 * h) + h + cfg.get("frozen_extra_params", 0)
+
+
+def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradient_sketch: bool = False) -> int:
+    """Bytes autograd saves in the forward of one LLaMA decoder layer (transformers' SDPA attention,
+    frozen base weights, the seven linears wrapped as :class:`~kplora_kernels.nn.FusedKeepLoRALinear`
+    with ``A`` frozen), per ``tokens`` tokens:
+
+    - each RMSNorm saves its input upcast to fp32 and the fp32 ``rsqrt`` (``4·h + 4``), two norms;
+    - attention saves ``q, k, v`` after RoPE (``h + 2·kv`` values), its output (``h``) and the fp32
+      log-sum-exp per head;
+    - the MLP saves ``gate``'s output (for SiLU), ``act`` and ``up`` (for the product): ``3·m``;
+    - a frozen linear saves nothing per token; each fused adapter saves ``x·Aᵀ`` (``r``);
+    - with ``gradient_sketch`` (the ``begin_task`` pass: a ``grad_accumulator`` on every layer) each
+      adapter also saves its input ``x`` for the sketch's backward update: ``2·h + m`` (q, k, v share
+      the first norm's output, gate and up the second's; ``o``'s input is the attention output SDPA
+      already saves — its ``(b, s, heads, d)`` layout makes the transpose a view).
+
+    Checked against ``saved_tensors_hooks`` on a tiny bf16 LLaMA in ``tests/test_memory.py``. This is
+    also the working set one layer's recompute holds under activation checkpointing."""
+    h, m = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg.get("num_attention_heads", 1)
+    kv = h * cfg.get("num_key_value_heads", heads) // heads
+    per_token = 2 * (4 * h + 4) + param_bytes * (2 * h + 2 * kv) + 4 * heads + 3 * m * param_bytes + 7 * rank * param_bytes
+    if gradient_sketch:
+        per_token += param_bytes * (2 * h + m)
+    return tokens * per_token
+
+
+def activation_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradient_sketch: bool = False) -> dict:
+    """Activation memory of one training micro-batch of ``tokens`` tokens under activation
+    checkpointing (each decoder layer a checkpoint), in bytes. ``peak`` is ``checkpoints`` plus the
+    larger of ``logits`` (live at the start of the backward) and ``recompute + backward_transients``
+    (later, one layer at a time): the two do not overlap in time.
+
+    - ``checkpoints``: every layer's input hidden state, ``layers·tokens·h`` in the param dtype
+      (measured: the saved bytes grow by exactly this per layer in the test);
+    - ``recompute``: one layer's saved tensors while it is recomputed (:func:`layer_saved_bytes`,
+      ``gradient_sketch`` as there);
+    - ``backward_transients``: an estimate, not measured: the gradients in flight inside one layer's
+      backward — three ``tokens×m`` (of ``act·up``, ``act``, ``up``) in the param dtype, two fp32
+      ``tokens×h`` (the norms' upcast gradients) and two ``tokens×h`` hidden-state gradients;
+    - ``logits``: ``tokens×vocab`` in the param dtype (the LM head's output), its fp32 upcast kept by
+      the cross-entropy, and the fp32 gradient — an estimate (transformers' loss may fuse some).
+    """
+    h, m, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("vocab_size", 32000)
+    acts = {
+        "checkpoints": cfg["num_hidden_layers"] * tokens * h * param_bytes,
+        "recompute": layer_saved_bytes(cfg, tokens, rank, param_bytes, gradient_sketch),
+        "backward_transients": tokens * (3 * m * param_bytes + 2 * 4 * h + 2 * h * param_bytes),
+        "logits": tokens * vocab * (param_bytes + 4 + 4),
+    }
+    acts["peak"] = acts["checkpoints"] + max(acts["logits"], acts["recompute"] + acts["backward_transients"])
+    return acts
+
+
+def forward_bytes(cfg: dict, tokens: int, param_bytes: int) -> int:
+    """A no-grad forward (the ``end_task`` input pass): one layer's largest live set — the hidden state
+    and residual, ``q, k, v``, the attention output, ``gate``, ``up``, ``act`` — plus the logits in the
+    param dtype. An estimate."""
+    h, m, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("vocab_size", 32000)
+    return tokens * param_bytes * (6 * h + 3 * m + vocab)
+
+
+def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: str = "bf16",
+         basis_dtype: str = "fp32", seq_len: int = 2048, micro_batch: int = 1, tasks: int = 8,
+         resident_layers: int = 2, sketch_budget: int = DEFAULT_MEMORY_BUDGET,
+         device_memory: int | None = None, reserve: int = 2**30) -> dict:
+    """Peaks of a KeepLoRA++ run in bytes — training step, ``begin_task``, ``end_task`` — for the
+    ``"device"`` and ``"cpu"`` basis placements, beside plain LoRA's training step, and the controller
+    checkpoint sizes after ``tasks`` tasks.
+
+    Assumptions (each peak is the sum of what is live at once):
+
+    - always on the device: the model weights (param dtype), the adapters (``A``, ``B``, ``B``'s
+      gradient) and AdamW's moments of ``B`` (kept alive across boundaries);
+    - training step: plus the activations' peak (:func:`activation_bytes`); with ``"device"`` plus all bases;
+      ``"cpu"`` keeps no basis on the device (``A`` frozen, no output basis), so it equals plain LoRA
+      with the same adapters (plain LoRA training ``A`` too would add ``A``'s gradient and moments);
+    - ``begin_task``: the gradient pass (forward + backward under checkpointing, each layer also saving
+      its inputs for the sketch) with every layer's gradient sketch resident (updated in one
+      backward), then finalisation layer by layer;
+    - ``end_task``: the no-grad input pass with every layer's input sketch resident, then
+      finalisation layer by layer: the new basis of the layer being finalised beside the old ones and an
+      eigendecomposition workspace of two fp64 ``in×in`` (the largest exact covariance) or of
+      three fp64 ``in×width`` (randomized);
+    - ``"device"``: all bases resident throughout; ``"cpu"``: during a pass no basis, at finalisation
+      ``resident_layers`` layers' bases (the current one and the prefetched next). This needs the
+      sketches not to keep device references to ``V`` beyond their construction; the sketches of
+      :mod:`kplora_kernels.subspace.sketch` do keep one (``bases_held_by_sketches``).
+
+    A peak fits ``device_memory`` when it plus ``reserve`` does: the reserve stands for what the
+    peaks do not count — the CUDA context (a few hundred MiB, outside ``max_memory_allocated``) and
+    the caching allocator's fragmentation (default 1 GiB, an assumption).
+    """
+    pb, bb = DTYPE_BYTES[param_dtype], DTYPE_BYTES[basis_dtype]
+    r = report(cfg, rank, basis_fraction, param_dtype, basis_dtype, sketch_budget)
+    layers, tokens = cfg["num_hidden_layers"], seq_len * micro_batch
+    per_linear = {name: linear_state(name, out, in_, rank, basis_fraction, pb, bb, sketch_budget)
+                  for name, out, in_ in linear_shapes(cfg)}
+    weights = model_params(cfg) * pb
+    adapters = layers * sum(s.adapter for s in per_linear.values())
+    optimizer = layers * sum(s.optimizer for s in per_linear.values())
+    layer_basis = sum(s.basis for s in per_linear.values())
+    bases = layers * layer_basis
+    grad_sketches = layers * sum(s.gradient_sketch for s in per_linear.values())
+    input_sketches = layers * sum(s.input_sketch for s in per_linear.values())
+    acts = activation_bytes(cfg, tokens, rank, pb)
+    train_acts = acts["peak"]
+    sketch_acts = activation_bytes(cfg, tokens, rank, pb, gradient_sketch=True)["peak"]  # the begin_task pass
+    workspace = 0
+    for _, out, in_ in linear_shapes(cfg):
+        if 4 * in_ * in_ <= sketch_budget:
+            workspace = max(workspace, 2 * 8 * in_ * in_)
+        else:
+            workspace = max(workspace, 3 * 8 * in_ * max(1, min(in_, sketch_budget // (4 * in_), 1024)))
+    # the V a sketch keeps (the same storage as the layer's when built from it): every GradientSketch
+    # (non-empty V), and an InputSketch on its randomized path
+    held = {"begin_task": bases,
+            "end_task": layers * sum(per_linear[name].basis for name, _, in_ in linear_shapes(cfg)
+                                     if 4 * in_ * in_ > sketch_budget)}
+    base = weights + adapters + optimizer
+    plain = base + train_acts
+    # the project's "lora" method (peft's LoraLayer) trains A too: its gradient and two AdamW moments
+    plain_peft = plain + layers * sum(3 * pb * rank * in_ for _, _, in_ in linear_shapes(cfg))
+    peaks = {}
+    for placement in ("device", "cpu"):
+        resident = bases if placement == "device" else 0
+        at_finalise = bases if placement == "device" else min(resident_layers, layers) * layer_basis
+        final_extra = layer_basis  # the new basis of the layer being finalised (one at a time)
+        peaks[placement] = {
+            "training_step": base + resident + train_acts,
+            "begin_task": base + grad_sketches + max(resident + sketch_acts, at_finalise + final_extra),
+            "end_task": base + input_sketches + max(resident + forward_bytes(cfg, tokens, pb),
+                                                    at_finalise + final_extra + workspace),
+        }
+        peaks[placement]["run"] = max(peaks[placement].values())
+        peaks[placement]["training_vs_plain_lora"] = peaks[placement]["training_step"] / plain
+        if device_memory is not None:
+            peaks[placement]["fits"] = {k: peaks[placement][k] + reserve <= device_memory
+                                        for k in ("training_step", "begin_task", "end_task", "run")}
+    history = tasks * sum(rank * (in_ + out) * pb for _, out, in_ in linear_shapes(cfg)) * layers
+    adapter_weights = layers * sum(pb * rank * (in_ + out) for _, out, in_ in linear_shapes(cfg))
+    return {
+        **r,
+        "run": {"seq_len": seq_len, "micro_batch": micro_batch, "tokens": tokens, "tasks": tasks,
+                "resident_layers": resident_layers, "sketch_budget": sketch_budget,
+                "vocab_size": cfg.get("vocab_size", 32000), "device_memory": device_memory, "reserve": reserve},
+        "items": {"weights": weights, "adapters": adapters, "optimizer": optimizer, "bases": bases,
+                  "gradient_sketches": grad_sketches, "input_sketches": input_sketches,
+                  "activations": acts, "begin_task_activations": sketch_acts, "end_task_forward": forward_bytes(cfg, tokens, pb),
+                  "finalise_workspace": workspace, "bases_per_layer": layer_basis,
+                  "bases_held_by_sketches": held},
+        "plain_lora_training_step": plain,
+        "plain_lora_training_A_training_step": plain_peft,
+        # host memory the "cpu" placement holds (pinned) for the bases; "mmap" holds them in a file instead
+        "cpu_placement_host_bytes": bases,
+        "vision_tower_counted": "frozen_extra_params" in cfg,
+        "peaks": peaks,
+        "checkpoint": {"full": weights + bases + adapter_weights,
+                       "compact": bases + adapter_weights + history, "task_history": history},
+    }
+
+
+def format_plan(p: dict) -> str:
+    gib = lambda b: f"{b / 2**30:7.2f} GiB"  # noqa: E731
+    run, items, acts = p["run"], p["items"], p["items"]["activations"]
+    lines = [format_report(p), "",
+             f"run plan: micro-batch {run['micro_batch']} × {run['seq_len']} tokens, activation checkpointing, "
+             f"vocab {run['vocab_size']}, sketch budget {run['sketch_budget'] / 2**20:.0f} MiB",
+             f"  model weights {gib(items['weights'])}   adapters {gib(items['adapters'])}   "
+             f"AdamW {gib(items['optimizer'])}   bases {gib(items['bases'])}",
+             f"  activations: checkpoints {gib(acts['checkpoints'])}, one layer's recompute {gib(acts['recompute'])}, "
+             f"backward {gib(acts['backward_transients'])}, logits {gib(acts['logits'])}; peak {gib(acts['peak'])} "
+             f"(begin_task pass {gib(items['begin_task_activations'])})",
+             f"  sketches (all layers): gradient {gib(items['gradient_sketches'])}, input {gib(items['input_sketches'])}",
+             f"{'peak':<16}{'device':>14}{'cpu':>14}"]
+    fits = "fits" in p["peaks"]["cpu"]
+    for key in ("training_step", "begin_task", "end_task", "run"):
+        row = f"{key:<16}"
+        for placement in ("device", "cpu"):
+            mark = ("  " if p["peaks"][placement]["fits"][key] else " ✗") if fits else ""
+            row += f"{gib(p['peaks'][placement][key]) + mark:>14}"
+        lines.append(row)
+    lines.append(f"plain LoRA training step {gib(p['plain_lora_training_step'])}; KeepLoRA++ / plain LoRA: "
+                 f"device {p['peaks']['device']['training_vs_plain_lora']:.4f}, "
+                 f"cpu {p['peaks']['cpu']['training_vs_plain_lora']:.4f} (plain LoRA training A too, as peft: "
+                 f"{gib(p['plain_lora_training_A_training_step'])})")
+    if fits:
+        verdict = {pl: "fits" if p["peaks"][pl]["fits"]["run"] else "does not fit" for pl in ("device", "cpu")}
+        lines.append(f"device memory {gib(run['device_memory'])}, {run['reserve'] / 2**30:.2f} GiB of it reserved (CUDA "
+                     f"context, fragmentation): the run {verdict['device']} with 'device', {verdict['cpu']} with 'cpu' "
+                     f"(✗: a peak over it)")
+    held = items["bases_held_by_sketches"]
+    lines.append(f"'cpu' placement: {gib(p['cpu_placement_host_bytes'])} of pinned host memory for the bases"
+                 + ("" if p["vision_tower_counted"] else "; model weights: the language model only"))
+    lines.append(f"note: the sketches keep a reference to their V (begin_task {gib(held['begin_task'])}, end_task "
+                 f"{gib(held['end_task'])}); the 'cpu' boundary peaks assume those are not on the device")
+    ck = p["checkpoint"]
+    lines.append(f"checkpoint after {run['tasks']} tasks: full (merged weights, bases, adapters) {gib(ck['full'])}, "
+                 f"compact (bases, adapters, per-task r·(in+out) history) {gib(ck['compact'])}")
     return "\n".join(lines)

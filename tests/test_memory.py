@@ -106,3 +106,151 @@ def test_memory_into_a_closed_pipe_has_no_traceback():
     err = proc.stderr.read().decode()
     proc.wait()
     assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+# --- the run plan: three peaks, two placements ------------------------------------------------------------
+def _tiny_llama(layers, adapters_rank=None, gradient_sketch=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SMALL_LM, num_hidden_layers=layers, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.requires_grad_(False)
+    if adapters_rank:
+        for layer in model.model.layers:
+            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                for n in names:
+                    layer = FusedKeepLoRALinear.from_linear(getattr(parent, n), adapters_rank)
+                    if gradient_sketch:  # as KeepLoRA's begin_task pass does
+                        layer.grad_accumulator = GradientSketch(layer.out_features, layer.in_features, adapters_rank)
+                    setattr(parent, n, layer)
+    return model
+
+
+SMALL_LM = {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 500}
+
+
+def _saved_bytes(model, tokens, checkpointing):
+    """Bytes of the tensors autograd saves in one forward (parameters and buffers excluded, each
+    storage once)."""
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in owned:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, SMALL_LM["vocab_size"], (1, tokens), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(seen.values())
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("gradient_sketch", [False, True], ids=["training", "begin_task pass"])
+def test_activation_estimate_matches_autograd_saved_tensors(gradient_sketch):
+    """One decoder layer's saved tensors (KeepLoRA adapters, SDPA, bf16) and the checkpointed hidden
+    state per layer, measured as the difference between a 4- and a 2-layer model (shared tensors such
+    as RoPE's tables and the logits cancel). Tolerance 2 %: the formula counts each saved tensor, a
+    transformers release that saves one more small tensor (a per-token scalar) stays within it."""
+    from kplora_kernels.memory import activation_bytes, layer_saved_bytes
+
+    tokens, rank = 48, 4
+    cfg = {**SMALL_LM, "num_hidden_layers": 1}
+    saved = lambda layers, ckpt: _saved_bytes(_tiny_llama(layers, rank, gradient_sketch), tokens, ckpt)  # noqa: E731
+    per_layer = (saved(4, False) - saved(2, False)) / 2
+    assert per_layer == pytest.approx(layer_saved_bytes(cfg, tokens, rank, 2, gradient_sketch), rel=0.02)
+    checkpoint = (saved(4, True) - saved(2, True)) / 2
+    assert checkpoint == pytest.approx(activation_bytes(cfg, tokens, rank, 2)["checkpoints"], rel=0.02)
+
+
+def test_model_params_match_a_llama():
+    from kplora_kernels.memory import model_params
+
+    model = _tiny_llama(3)
+    assert model_params({**SMALL_LM, "num_hidden_layers": 3}) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["q_proj", "gate_proj", "down_proj"])
+def test_default_budget_sketches_at_7b_match_the_library(name):
+    """At LLaVA-1.5-7B's shapes and the default budget: the thin gradient sketch and the input sketch
+    (exact covariance for in = 4096, randomized for 11008) allocate what the plan counts."""
+    from kplora_kernels.memory import PRESETS
+
+    out, in_ = {n: (o, i) for n, o, i in linear_shapes(PRESETS["llava-1.5-7b"])}[name]
+    predicted = linear_state(name, out, in_, 32, 0.5, param_bytes=2, basis_bytes=4)
+    grad = GradientSketch(out, in_, 32)
+    assert grad.strategy == "randomized" and grad.memory_bytes == predicted.gradient_sketch
+    sketch = InputSketch(in_)
+    assert sketch.memory_bytes == predicted.input_sketch
+    assert sketch.strategy == ("covariance" if in_ == 4096 else "randomized")
+
+
+def test_plan_peaks_and_placements():
+    from kplora_kernels.memory import plan
+
+    cfg = {**SMALL, "vocab_size": 100}
+    p = plan(cfg, rank=4, seq_len=16, micro_batch=2, tasks=3, resident_layers=1, device_memory=10**12)
+    items, peaks = p["items"], p["peaks"]
+    assert p["run"]["tokens"] == 32
+    assert peaks["cpu"]["training_step"] == p["plain_lora_training_step"] < p["plain_lora_training_A_training_step"]
+    assert peaks["device"]["training_step"] - peaks["cpu"]["training_step"] == items["bases"] == \
+        2 * sum(s["basis"] for s in p["per_linear"].values())
+    assert peaks["cpu"]["training_vs_plain_lora"] == 1.0
+    for placement in ("device", "cpu"):
+        assert peaks[placement]["run"] == max(peaks[placement][k] for k in ("training_step", "begin_task", "end_task"))
+        assert peaks[placement]["begin_task"] >= peaks[placement]["training_step"] - items["bases"] + items["gradient_sketches"]
+        assert all(peaks[placement]["fits"].values())
+    assert peaks["cpu"]["end_task"] < peaks["device"]["end_task"]  # one layer's bases at a time, not both
+    both = plan(cfg, rank=4, seq_len=16, micro_batch=2, resident_layers=2)["peaks"]  # = all layers resident
+    assert both["cpu"]["end_task"] == both["device"]["end_task"]
+    ck, pb = p["checkpoint"], 2
+    history = 3 * 2 * sum(4 * (o + i) * pb for _, o, i in linear_shapes(cfg))
+    assert ck["compact"] - ck["task_history"] == ck["full"] - items["weights"] and ck["task_history"] == history
+    same = {"rank": 4, "seq_len": 16, "micro_batch": 2, "resident_layers": 1}
+    tight = plan(cfg, **same, device_memory=peaks["cpu"]["training_step"] + 100, reserve=100)["peaks"]["cpu"]["fits"]
+    assert tight["training_step"] and not tight["end_task"] and not tight["run"]
+    over = plan(cfg, **same, device_memory=peaks["cpu"]["training_step"] + 100, reserve=101)["peaks"]["cpu"]["fits"]
+    assert not over["training_step"]
+
+
+@pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("24000MiB", 24000 * 2**20),
+                                           ("1.5 gib", int(1.5 * 2**30)), ("512B", 512)])
+def test_parse_size(text, expected):
+    from kplora_kernels.memory import parse_size
+
+    assert parse_size(text) == expected
+
+
+def test_memory_plan_command(capsys):
+    assert main(["memory", "--model-config", "llava-1.5-7b", "--device-memory", "24GiB", "--tasks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "training_step" in out and "end_task" in out and "plain LoRA" in out and "compact" in out
+    assert main(["memory", "--model-config", "llava-1.5-7b", "--device-memory", "80GB", "--seq-len", "1024",
+                 "--micro-batch", "2", "--sketch-budget", "16MiB", "--reserve", "0GiB", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["run"]["tokens"] == 2048 and p["run"]["device_memory"] == 80 * 10**9
+    assert p["run"]["sketch_budget"] == 16 * 2**20 and p["peaks"]["device"]["fits"]["run"] and p["run"]["reserve"] == 0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--device-memory", "24"], "--device-memory must be a positive size with a unit"),
+    (["--device-memory", "24 parsecs"], "got '24 parsecs'"),
+    (["--device-memory", "0GiB"], "--device-memory must be a positive size"),
+    (["--sketch-budget", "lots"], "--sketch-budget must be a positive size"),
+    (["--reserve=-1GiB"], "--reserve must be a size ≥ 0 with a unit"),
+    (["--seq-len", "0"], "seq_len must be an integer ≥ 1, got 0"),
+    (["--micro-batch", "-1"], "micro_batch must be an integer ≥ 1, got -1"),
+    (["--tasks", "0"], "tasks must be an integer ≥ 1, got 0"),
+    (["--resident-layers", "0"], "resident_layers must be an integer ≥ 1, got 0"),
+])
+def test_memory_bad_plan_arguments_are_one_line(capsys, args, fragment):
+    assert main(["memory", "--model-config", "llava-1.5-7b", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
