@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from kplora_kernels.cli import main
+from kplora_kernels.demo import DemoConfig
 
 REDUCED = {"stage0_steps": 20, "task_steps": 8, "batch_size": 32, "max_tasks": 2, "width": 32, "rank": 4}
 
@@ -23,9 +24,10 @@ def test_demo_end_to_end_writes_json_and_heatmaps(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "Transfer" in printed and "BWT" in printed and "data: sklearn digits only" in printed
-    assert "3 heatmaps (tasks and the base domain)" in printed
+    methods = DemoConfig().methods  # the default comparison: every method in one table
+    assert f"{len(methods)} heatmaps (tasks and the base domain)" in printed
     report = json.loads((out / "results.json").read_text())
-    assert set(report["methods"]) == {"keeplora++", "keeplora", "lora"}
+    assert set(report["methods"]) == set(methods) == {"keeplora++", "keeplora", "inflora", "olora", "lora"}
     for result in report["methods"].values():
         assert len(result["accuracy"]) == 2 and len(result["accuracy"][0]) == 2
         assert all(0.0 <= a <= 1.0 for row in result["accuracy"] for a in row)
