@@ -353,8 +353,11 @@ class KeepLoRA:
         ``c·B A`` was folded into the weight) and a fingerprint of each pre-trained target weight.
         :meth:`load` onto the same pre-trained model re-applies the history with the arithmetic of
         the original merges, so a resume on the same device and library versions is bit-identical;
-        a model whose pre-trained weights differ is refused. A ViT-B/16 after one task: about 14 MiB
-        instead of 214 MiB (the bases dominate). ``compact=False`` stores the adapted weights
+        a model whose pre-trained weights differ is refused. Per adapted ``out×in`` layer it drops the
+        weight (``out·in`` numbers) and adds ``r·(out+in)`` per finished task; the bases stay. ViT-B/16,
+        r = 16, fp32: the 156 MiB of the 96 target weights are replaced by 7.5 MiB of history per task,
+        so after one task about 66 MiB instead of 214 MiB (the bases, about 50 MiB, dominate); the
+        history grows by 7.5 MiB per task. ``compact=False`` stores the adapted weights
         themselves (the full form), for when the pre-trained weights will not be at hand.
         ``compact=None`` (default): compact when possible, else the full form — the compact form is
         impossible with ``adapter="full"`` (the update is not low-rank) and after loading a full-form
