@@ -185,7 +185,7 @@ class Benchmark:
                             seed=cfg.seed, eps_w={"visual": cfg.eps_w_visual, "text": cfg.eps_w_text,
                                                   "default": cfg.eps_w_visual})
             log(f"wrapping the model ({cfg.method}: principal subspaces of every adapted weight)")
-            kl = KeepLoRA(model, config)
+            kl = KeepLoRA(model, config, bases_cache_dir=getattr(args, "bases_cache", None))
         log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
             f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
         scalars = Scalars(args.log_dir)
@@ -277,6 +277,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
     parser.add_argument("--dry-run", action="store_true", help="only check the settings, the data and the weights")
+    parser.add_argument("--bases-cache", metavar="DIR",
+                        help="cache the principal subspaces of the pre-trained weights here (safetensors keyed by "
+                             "each weight's fingerprint): a second run on the same model skips the decompositions")
     parser.add_argument("--export", metavar="FILE",
                         help="after the last task, write the merged stock open_clip state dict to FILE "
                              "(safetensors for *.safetensors, else torch.save)")

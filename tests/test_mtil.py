@@ -279,9 +279,12 @@ def test_mtil_log_dir_writes_tensorboard_scalars(data_root, tiny_model, tmp_path
 
     config_path = tmp_path / "one.json"
     config_path.write_text(json.dumps({**SMALL, "gradient_accumulation": 2}))
-    args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--log-dir", str(tmp_path / "tb"))
+    args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--log-dir", str(tmp_path / "tb"),
+                     "--bases-cache", str(tmp_path / "bases"))
     args[args.index("--datasets") + 1] = "MNIST,DTD"
     assert main(args) == 0
+    # the principal subspaces were cached: q, k, v, out of 2 blocks in each of the 2 towers
+    assert len(list((tmp_path / "bases").glob("*.safetensors"))) == 4 * 2 * 2
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
