@@ -23,7 +23,7 @@ import torch
 from .config_file import ConfigError, describe_settings, load_settings, require_packages, result_settings, setting
 from .continual import METHODS, KeepLoRA, preset
 from .continual.runs import ResumableRun
-from .distributed import is_distributed
+from .distributed import is_distributed, is_rank0
 from .training import SCHEDULES, Scalars, autocast, check_tensorboard, make_scheduler, progress, seed_everything, train_steps
 from .training import log as logger
 
@@ -177,6 +177,12 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     tasks = read_tasks(args.data)
+    export = getattr(args, "export", None)
+    if export is not None and is_distributed() and args.strategy == "fsdp2":
+        raise ConfigError("--export with --strategy fsdp2 is not supported (the weights are sharded); "
+                          "export from a single process: rerun the finished run without torchrun and with --export")
+    if export is not None and os.path.isfile(export):
+        raise ConfigError(f"--export must be a folder, got the file {export}")
     if not os.path.isdir(args.model):
         raise ConfigError(f"model folder not found: {args.model}")
     device = _init_distributed(args.device)
@@ -204,6 +210,7 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
         rows, step = previous["rows"], previous.get("global_step", 0)
         if len(rows) == len(tasks):
             log(f"already complete: {args.output} holds all {len(rows)} tasks; writing the results again")
+            _export(kl, export, tokenizer, image_processor, log)
             return _finish(run_state, names, rows, log)
         log(f"resuming after task {len(rows)} ({names[len(rows) - 1]})")
     else:
@@ -263,9 +270,27 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
             run_state.record(kl, rows, global_step=step)
             log(f"task {t} ({names[t]}): final running loss {trained_task['loss']:.4f}; exact match " +
                 ", ".join(f"{n} {a:.3f}" for n, a in zip(names, rows[-1])))
+        _export(kl, export, tokenizer, image_processor, log)
         return _finish(run_state, names, rows, log)
     finally:
         scalars.close()
+
+
+def _export(kl: KeepLoRA, folder: str | None, tokenizer, image_processor, log) -> None:
+    """``--export``: the plain model after the last task (:meth:`KeepLoRA.merge_and_unload`) as a
+    ``save_pretrained`` folder with its tokenizer and image processor, loadable by
+    ``LlavaForConditionalGeneration.from_pretrained`` without this package. Rank 0 writes."""
+    if folder is None:
+        return
+    model = kl.merge_and_unload()
+    if is_rank0():
+        os.makedirs(folder, exist_ok=True)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        log(f"exported the merged model to {folder} (save_pretrained)")
+    if is_distributed():
+        torch.distributed.barrier()
 
 
 def _finish(run_state, names, rows, log) -> dict:
@@ -309,6 +334,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
                         help="under torchrun: DDP, or FSDP2 (fully_shard per language-model layer)")
+    parser.add_argument("--export", metavar="DIR",
+                        help="after the last task, write the merged plain model (save_pretrained, with the "
+                             "tokenizer and image processor) to DIR; loads without this package")
 
 
 def load_config(args) -> LLaVAConfig:

@@ -157,6 +157,9 @@ class Benchmark:
 
     def run(self):
         args, cfg, log = self.args, self.config, self.log
+        export = getattr(args, "export", None)
+        if export is not None and not os.path.isdir(os.path.dirname(os.path.abspath(export))):
+            raise ConfigError(f"--export {export}: its folder does not exist")
         splits = self.load_data()
         start = time.perf_counter()
         log(f"loading {args.model} ({args.pretrained}) on {self.device}")
@@ -173,6 +176,7 @@ class Benchmark:
             rows, throughput = previous["rows"], previous["images_per_second"]
             if len(rows) == len(splits):
                 log(f"already complete: {args.output} holds all {len(rows)} tasks; writing the results again")
+                self.export(kl)
                 return self.report(run, rows, throughput)
             log(f"resuming after task {len(rows)} ({self.names[len(rows) - 1]})")
         else:
@@ -181,7 +185,7 @@ class Benchmark:
                             seed=cfg.seed, eps_w={"visual": cfg.eps_w_visual, "text": cfg.eps_w_text,
                                                   "default": cfg.eps_w_visual})
             log(f"wrapping the model ({cfg.method}: principal subspaces of every adapted weight)")
-            kl = KeepLoRA(model, config)
+            kl = KeepLoRA(model, config, bases_cache_dir=getattr(args, "bases_cache", None))
         log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
             f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
         scalars = Scalars(args.log_dir)
@@ -193,6 +197,7 @@ class Benchmark:
                 run.record(kl, rows, images_per_second=throughput)
                 log(f"task {t} ({splits[t].name}): {throughput[-1]:.1f} images/s; accuracy " +
                     ", ".join(f"{n} {a:.3f}" for n, a in zip(self.names, rows[-1])))
+            self.export(kl)
             result = self.report(run, rows, throughput)
             for key in ("transfer", "average", "last", "bwt"):
                 if result[key] == result[key]:
@@ -227,6 +232,23 @@ class Benchmark:
         throughput.append(seen["images"] / max(time.perf_counter() - start, 1e-9))
         kl.end_task(train, loss, fraction=min(1.0, cfg.subspace_batches / max(len(train), 1)))
 
+    def export(self, kl: KeepLoRA) -> None:
+        """``--export FILE``: the stock open_clip state dict of the model after the last task
+        (:meth:`KeepLoRA.merge_and_unload`: adapters merged, attentions re-packed), as safetensors
+        when FILE ends in ``.safetensors``, else with ``torch.save``; it loads with
+        ``load_state_dict(..., strict=True)`` into ``open_clip.create_model(name)``."""
+        path = getattr(self.args, "export", None)
+        if path is None:
+            return
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in kl.merge_and_unload().state_dict().items()}
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(state, path)
+        else:
+            torch.save(state, path)
+        self.log(f"exported the merged open_clip state dict to {path}")
+
     def report(self, run, rows, throughput):
         log = self.log
         log("\n" + f"{'':<14}" + "".join(f"{n[:9]:>10}" for n in self.names))
@@ -255,6 +277,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
     parser.add_argument("--dry-run", action="store_true", help="only check the settings, the data and the weights")
+    parser.add_argument("--bases-cache", metavar="DIR",
+                        help="cache the principal subspaces of the pre-trained weights here (safetensors keyed by "
+                             "each weight's fingerprint): a second run on the same model skips the decompositions")
+    parser.add_argument("--export", metavar="FILE",
+                        help="after the last task, write the merged stock open_clip state dict to FILE "
+                             "(safetensors for *.safetensors, else torch.save)")
 
 
 def load_config(args) -> MTILConfig:

@@ -353,3 +353,28 @@ def test_bases_past_half_the_space_are_stored_as_complements(tmp_path):
     for name, layer in kl.layers.items():
         assert resumed.layers[name].V_complement == layer.V_complement
         assert torch.equal(resumed.layers[name].V, layer.V)
+
+
+def test_open_clip_only_targeted_attentions_are_split_and_unload_loads_into_stock():
+    from kplora_kernels.continual.adapters import SplitMultiheadAttention
+
+    model = tiny_clip()
+    images, texts = clip_batch(0)
+    kl = KeepLoRA(model, preset("clip", rank=4, eps_w={"visual": 0.5}, targets=[r"^visual\..*\.attn\.(q_proj|v_proj)$"]),
+                  progress=False)
+    assert len(kl.layers) == 2 * 3
+    attentions = {n: type(m) for n, m in model.named_modules() if n.endswith(".attn")}
+    assert all(t is SplitMultiheadAttention for n, t in attentions.items() if n.startswith("visual."))
+    assert all(t is nn.MultiheadAttention for n, t in attentions.items() if not n.startswith("visual."))
+    kl.begin_task([clip_batch(s) for s in range(2)], clip_loss)
+    with torch.no_grad():
+        for layer in kl.layers.values():
+            layer.lora_B.normal_(std=0.05)
+    img, txt = model.encode_image(images), model.encode_text(texts)
+    plain = kl.merge_and_unload()
+    stock = tiny_clip()
+    stock.load_state_dict(plain.state_dict(), strict=True)
+    torch.testing.assert_close(stock.encode_image(images), img, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stock.encode_text(texts), txt, atol=0, rtol=0)  # the text tower is untouched
+    with raises(RuntimeError, "merge_and_unload"):
+        kl.end_task([clip_batch(0)], clip_loss)

@@ -96,8 +96,31 @@ def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, m
     assert_same_checkpoint(full / "controller.safetensors", crashed / "controller.safetensors")
     # a finished run is not trained again; gradient checkpointing does not change results
     config.write_text(json.dumps({**SMALL, "gradient_checkpointing": False}))
-    assert main(args) == 0
+    export = tmp_path / "export"
+    assert main(args + ["--export", str(export)]) == 0
     assert "already complete: " in capsys.readouterr().out
+    assert_exported_model_equals_the_wrapped_one(llava_dir, export, crashed / "controller.safetensors")
+
+
+def assert_exported_model_equals_the_wrapped_one(llava_dir, export, checkpoint):
+    """``--export`` wrote a stock save_pretrained folder whose logits equal the wrapped model's."""
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from kplora_kernels.continual import KeepLoRA
+
+    stock, info = LlavaForConditionalGeneration.from_pretrained(str(export), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert AutoTokenizer.from_pretrained(str(export)).convert_tokens_to_ids("<image>") == 4
+    wrapped = LlavaForConditionalGeneration.from_pretrained(llava_dir)
+    KeepLoRA.from_checkpoint(wrapped, str(checkpoint), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.cat([torch.full((1, 16), 4), torch.randint(5, len(WORDS), (1, 6), generator=gen)], 1),
+             "pixel_values": torch.randn(1, 3, 32, 32, generator=gen)}
+    with torch.no_grad():
+        expected, got = wrapped.eval()(**batch).logits, stock.eval()(**batch).logits
+    # the wrapped model adds c·B·(A x) (B = 0 after the last task: the same weights), the stock one
+    # uses the merged weights: equal to fp32 rounding
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_llava_user_errors(llava_dir, task_list, tmp_path, capsys):

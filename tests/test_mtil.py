@@ -239,14 +239,38 @@ def test_mtil_command_runs_and_resumes(data_root, tiny_model, tmp_path, monkeypa
     changed.write_text(json.dumps({**SMALL, "eval_batch_size": 3}))
     args = mtil_args(data_root, tiny_model, full, str(changed))
     args[args.index("--pretrained") + 1] = os.path.relpath(tiny_model[1])
-    assert main(args) == 0
+    export = tmp_path / "merged.safetensors"
+    assert main(args + ["--export", str(export)]) == 0
     assert "already complete: " in capsys.readouterr().out
     assert json.loads((full / "results.json").read_text())["accuracy"] == results["accuracy"]
+    assert_export_loads_into_stock_open_clip(export, full / "controller.safetensors", tiny_model)
+    assert main(args + ["--export", str(tmp_path / "nowhere" / "m.pt")]) == 2
+    assert "--export" in capsys.readouterr().err
     # what changes the results is refused, naming each difference
     changed.write_text(json.dumps({**SMALL, "lr": 0.5, "amp": False}))
     assert main(mtil_args(data_root, tiny_model, full, str(changed))) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings: config.amp (true there, false now); config.lr (0.001 there, 0.5 now)" in err
+
+
+def assert_export_loads_into_stock_open_clip(export, checkpoint, tiny_model):
+    """``--export`` wrote a state dict that a stock open_clip model loads strictly, with the wrapped
+    model's embeddings."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    from kplora_kernels.continual import KeepLoRA
+
+    stock = open_clip.create_model("tiny-mtil-clip").eval()
+    stock.load_state_dict(load_file(str(export)), strict=True)
+    wrapped = open_clip.create_model("tiny-mtil-clip", pretrained=tiny_model[1]).eval()
+    KeepLoRA.from_checkpoint(wrapped, str(checkpoint), progress=False)
+    gen = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(1, 400, (2, 16), generator=gen)
+    with torch.no_grad():
+        # merged weights against the wrapped layers (B = 0 after the last task): equal to fp32 rounding
+        torch.testing.assert_close(stock.encode_image(images), wrapped.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stock.encode_text(texts), wrapped.encode_text(texts), atol=1e-5, rtol=1e-5)
 
 
 def test_mtil_log_dir_writes_tensorboard_scalars(data_root, tiny_model, tmp_path):
@@ -255,9 +279,12 @@ def test_mtil_log_dir_writes_tensorboard_scalars(data_root, tiny_model, tmp_path
 
     config_path = tmp_path / "one.json"
     config_path.write_text(json.dumps({**SMALL, "gradient_accumulation": 2}))
-    args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--log-dir", str(tmp_path / "tb"))
+    args = mtil_args(data_root, tiny_model, tmp_path / "o", str(config_path), "--log-dir", str(tmp_path / "tb"),
+                     "--bases-cache", str(tmp_path / "bases"))
     args[args.index("--datasets") + 1] = "MNIST,DTD"
     assert main(args) == 0
+    # the principal subspaces were cached: q, k, v, out of 2 blocks in each of the 2 towers
+    assert len(list((tmp_path / "bases").glob("*.safetensors"))) == 4 * 2 * 2
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

@@ -58,6 +58,11 @@ class KeepLoRAConfig:
     ``eps_w``: energy of the pre-trained principal subspace, per tower (``"default"`` for layers
     outside a named tower). ``eps_w_out``: two-sided protection (output side) when set.
     ``targets``: regular expressions on module names (``re.search``) choosing the linears to adapt.
+    ``target_modules``: the same choice with peft's meaning (``LoraConfig.target_modules``): a list of
+    module-name suffixes (``"q_proj"`` matches ``…self_attn.q_proj``) or one regular expression that
+    must match the whole module path; None (default) uses ``targets``. Giving both ``target_modules``
+    and a non-default ``targets`` is refused.
+    ``dropout``: the adapters' input dropout probability in [0, 1) (peft's ``lora_dropout``).
     ``layer_scaling_towers``: towers whose layers get ``s_l`` (the others get 1).
     ``extra_trainable``: patterns of parameters trained plainly, without protection (LLaVA's
     multimodal projector in the authors' setup); they are saved in checkpoints too.
@@ -82,6 +87,8 @@ class KeepLoRAConfig:
     adapter: str = "lora"
     olora_lambda1: float = 0.5
     olora_lambda2: float = 0.0
+    target_modules: list | str | None = None
+    dropout: float = 0.0
 
     def __post_init__(self):
         """Validate every field (types and ranges); raises ``TypeError``/``ValueError`` naming it."""
@@ -130,10 +137,78 @@ class KeepLoRAConfig:
             raise ValueError(f"olora_lambda1/olora_lambda2 apply to method='olora' only, got method={self.method!r} "
                              f"with ({self.olora_lambda1}, {self.olora_lambda2})")
         self.targets = _patterns("targets", self.targets)
+        if self.target_modules is not None:
+            from .adapters import peft_matcher
+
+            if self.targets != KeepLoRAConfig.__dataclass_fields__["targets"].default_factory():
+                raise ValueError(f"give either targets (regexes) or target_modules (peft-style), not both: got "
+                                 f"targets={self.targets!r} and target_modules={self.target_modules!r}")
+            if isinstance(self.target_modules, (set, frozenset)):
+                self.target_modules = sorted(self.target_modules)
+            peft_matcher(self.target_modules)  # raises TypeError/ValueError for a bad spec
+            if isinstance(self.target_modules, tuple):
+                self.target_modules = list(self.target_modules)
+            if isinstance(self.target_modules, list) and not self.target_modules:
+                raise ValueError("target_modules must name at least one module, got []")
+        self.dropout = _number("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise ValueError("targets must name at least one pattern, got []")
         self.extra_trainable = _patterns("extra_trainable", self.extra_trainable)
         self.layer_scaling_towers = _names("layer_scaling_towers", self.layer_scaling_towers)
+
+    @property
+    def target_spec(self) -> dict:
+        """The keyword arguments of :func:`~kplora_kernels.continual.adapters.find_targets` and
+        :func:`~kplora_kernels.continual.adapters.split_multihead_attention` for this config."""
+        if self.target_modules is not None:
+            return {"target_modules": self.target_modules}
+        return {"patterns": self.targets}
+
+    @classmethod
+    def from_peft(cls, lora_config, **overrides) -> "KeepLoRAConfig":
+        """A config from a ``peft.LoraConfig``: ``r`` → ``rank``, ``lora_alpha`` → ``alpha`` (the same
+        factor ``alpha/r`` on ``B A``), ``lora_dropout`` → ``dropout``, ``target_modules`` →
+        ``target_modules`` (peft's meaning); ``overrides`` set any other field (``method``, ``eps_w``, …).
+
+        Raises:
+            TypeError: ``lora_config`` is not a ``peft.LoraConfig``.
+            ValueError: ``target_modules`` is unset (peft would pick per-architecture defaults: list
+                them), or an option this engine cannot honour differs from peft's default (``use_dora``,
+                ``use_rslora``, ``bias``, ``init_lora_weights``, ``layers_to_transform``,
+                ``exclude_modules``, ``modules_to_save``, ``rank_pattern``, ``alpha_pattern``,
+                ``fan_in_fan_out``, ``layer_replication``, …); the message names the option.
+        """
+        try:
+            from peft import LoraConfig
+        except ImportError as exc:  # pragma: no cover - peft is a test dependency
+            raise ImportError("KeepLoRAConfig.from_peft needs peft (pip install peft)") from exc
+        if not isinstance(lora_config, LoraConfig):
+            raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+        mapped = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules"}
+        harmless = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                    "inference_mode", "runtime_config", "layers_pattern"}  # layers_pattern acts only with layers_to_transform
+        default = LoraConfig()
+        for f in dataclasses.fields(LoraConfig):
+            if f.name in mapped or f.name in harmless:
+                continue
+            ours, theirs = getattr(lora_config, f.name, None), getattr(default, f.name, None)
+            if ours != theirs:
+                raise ValueError(f"LoraConfig.{f.name}={ours!r} cannot be honoured by KeepLoRA (only peft's default "
+                                 f"{theirs!r} is supported); the mapped options are {sorted(mapped)}")
+        if lora_config.target_modules is None:
+            raise ValueError("LoraConfig.target_modules is None (peft would choose per-architecture defaults); "
+                             "list the modules, e.g. target_modules=['q_proj', 'v_proj']")
+        target_modules = lora_config.target_modules
+        if isinstance(target_modules, (set, frozenset)):
+            target_modules = sorted(target_modules)
+        fields = {"rank": lora_config.r, "alpha": lora_config.lora_alpha, "dropout": lora_config.lora_dropout,
+                  "target_modules": target_modules}
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown config keys in overrides: {unknown}")
+        return cls(**{**fields, **overrides})
 
     def eps_for(self, tower: str) -> float:
         return self.eps_w.get(tower, self.eps_w.get("default", 0.85))
