@@ -41,7 +41,7 @@ class Tiny(nn.Module):
 def test_readme_snippets_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = snippets()
-    assert len(code) == 4, "a snippet was added or removed: check what it needs here"
+    assert len(code) == 5, "a snippet was added or removed: check what it needs here"
     torch.manual_seed(0)
     namespace = {}
     for block in code[:3]:
@@ -59,3 +59,17 @@ def test_readme_snippets_run(tmp_path, monkeypatch):
     exec(compile(code[3], "README.md", "exec"), namespace)
     assert len(namespace["accuracy_matrix"]) == 2 and os.path.isfile(tmp_path / "run.safetensors")
     assert len(namespace["kl"].layers) == 4
+
+
+def test_readme_trainer_snippet_runs(tmp_path):
+    """The Hugging Face Trainer snippet, with a tiny LLaMA and two tiny tasks."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from test_trainer_callback import task_data, tiny_llama, training_args
+
+    code = [c for c in snippets() if "KeepLoRACallback" in c]
+    assert len(code) == 1
+    namespace = dict(model=tiny_llama(), args=training_args(tmp_path), task_1=task_data(0), task_2=task_data(1))
+    exec(compile(code[0], "README.md", "exec"), namespace)
+    assert namespace["kl"].task_index == 2 and os.path.isfile(tmp_path / "keeplora.safetensors")
