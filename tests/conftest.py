@@ -7,3 +7,15 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def backend(request):
+    """Each projection backend in turn; the C++ one is skipped (with the reason) when it cannot load."""
+    from kplora_kernels.ops import cpp
+
+    if request.param == "cpp" and not cpp.load(jit=True):
+        pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    return request.param

@@ -33,7 +33,7 @@ def test_demo_end_to_end_writes_json_and_heatmaps(tmp_path, capsys):
         assert all(0.0 <= a <= 1.0 for row in result["accuracy"] for a in row)
         assert set(result) >= {"transfer", "average", "last", "bwt", "base_accuracy", "base_retention"}
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len(pngs) == 3
+    assert len(pngs) == len(methods)
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the stage-0 model is cached: a second run loads it, and the run is deterministic

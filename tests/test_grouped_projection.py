@@ -14,15 +14,6 @@ from kplora_kernels.ops import cpp, reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(params=["torch", "cpp", "triton"])
-def backend(request):
-    if request.param == "cpp" and not cpp.load(jit=True):
-        pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    return request.param
-
-
 def device_for(backend):
     return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 

@@ -19,15 +19,6 @@ def device_for(backend):
     return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
-@pytest.fixture(params=["torch", "cpp", "triton"])
-def backend(request):
-    if request.param == "cpp" and not cpp.load(jit=True):
-        pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    return request.param
-
-
 def make_case(out_dim, in_dim, k_out, k_in, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(out_dim, in_dim, generator=gen, dtype=torch.float64)
