@@ -113,12 +113,33 @@ def zero_shot_accuracy(model, task: Task) -> float:
     return logits.argmax(1).eq(task.domain.y_test).float().mean().item()
 
 
+def _stage0_sources() -> list[str]:
+    """The files whose code determines stage 0: this module, the training loop and the demo data."""
+    from .data import demo_tasks
+    from . import training
+
+    return [__file__, training.__file__, demo_tasks.__file__]
+
+
+def stage0_key(cfg: DemoConfig) -> str:
+    """The cache key of stage 0: a hash of the settings that determine it, of the code that trains it
+    (so a cache written by another version of the demo is not reused silently) and of the torch and
+    open_clip versions."""
+    import open_clip
+
+    h = hashlib.sha256(json.dumps({k: getattr(cfg, k) for k in ("seed", "width", "layers", "stage0_steps",
+                                                                 "stage0_lr", "batch_size")}, sort_keys=True).encode())
+    h.update(f"|torch {torch.__version__}|open_clip {open_clip.__version__}|".encode())
+    for source in _stage0_sources():
+        with open(source, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def pretrain(cfg: DemoConfig, base: Task, cache_dir: str, log):
-    """Stage 0 on the base domain, cached by a hash of what determines it."""
+    """Stage 0 on the base domain, cached under :func:`stage0_key`."""
     model = build_model(cfg)
-    key = json.dumps({k: getattr(cfg, k) for k in ("seed", "width", "layers", "stage0_steps", "stage0_lr",
-                                                    "batch_size")}, sort_keys=True)
-    path = os.path.join(cache_dir, f"stage0-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+    path = os.path.join(cache_dir, f"stage0-{stage0_key(cfg)}.pt")
     if os.path.isfile(path):
         model.load_state_dict(torch.load(path, map_location="cpu"))
         log(f"stage 0: loaded the pre-trained model from {path}")

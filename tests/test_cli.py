@@ -149,3 +149,18 @@ def test_help_lists_every_config_key_and_version(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"kplora {__version__}"
+
+
+def test_stage0_cache_key_follows_settings_and_code(tmp_path, monkeypatch):
+    """A stage 0 cached by another version of the demo's code is not reused silently."""
+    from kplora_kernels import demo
+
+    source = tmp_path / "code.py"
+    source.write_text("x = 1\n")
+    monkeypatch.setattr(demo, "_stage0_sources", lambda: [str(source)])
+    cfg = DemoConfig()
+    key = demo.stage0_key(cfg)
+    assert demo.stage0_key(DemoConfig()) == key
+    assert demo.stage0_key(dataclasses.replace(cfg, seed=cfg.seed + 1)) != key
+    source.write_text("x = 2\n")
+    assert demo.stage0_key(cfg) != key
