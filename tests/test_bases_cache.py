@@ -103,3 +103,14 @@ def test_two_gloo_processes_share_the_work_and_agree_with_one():
         # the same subspace as one process (vectors may differ in sign with another thread count)
         assert out0[key].shape == single[key].shape
         assert torch.allclose(out0[key] @ out0[key].mT, single[key] @ single[key].mT, atol=1e-5)
+
+
+def test_a_given_fingerprint_is_used_as_the_cache_key(tmp_path, monkeypatch):
+    W = weights(1)[0]
+    principal_bases([("w", W, 0.8, "in")], cache_dir=tmp_path, progress=False)
+    hashed = []
+    monkeypatch.setattr(bases_mod, "weight_fingerprint", lambda t: hashed.append(1) or weight_fingerprint(t))
+    calls = counting(monkeypatch)
+    out = principal_bases([("w", W, 0.8, "in", weight_fingerprint(W))], cache_dir=tmp_path, progress=False)
+    assert hashed == [] and calls == [], "the weight was hashed or decomposed again"
+    assert torch.equal(out["w"], principal_subspace(W, 0.8, "in"))

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed
 
-from ..distributed import is_distributed, is_rank0
+from ..distributed import broadcast_from, is_distributed, is_rank0
 from ..subspace import principal_subspace
 
 logger = logging.getLogger(__name__)
@@ -80,23 +80,16 @@ def _store(path: str, basis: torch.Tensor) -> None:
             os.remove(tmp)
 
 
-def _broadcast_from(t: torch.Tensor | None, src: int, group, device, dtype) -> torch.Tensor:
-    """Rank ``src``'s tensor on every rank (its shape is sent first: kept counts differ per weight)."""
-    shape = [list(t.shape) if t is not None else None]
-    torch.distributed.broadcast_object_list(shape, src=src, group=group)
-    out = t.to(device).contiguous() if t is not None else torch.empty(shape[0], device=device, dtype=dtype)
-    torch.distributed.broadcast(out, src=src, group=group)
-    return out
-
-
 def principal_bases(requests, *, cache_dir: str | None = None, process_group=None, progress: bool = True,
                     desc: str = "principal subspaces") -> dict:
     """The principal subspace of each requested weight (:func:`~kplora_kernels.principal_subspace`).
 
     Args:
-        requests: an iterable of ``(key, W, eps, side)``: any hashable ``key``, ``W`` the whole
-            ``out×in`` weight (not a shard), ``eps`` the energy in (0, 1], ``side`` ``"in"`` (right
-            singular vectors, ``in×p``) or ``"out"`` (left, ``out×p``).
+        requests: an iterable of ``(key, W, eps, side)`` or ``(key, W, eps, side, fingerprint)``: any
+            hashable ``key``, ``W`` the whole ``out×in`` weight (not a shard), ``eps`` the energy in
+            (0, 1], ``side`` ``"in"`` (right singular vectors, ``in×p``) or ``"out"`` (left,
+            ``out×p``), and optionally ``W``'s :func:`weight_fingerprint` when the caller already has
+            it (the cache key; hashing a 7B model's weights again costs seconds per GB).
         cache_dir: folder of the safetensors cache (created when missing); None: no cache.
         process_group: under ``torch.distributed``, the ranks that share the work (default: world).
         progress: show a tqdm bar on rank 0.
@@ -128,8 +121,8 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
             bar = None
     local, hits = {}, 0
     for i in mine:
-        key, W, eps, side = requests[i]
-        path = _cache_file(cache_dir, weight_fingerprint(W), eps, side) if cache_dir else None
+        key, W, eps, side, *known = requests[i]
+        path = _cache_file(cache_dir, known[0] if known else weight_fingerprint(W), eps, side) if cache_dir else None
         rows = W.shape[1] if side == "in" else W.shape[0]
         basis = _load(path, rows) if path else None
         if basis is None:
@@ -146,11 +139,11 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
     if cache_dir:
         logger.info("principal subspaces: %d of %d read from the cache in %s", hits, len(mine), cache_dir)
     out = {}
-    for i, (key, W, _, _) in enumerate(requests):
+    for i, (key, W, *_) in enumerate(requests):
         if world == 1:
             out[key] = local[i]
         else:
             src = torch.distributed.get_global_rank(process_group, i % world) if process_group else i % world
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # principal_subspace's
-            out[key] = _broadcast_from(local.get(i), src, process_group, W.device, dtype)
+            out[key] = broadcast_from(local.get(i), src, process_group, device=W.device, dtype=dtype)
     return out

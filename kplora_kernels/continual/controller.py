@@ -22,7 +22,7 @@ import torch
 import torch.distributed
 from torch import nn
 
-from ..distributed import is_distributed, is_rank0
+from ..distributed import broadcast_from, is_distributed, is_rank0
 from ..nn import FusedKeepLoRALinear
 from ..nn.linear import assign_, full
 from ..schedules import layer_scales
@@ -47,12 +47,7 @@ def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
     bases and adapters are identical everywhere even if decompositions round differently."""
     if not is_distributed():
         return t
-    src = torch.distributed.get_global_rank(group, 0) if group else 0
-    shape = [list(t.shape)]
-    torch.distributed.broadcast_object_list(shape, src=src, group=group)
-    out = t.contiguous() if list(t.shape) == shape[0] else t.new_empty(shape[0])
-    torch.distributed.broadcast(out, src=src, group=group)
-    return out
+    return broadcast_from(t, torch.distributed.get_global_rank(group, 0) if group else 0, group)
 
 
 def _process_alive(pid: int) -> bool:
@@ -157,9 +152,10 @@ class KeepLoRA:
             requests = []
             for t in self.targets:
                 W = full(self.layers[t.name].weight.detach())
-                requests.append(((t.name, "in"), W, cfg.eps_for(t.tower), "in"))
+                fingerprint = self._pretrained_fingerprints[t.name]  # taken above: not hashed again
+                requests.append(((t.name, "in"), W, cfg.eps_for(t.tower), "in", fingerprint))
                 if cfg.eps_w_out:
-                    requests.append(((t.name, "out"), W, cfg.eps_w_out, "out"))
+                    requests.append(((t.name, "out"), W, cfg.eps_w_out, "out", fingerprint))
             bases = principal_bases(requests, cache_dir=bases_cache_dir, process_group=process_group,
                                     progress=self.progress)
             for name, layer in self.layers.items():
