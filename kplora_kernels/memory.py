@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 
 from .config_file import ConfigError, check_settings, setting
-from .subspace.sketch import DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes
+from .subspace.sketch import DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes, input_sketch_bytes
 
 # LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes). ``frozen_extra_params``: the vision tower
 # (CLIP ViT-L/14-336, about 3.035e8 parameters) and the two-layer projector (1024→h→h), approximate.
@@ -123,11 +123,8 @@ def linear_state(name: str, out: int, in_: int, rank: int, basis_fraction: float
     gradient = gradient_sketch_bytes(out, in_, rank, oversample, budget)  # what GradientSketch's "auto" allocates
     if name in ("k_proj", "v_proj", "up_proj") and 4 * in_ * in_ <= budget:
         inputs = 0  # the exact covariance of q's (gate's) input serves k and v (up)
-    elif 4 * in_ * in_ <= budget:
-        inputs = 4 * in_ * in_
     else:
-        width = max(1, min(in_, budget // (4 * in_), 1024))
-        inputs = 2 * 4 * in_ * width  # the residual sketch and its test matrix
+        inputs = input_sketch_bytes(in_, stored, budget)  # what InputSketch's "auto" allocates
     return LinearState(adapter=param_bytes * (rank * in_ + 2 * out * rank), optimizer=2 * param_bytes * out * rank,
                        basis=basis_bytes * in_ * stored, gradient_sketch=gradient, input_sketch=inputs)
 

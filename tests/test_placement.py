@@ -121,13 +121,28 @@ def run_two_tasks(placement, steps=5):
     return kl, seen
 
 
-def test_controller_keeps_bases_off_between_boundaries_and_is_bit_identical(tmp_path):
+def test_controller_keeps_bases_off_between_boundaries_and_is_bit_identical(tmp_path, monkeypatch):
     from kplora_kernels.continual.placement import BasisPlacement
 
     ref, _ = run_two_tasks("device")
-    kl, seen = run_two_tasks(BasisPlacement("mmap", tmp_path))
+    placement = BasisPlacement("mmap", tmp_path)
+    handed_out = []  # at every layer a boundary works on: the layers whose bases are then in memory
+    stream = BasisPlacement.stream
+
+    def watched(self, layers):
+        for name, layer in stream(self, layers):
+            handed_out.append((name, {n for n in layers if not self.is_offloaded(n)}))
+            yield name, layer
+
+    monkeypatch.setattr(BasisPlacement, "stream", watched)
+    kl, seen = run_two_tasks(placement)
     assert all(all(step.values()) for step in seen["training"]), "bases resident during training"
-    assert not any(any(step.values()) for step in seen["boundary"]), "bases not resident at a boundary"
+    # the data passes of begin_task and end_task never bring a basis back (the sketches hold them
+    # where they live); the finalisations bring them back one layer at a time
+    assert all(all(step.values()) for step in seen["boundary"]), "bases resident during a boundary's data pass"
+    assert len(handed_out) == 2 * 2 * len(kl.layers)  # 2 tasks × (begin, end) × every layer
+    assert all(resident == {name} for name, resident in handed_out), handed_out
+    assert placement.max_resident_layers == 1 and placement.resident_layers == 0
     assert all(kl.placement.is_offloaded(n) for n in kl.layers)
     assert str(tmp_path / "bases.safetensors") in mapped_files()
     for name, layer in kl.layers.items():
@@ -138,6 +153,37 @@ def test_controller_keeps_bases_off_between_boundaries_and_is_bit_identical(tmp_
     from helpers import assert_same_checkpoint
 
     assert_same_checkpoint(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+
+
+def test_stream_puts_each_layer_back_and_writes_changed_bases_once(tmp_path):
+    layers = {f"l{i}": layer_with_bases(seed=i) for i in range(3)}
+    originals = {n: layer.V.clone() for n, layer in layers.items()}
+    placement = BasisPlacement("mmap", tmp_path)
+    placement.offload(layers)
+    mapped = {n: layer.V for n, layer in layers.items()}
+    grown = random_basis(32, 12, torch.float32, 7)
+    for name, layer in placement.stream(layers):
+        assert not placement.is_offloaded(name) and layer.V.data_ptr() != mapped[name].data_ptr()
+        assert all(placement.is_offloaded(n) for n in layers if n != name)
+        if name == "l1":
+            assert layers["l0"].V is mapped["l0"], "an unchanged basis was copied back instead of re-mapped"
+            layer.set_bases(V=grown)  # a task end grows this one
+    assert all(placement.is_offloaded(n) for n in layers)
+    assert str(tmp_path / "bases.safetensors") in mapped_files()
+    assert torch.equal(layers["l1"].V, grown) and torch.equal(layers["l0"].V, originals["l0"])
+    reread = __import__("kplora_kernels.continual.placement", fromlist=["_map_safetensors"])._map_safetensors(
+        str(tmp_path / "bases.safetensors"))
+    assert torch.equal(reread["l1.V"], grown) and torch.equal(reread["l2.V"], originals["l2"])
+
+
+def test_stream_releases_the_layer_when_the_body_raises(tmp_path):
+    layers = {f"l{i}": layer_with_bases(seed=i) for i in range(2)}
+    placement = BasisPlacement("mmap", tmp_path)
+    placement.offload(layers)
+    with pytest.raises(RuntimeError, match="boom"):
+        for name, _ in placement.stream(layers):
+            raise RuntimeError("boom")
+    assert all(placement.is_offloaded(n) for n in layers) and placement.resident_layers == 0
 
 
 def test_controller_full_mode_keeps_bases_resident(tmp_path):

@@ -81,7 +81,7 @@ def _store(path: str, basis: torch.Tensor) -> None:
 
 
 def principal_bases(requests, *, cache_dir: str | None = None, process_group=None, progress: bool = True,
-                    desc: str = "principal subspaces") -> dict:
+                    desc: str = "principal subspaces", device=None) -> dict:
     """The principal subspace of each requested weight (:func:`~kplora_kernels.principal_subspace`).
 
     Args:
@@ -93,9 +93,11 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
         cache_dir: folder of the safetensors cache (created when missing); None: no cache.
         process_group: under ``torch.distributed``, the ranks that share the work (default: world).
         progress: show a tqdm bar on rank 0.
+        device: where the bases are returned (e.g. ``"cpu"``, so that an accelerator never holds all of
+            them at once); None: on each weight's device.
 
     Returns:
-        ``{key: basis}`` in fp32 (fp64 for fp64 weights), on each weight's device, identical on all ranks.
+        ``{key: basis}`` in fp32 (fp64 for fp64 weights), identical on all ranks.
 
     Raises:
         TypeError / ValueError: from :func:`~kplora_kernels.principal_subspace` for a bad weight,
@@ -131,7 +133,7 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
                 _store(path, basis)
         else:
             hits += 1
-        local[i] = basis.to(W.device)
+        local[i] = basis.to(W.device if device is None else device)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -145,5 +147,8 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
         else:
             src = torch.distributed.get_global_rank(process_group, i % world) if process_group else i % world
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # principal_subspace's
-            out[key] = broadcast_from(local.get(i), src, process_group, device=W.device, dtype=dtype)
+            sent = None if i not in local else local[i].to(W.device)  # the collective runs on the weight's device
+            out[key] = broadcast_from(sent, src, process_group, device=W.device, dtype=dtype)
+            out[key] = out[key].to(W.device if device is None else device)
+            local.pop(i, None)
     return out

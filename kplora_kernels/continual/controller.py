@@ -148,6 +148,9 @@ class KeepLoRA:
         # every absorbed update so far, in order: [{name: (B, A)}] (CPU copies); None when unknown (the
         # weights were loaded from a full-form checkpoint or trained in full mode)
         self._history: list[dict] | None = [] if cfg.adapter == "lora" else None
+        self.placement = placement if isinstance(placement, BasisPlacement) else BasisPlacement(placement)
+        if self.adapter.name == "full":  # the per-step gradient projection reads the bases
+            self.placement = BasisPlacement("device")
         if compute_bases and self.method.protects_pretrained:
             requests = []
             for t in self.targets:
@@ -156,17 +159,19 @@ class KeepLoRA:
                 requests.append(((t.name, "in"), W, cfg.eps_for(t.tower), "in", fingerprint))
                 if cfg.eps_w_out:
                     requests.append(((t.name, "out"), W, cfg.eps_w_out, "out", fingerprint))
+            # on the host when the placement keeps them there: never every layer's bases on the device
+            off = self.placement.mode != "device"
             bases = principal_bases(requests, cache_dir=bases_cache_dir, process_group=process_group,
-                                    progress=self.progress)
+                                    progress=self.progress, device="cpu" if off else None)
             for name, layer in self.layers.items():
-                self._set_input_basis(layer, bases[(name, "in")][:, : layer.in_features - layer.rank], complement=False)
+                dev = layer.weight.device
+                V = bases.pop((name, "in"))[:, : layer.in_features - layer.rank].to(dev)
+                self._set_input_basis(layer, V, complement=False)
                 if cfg.eps_w_out:
-                    layer.set_bases(U=_from_rank0(bases[(name, "out")].to(self._basis_dtype), process_group))
+                    layer.set_bases(U=_from_rank0(bases.pop((name, "out")).to(dev, self._basis_dtype), process_group))
+                self.placement.release(name, layer)  # one layer's bases on the device at a time
         self.task_index = 0
         self.task_open = False
-        self.placement = placement if isinstance(placement, BasisPlacement) else BasisPlacement(placement)
-        if self.adapter.name == "full":  # the per-step gradient projection reads the bases
-            self.placement = BasisPlacement("device")
         self.placement.offload(self.layers)
 
     def _check_wrapped(self, where: str) -> None:
@@ -301,8 +306,9 @@ class KeepLoRA:
         self._check_loader(loader, "begin_task")
         if not callable(loss_fn):
             raise TypeError(f"begin_task: loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
-        with self.placement.resident(self.layers):  # the boundaries are the only users of the bases
-            self.adapter.begin_task(self, loader, loss_fn, fraction)
+        # the method reads the bases where they live (sketches hold them by reference) and brings them
+        # to the device one layer at a time (self.placement.stream) where it needs them there
+        self.adapter.begin_task(self, loader, loss_fn, fraction)
         self.task_open = True
 
     def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
@@ -323,19 +329,18 @@ class KeepLoRA:
             self._history.append({name: (full(layer.lora_B.detach()).cpu().clone(),
                                          full(layer.lora_A.detach()).cpu().clone())
                                   for name, layer in self.layers.items()})
-        with self.placement.resident(self.layers):  # the boundaries are the only users of the bases
-            self.adapter.end_task(self)
-            if self.method.grows_input_basis:
-                self._expand_bases(loader, forward_fn, fraction)
-            self.method.end_task(self)
+        self.adapter.end_task(self)
+        if self.method.grows_input_basis:
+            self._expand_bases(loader, forward_fn, fraction)
+        self.method.end_task(self)
         self.task_index += 1
         self.task_open = False
 
     def _expand_bases(self, loader, forward_fn, fraction):
         cfg = self.config
         sketches = self.collect_inputs(loader, forward_fn, fraction, "input subspace")
-        for name, layer in self.layers.items():
-            V = sketches[name].expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+        for name, layer in self.placement.stream(self.layers):  # one layer's bases on the device at a time
+            V = sketches.pop(name).expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
             self._set_input_basis(layer, V, layer.V_complement)
 
     @contextmanager
@@ -518,9 +523,10 @@ class KeepLoRA:
                 dev = layer.weight.device
                 if not compact:
                     assign_(layer.weight, tensors[f"{name}.weight"])
-                layer.V = tensors[f"{name}.V"].to(dev).clone()
                 layer.V_complement = bool(meta.get("V_complement", {}).get(name, False))
                 layer.U = tensors[f"{name}.U"].to(dev).clone()
+                layer.V = tensors[f"{name}.V"].to(dev).clone()
+                self.placement.release(name, layer)  # one layer's bases on the device at a time
                 assign_(layer.lora_A, tensors[f"{name}.lora_A"])
                 assign_(layer.lora_B, tensors[f"{name}.lora_B"])
             for name, p in self.extra_parameters.items():
@@ -530,7 +536,7 @@ class KeepLoRA:
         self.task_open = bool(meta.get("task_open", False))
         self.method.load_state_tensors(state, self)
         self.adapter.load_state_tensors(self, state, self.task_open)
-        self.placement.offload(self.layers)  # the loaded bases go where the placement keeps them
+        self.placement.offload(self.layers)  # the loaded bases go where the placement keeps them (mmap: written)
 
     @torch.no_grad()
     def _replay(self, history: list) -> None:

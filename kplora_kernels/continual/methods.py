@@ -120,9 +120,11 @@ class KeepLoRAMethod(Method):
         if count == 0:
             raise ValueError("begin_task: the loader yielded no batch, so the task gradient is unknown "
                              "(pass a non-empty loader)")
-        for name, layer in engine.layers.items():
-            sketches[name].all_reduce(engine.process_group)  # a no-op without torch.distributed
-            layer.reset_adapter(engine.broadcast(sketches[name].adapter_init().to(layer.V.device)))
+        for name, layer in engine.placement.stream(engine.layers):  # its bases on the device, the next on the way
+            sketch = sketches.pop(name)
+            sketch.all_reduce(engine.process_group)  # a no-op without torch.distributed
+            A = sketch.adapter_init(U=layer.U if layer.U.shape[1] else None, V=layer.V)
+            layer.reset_adapter(engine.broadcast(A.to(layer.weight.device)))
 
 
 class KeepLoRAPlusPlus(KeepLoRAMethod):
@@ -197,8 +199,8 @@ class InfLoRA(Method):
 
     def init_adapters(self, engine, loader, loss_fn, fraction):
         sketches = engine.collect_inputs(loader, loss_fn, fraction, "task inputs")
-        for name, layer in engine.layers.items():
-            sketch = sketches[name]
+        for name, layer in engine.placement.stream(engine.layers):  # its bases on the device, the next on the way
+            sketch = sketches.pop(name)
             V = layer.V if (layer.V.shape[1] or layer.V_complement) else None
             # a few more than r: residual_directions drops any that rounding left inside span(V)
             vecs = sketch.top_residual_directions(2 * layer.rank, V, layer.V_complement)

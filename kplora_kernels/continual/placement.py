@@ -38,11 +38,15 @@ def needs_bases_in_training(layer) -> bool:
 
 class BasisPlacement:
     """Keeps the bases of ``layers`` (``{name: FusedKeepLoRALinear}``) off their device between task
-    boundaries.
+    boundaries, and brings them back one layer at a time during a boundary (:meth:`stream`).
 
     Args:
         mode: one of ``"device"``, ``"cpu"``, ``"mmap"`` (see the module docstring).
         folder: for ``"mmap"``, the folder of the file ``bases.safetensors`` (created when missing).
+
+    ``resident_layers`` counts the layers whose bases are on the device now although the placement
+    keeps them off it (fetched or being prefetched); ``max_resident_layers`` the most at once so far
+    (a boundary's basis footprint is that many layers' bases).
 
     Raises:
         ValueError: an unknown ``mode``, or ``"mmap"`` without ``folder``.
@@ -55,30 +59,71 @@ class BasisPlacement:
             raise ValueError("folder: the 'mmap' placement needs a folder for its safetensors file, got None")
         self.mode, self.folder = mode, os.fspath(folder) if folder else None
         self._off: set[str] = set()  # the layers whose bases are off their weights' device
+        # name → {key: (the device copy handed out, the off-device tensor it came from)}
+        self._fetched: dict[str, dict] = {}
+        self._prefetched: dict[str, tuple] = {}  # name → ({key: device copy}, CUDA event)
+        self._dirty: set[str] = set()  # mmap: layers whose bases changed, written at the next flush
+        self._mapped: dict[str, dict] = {}  # mmap: name → {key: the view of the file}
+        self._known: dict = {}  # every layer this placement has seen, by name
+        self.resident_layers = self.max_resident_layers = 0
 
     # --- one layer at a time ------------------------------------------------------------------------
     def is_offloaded(self, name: str) -> bool:
         return name in self._off
 
-    def offload(self, layers: dict) -> None:
-        """Move the bases of every layer that does not need them in training off its device."""
-        if self.mode == "device":
+    def _moves(self, layer) -> bool:
+        """Whether this placement keeps ``layer``'s bases off its device."""
+        if self.mode == "device" or needs_bases_in_training(layer):
+            return False
+        return self.mode == "mmap" or layer.weight.device.type != "cpu"  # "cpu" on a host model: already there
+
+    def _count(self, delta: int) -> None:
+        self.resident_layers += delta
+        self.max_resident_layers = max(self.max_resident_layers, self.resident_layers)
+
+    def release(self, name: str, layer) -> None:
+        """Put ``layer``'s bases back off its device (a no-op for layers that stay resident). Bases
+        that were fetched and not changed return to their off-device copy without a transfer; changed
+        ones (``set_bases`` at a task end) are copied off (``"mmap"``: held on the host until
+        :meth:`flush` writes the file)."""
+        fetched = self._fetched.pop(name, None)
+        if fetched is not None or name in self._prefetched:
+            self._count(-1)
+        self._prefetched.pop(name, None)
+        if not self._moves(layer):
+            self._off.discard(name)
             return
-        if self.mode == "cpu" and not any(layer.weight.device.type != "cpu" for layer in layers.values()):
-            return  # the training device is the host: nothing to move
-        movable = {n: layer for n, layer in layers.items() if not needs_bases_in_training(layer)}
-        self._off.update(movable)
-        if self.mode == "cpu":
-            pin = torch.cuda.is_available()
-            for layer in movable.values():
-                for key in _BASES:
-                    t = getattr(layer, key)
-                    if t.device.type != "cpu" or (pin and not t.is_pinned()):
-                        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-                        host.copy_(t)
-                        setattr(layer, key, host)
-        else:
-            self._write_mmap(movable)
+        pin = self.mode == "cpu" and torch.cuda.is_available()
+        self._known[name] = layer
+        for key in _BASES:
+            t = getattr(layer, key)
+            if fetched is not None and t is fetched[key][0]:
+                setattr(layer, key, fetched[key][1])  # unchanged: its off-device copy is still right
+                continue
+            if self.mode == "cpu" and t.device.type == "cpu" and (t.is_pinned() or not pin):
+                continue  # already in host memory
+            if self.mode == "mmap" and t is self._mapped.get(name, {}).get(key):
+                continue  # already the view of the file
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            host.copy_(t)
+            setattr(layer, key, host)
+            if self.mode == "mmap":
+                self._dirty.add(name)
+        self._off.add(name)
+
+    def flush(self) -> None:
+        """``"mmap"``: write the bases that changed since the last flush into the file and map them
+        (all offloaded layers go into one new file, which replaces the old one atomically)."""
+        if self.mode == "mmap" and self._dirty:
+            self._write_mmap({n: layer for n, layer in self._known.items() if n in self._off})
+        self._dirty.clear()
+
+    def offload(self, layers: dict) -> None:
+        """Move the bases of every layer of ``layers`` that does not need them in training off its
+        device (all at once; see :meth:`stream` for one at a time)."""
+        for name, layer in layers.items():
+            self.release(name, layer)
+        self.flush()
 
     def fetch(self, name: str, layer, non_blocking: bool = False) -> None:
         """Bring ``layer``'s bases to the device of its weight — where the weight is now, so a model
@@ -86,15 +131,72 @@ class BasisPlacement:
         home = layer.weight.device
         offloaded = name in self._off
         self._off.discard(name)
+        pending = self._prefetched.pop(name, None)
+        if pending is not None:  # queued by prefetch on a side stream: wait for it, then use it
+            copies, event = pending
+            torch.cuda.current_stream(home).wait_event(event)
+            for t in copies.values():
+                t.record_stream(torch.cuda.current_stream(home))
+            self._fetched[name] = {k: (copies[k], getattr(layer, k)) for k in _BASES}
+            for k in _BASES:
+                setattr(layer, k, copies[k])
+            return
+        copies = {}
         for key in _BASES:
             t = getattr(layer, key)
-            if offloaded or t.device != home:
-                setattr(layer, key, t.to(home, non_blocking=non_blocking and t.is_pinned(), copy=True))
+            copies[key] = (t.to(home, non_blocking=non_blocking and t.is_pinned(), copy=True)
+                           if offloaded or t.device != home else t)
+        if offloaded and name not in self._fetched:
+            self._count(1)
+            self._fetched[name] = {k: (copies[k], getattr(layer, k)) for k in _BASES}
+        for key in _BASES:
+            setattr(layer, key, copies[key])
+
+    def prefetch(self, name: str, layer) -> None:
+        """Start bringing ``layer``'s bases to its CUDA device on a side stream (a no-op elsewhere:
+        on the host a copy cannot overlap anything); :meth:`fetch` then waits for it."""
+        home = layer.weight.device
+        if home.type != "cuda" or name not in self._off or name in self._prefetched:
+            return
+        stream = self._stream = getattr(self, "_stream", None) or torch.cuda.Stream(home)
+        stream.wait_stream(torch.cuda.current_stream(home))
+        with torch.cuda.stream(stream):
+            copies = {k: getattr(layer, k).to(home, non_blocking=True, copy=True) for k in _BASES}
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._prefetched[name] = (copies, event)
+        self._count(1)
+
+    def stream(self, layers: dict):
+        """Iterate ``(name, layer)`` over ``layers`` with that layer's bases on its device, one layer at
+        a time: each is put back off the device (:meth:`release`) before the next is handed out,
+        while the next one's copy is already under way (CUDA: a side stream, one layer ahead). So a
+        boundary holds at most two layers' bases on the device. Changed bases are written at the end
+        (:meth:`flush`), also when the loop body raises."""
+        names = list(layers)
+        current = None
+        try:
+            for i, name in enumerate(names):
+                layer = layers[name]
+                current = name
+                self.fetch(name, layer, non_blocking=True)
+                if i + 1 < len(names):
+                    self.prefetch(names[i + 1], layers[names[i + 1]])
+                yield name, layer
+                self.release(name, layer)
+                current = None
+        finally:
+            if current is not None:
+                self.release(current, layers[current])
+            for name in list(self._prefetched):
+                self.release(name, layers[name]) if name in layers else self._prefetched.pop(name)
+            self.flush()
 
     @contextmanager
     def resident(self, layers: dict):
-        """``with placement.resident(layers):`` the bases of ``layers`` are on their device; on exit they
-        go back off it (also when the block raises)."""
+        """``with placement.resident(layers):`` the bases of all ``layers`` are on their device at once;
+        on exit they go back off it (also when the block raises). The controller's boundaries use
+        :meth:`stream` instead (one layer at a time)."""
         try:
             self.fetch_all(layers)
             yield layers
@@ -102,22 +204,9 @@ class BasisPlacement:
             self.offload(layers)
 
     def fetch_all(self, layers: dict) -> None:
-        """Every layer's bases back on its device; on CUDA the copies are queued on a side stream,
-        one layer ahead of the next, and the current stream waits for them once."""
-        names = [n for n, layer in layers.items()
-                 if self.is_offloaded(n) or any(getattr(layer, k).device != layer.weight.device for k in _BASES)]
-        if not names:
-            return
-        cuda = any(layers[n].weight.device.type == "cuda" for n in names)
-        if not cuda:
-            for n in names:
-                self.fetch(n, layers[n])
-            return
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            for n in names:
-                self.fetch(n, layers[n], non_blocking=True)
-        torch.cuda.current_stream().wait_stream(stream)
+        """Every layer's bases back on its device (asynchronous copies from pinned memory on CUDA)."""
+        for name, layer in layers.items():
+            self.fetch(name, layer, non_blocking=True)
 
     # --- mmap -----------------------------------------------------------------------------------------
     def _write_mmap(self, movable: dict) -> None:
@@ -136,6 +225,7 @@ class BasisPlacement:
             for k in _BASES:
                 t = getattr(layer, k)
                 setattr(layer, k, mapped.get(f"{n}.{k}", torch.empty(t.shape, dtype=t.dtype)))
+            self._mapped[n] = {k: getattr(layer, k) for k in _BASES}
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -14,7 +14,13 @@ products (``O(tokens·(in+out)·(r+p))`` for the gradient), no projection. The c
 a basis works alike (``I − VVᵀ = V_c V_cᵀ``). :mod:`kplora_kernels.subspace.reference` keeps the
 per-batch-projected formulation as the test oracle.
 
-**Bases** are validated once, at construction. **Non-finite batches**: each update computes a cheap
+**Bases** are validated once, at construction, and held by reference where the caller keeps them
+(e.g. pinned host memory between task boundaries, :mod:`kplora_kernels.continual.placement`): a
+sketch copies a basis to its device only inside construction (to form ``Ω̂``, ``Ψ̂``) and
+finalisation, never between batches, so a pass over the data holds no basis on the accelerator.
+Finalisation takes the same basis where it is now (e.g. brought to the device layer by layer) or
+copies the held one; a basis other than the one the sketch was built against is refused
+(``ValueError``, checked through a seeded probe ``gᵀB``, ``O(dim·k)``). **Non-finite batches**: each update computes a cheap
 probe on the device (the squared norm of the small products, or of the inputs for the dense and
 covariance strategies whose per-batch GEMM dwarfs it) in fp32: NaN, Inf, or values whose squares
 overflow float32 (|x| ≳ 1e19) make it non-finite. On the CPU the probe is read at once (no
@@ -63,6 +69,44 @@ def complement_basis(V: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (``dim×(dim−k)``) of the orthogonal complement of ``V`` (``dim×k``)."""
     Q = torch.linalg.qr(V.double(), mode="complete")[0]
     return Q[:, V.shape[1]:].to(V.dtype).contiguous()
+
+
+def _to(B: torch.Tensor, device) -> torch.Tensor:
+    """``B`` on ``device`` (no copy when it is there; asynchronous from pinned host memory, ordered
+    on the current stream)."""
+    return B.to(device, non_blocking=B.device.type == "cpu" and B.is_pinned())
+
+
+def _signature(B: torch.Tensor | None):
+    """What identifies a basis cheaply, wherever it lives: its shape and a seeded probe ``gᵀB``
+    (``k`` floats, fp32 or fp64 as ``B``) on the CPU."""
+    if B is None:
+        return None
+    work = torch.float64 if B.dtype == torch.float64 else torch.float32
+    g = torch.randn(B.shape[0], generator=torch.Generator().manual_seed(20261129), dtype=work)
+    return tuple(B.shape), (g.to(B.device) @ B.detach().to(work)).cpu()
+
+
+def _same_basis(a, b) -> bool:
+    """Two signatures of the same basis (to fp32 rounding of the probe, wherever each was taken)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a[0] == b[0] and torch.allclose(a[1].double(), b[1].double(), rtol=1e-4, atol=1e-3)
+
+
+def _given_basis(name: str, given, held, held_signature, device):
+    """The basis for a finalisation: ``given`` (checked to be the one the sketch was built against)
+    or the ``held`` reference, on ``device``."""
+    if given is not None and held is None and given.shape[-1] == 0:
+        given = None  # an empty basis is no basis
+    if given is None:
+        return None if held is None else _to(held, device)
+    if held is None:
+        raise ValueError(f"{name}: this sketch was built without a basis {name}; got one of shape {tuple(given.shape)}")
+    if not _same_basis(_signature(given), held_signature):
+        raise ValueError(f"{name}: not the basis this sketch was built against (built with shape "
+                         f"{held_signature[0]}, given {tuple(given.shape)} with other values); pass the same {name}")
+    return _to(given.detach(), device)
 
 
 def _all_reduce(tensors, group) -> None:
@@ -186,8 +230,11 @@ class InputSketch(_Guard):
             strategy = "covariance" if 4 * dim * dim <= memory_budget else "randomized"
         self.strategy = strategy
         keep_V = strategy == "randomized" and V is not None and (V.shape[1] > 0 or V_complement)
-        self.V = V.detach().to(self.device) if keep_V else None  # its own dtype: validated as such
+        # held where the caller keeps it (its own dtype: validated as such); copied only when used
+        self.V = V.detach() if keep_V else None
+        self._V_signature = _signature(self.V)
         self.V_complement = V_complement and keep_V
+        Vd = None if self.V is None else _to(self.V, self.device)  # on the device for construction only
         if strategy == "covariance":
             self.state = torch.zeros(dim, dim, device=self.device)
         else:
@@ -195,14 +242,15 @@ class InputSketch(_Guard):
             if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= dim:
                 raise ValueError(f"width must be an int in [1, dim = {dim}], got {width!r}")
             omega = _gaussian(dim, width, seed, self.device)
-            self.omega = _project_cols(None if self.V is None else self.V.double(), omega,
+            self.omega = _project_cols(None if Vd is None else Vd.double(), omega,
                                        self.V_complement).float()  # Ω̂, formed once
             self.state = torch.zeros(dim, width, device=self.device)
         self.width = self.state.shape[1]
         # the exact residual energy where it costs at most half the sketch's own per-batch products
         stored = 0 if self.V is None else self.V.shape[1]
         self.exact_residual = self.V is not None and stored <= self.width // 2
-        self._Vf = self.V.float() if self.exact_residual else None
+        # on the device for every batch: at most width/2 columns, counted in memory_bytes
+        self._Vf = Vd.float() if self.exact_residual else None
         # ‖X‖² and (exact_residual) ‖X V‖², accumulated in fp64
         self.energy = torch.zeros(2 if self.exact_residual else 1, dtype=torch.float64, device=self.device)
         self.tokens = 0
@@ -211,6 +259,8 @@ class InputSketch(_Guard):
     @property
     def memory_bytes(self) -> int:
         extra = self.omega.numel() * 4 if self.strategy == "randomized" else 0
+        if self._Vf is not None:
+            extra += self._Vf.numel() * 4
         return self.state.numel() * 4 + extra
 
     def update(self, X: torch.Tensor) -> None:
@@ -243,10 +293,7 @@ class InputSketch(_Guard):
         if mine != theirs:
             raise ValueError(f"cannot merge sketches of different configuration (dim, strategy, width, seed): "
                              f"{mine} vs {theirs}")
-        same_basis = (self.V is None and other.V is None) or (
-            self.V is not None and other.V is not None and self.V.shape == other.V.shape
-            and torch.equal(self.V, other.V.to(self.device)))
-        if not same_basis:
+        if not _same_basis(self._V_signature, other._V_signature):
             raise ValueError("cannot merge sketches taken against different bases V")
 
     def merge(self, other: "InputSketch") -> "InputSketch":
@@ -265,18 +312,20 @@ class InputSketch(_Guard):
         self.tokens = int(tokens.item())
         return self
 
-    def residual_sketch(self) -> torch.Tensor:
+    def residual_sketch(self, V: torch.Tensor | None = None) -> torch.Tensor:
         """The randomized strategy's finalised sketch ``C_R Ω = (I − VVᵀ) Σ Xᵀ(X Ω̂)`` (``dim×width``,
-        fp64), ``C_R`` the residual covariance."""
+        fp64), ``C_R`` the residual covariance. ``V``: the basis given at construction where it is now
+        (default: the held one, copied to the sketch's device for this call)."""
         if self.strategy != "randomized":
             raise ValueError("residual_sketch() belongs to the randomized strategy; the covariance one keeps Σ XᵀX")
-        return _project_cols(None if self.V is None else self.V.double(), self.state.double(), self.V_complement)
+        V = _given_basis("V", V, self.V, self._V_signature, self.device)
+        return _project_cols(None if V is None else V.double(), self.state.double(), self.V_complement)
 
-    def _nystrom_spectrum(self):
+    def _nystrom_spectrum(self, V: torch.Tensor | None = None):
         """Eigenvalues (descending) and the eigenvectors (``vecs(c)``: the first ``c``, ``dim×c``, residual
         space) of the stable Nyström approximation of the residual covariance, and its trace: exact
         (``exact_residual``) or the Nyström++ estimate."""
-        Y, Om = self.residual_sketch(), self.omega.double()
+        Y, Om = self.residual_sketch(V), self.omega.double()
         nu = math.sqrt(self.dim) * torch.finfo(torch.float32).eps * float(Y.norm())
         evals, vecs, _ = _nystrom(Y, Om, nu)
         trace_low = float(evals.sum())  # Nyström ⪯ C_R: a lower bound of the trace
@@ -352,7 +401,7 @@ class InputSketch(_Guard):
         if V is None and V_complement:
             raise ValueError("V_complement=True needs the complement basis V")
         if self.strategy == "randomized" and ((V is None) != (self.V is None) or V_complement != self.V_complement
-                                              or (V is not None and (V.shape != self.V.shape or not torch.allclose(V, self.V)))):
+                                              or not _same_basis(_signature(V), self._V_signature)):
             raise ValueError("the randomized sketch projects against the basis V it was built with: "
                              "expand must be given that basis")
         self._finalise_checks([self.state], "inputs X")
@@ -369,7 +418,7 @@ class InputSketch(_Guard):
             C = self.state.double() if self.dim < 1024 else self.state
             return gpm_expand_covariance(C, base, eps, complement=V_complement, total=total,
                                          keep_free=keep_free, floor=floor, seed=self.seed)
-        evals, vecs, residual = self._nystrom_spectrum()
+        evals, vecs, residual = self._nystrom_spectrum(V)
         count = gpm_count(total, total - residual, evals, eps, limit, floor)
         if count == 0:
             return base.clone()
@@ -423,6 +472,17 @@ def gradient_sketch_bytes(out_features: int, in_features: int, rank: int, oversa
     return 4 * (out_features * k + l * in_features + in_features * k + l * out_features)
 
 
+def input_sketch_bytes(dim: int, stored: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """``InputSketch(dim, V, memory_budget=...).memory_bytes`` for the ``"auto"`` strategy and a stored
+    basis of ``stored`` columns (either form), without allocating it: the covariance, or the residual
+    sketch, its test matrix and (exact residual energy, ``stored ≤ width/2``) the basis on the device."""
+    if 4 * dim * dim <= memory_budget:
+        return 4 * dim * dim
+    width = max(1, min(dim, memory_budget // (4 * dim), 1024))
+    held = 4 * dim * stored if 0 < stored <= width // 2 else 0
+    return 2 * 4 * dim * width + held
+
+
 class GradientSketch(_Guard):
     """Accumulates the projected mean task gradient ``Ĝ`` (``out×in``) from ``(dY, X)`` batches and
     returns the adapter's ``A`` (top-r right singular vectors of ``Ĝ``, ``r×in``).
@@ -456,10 +516,11 @@ class GradientSketch(_Guard):
             raise ValueError(f"V leaves {room} residual dimensions, fewer than rank = {rank}")
         self.shape, self.rank, self.seed, self.oversample = (out_features, in_features), rank, seed, oversample
         self.device = torch.device(device or "cpu")
-        prep = lambda B: None if B is None or B.shape[1] == 0 else B.detach().to(self.device)  # noqa: E731
-        self.U = prep(U)
-        self.V = V.detach().to(self.device) if V is not None and (V.shape[1] or V_complement) else None
+        # the bases are held where the caller keeps them and copied to the device only when used
+        self.U = None if U is None or U.shape[1] == 0 else U.detach()
+        self.V = V.detach() if V is not None and (V.shape[1] or V_complement) else None
         self.V_complement = V_complement and self.V is not None
+        self._signatures = (_signature(self.U), _signature(self.V))
         if strategy == "auto":
             strategy = gradient_strategy(out_features, in_features, rank, oversample, memory_budget)
         self.strategy = strategy
@@ -468,8 +529,8 @@ class GradientSketch(_Guard):
         else:
             k = min(rank + oversample, out_features, in_features)
             l = min(2 * k + 1, out_features)
-            Ud = None if self.U is None else self.U.double()
-            Vd = None if self.V is None else self.V.double()
+            Ud = None if self.U is None else _to(self.U, self.device).double()
+            Vd = None if self.V is None else _to(self.V, self.device).double()
             self.omega = _project_cols(Vd, _gaussian(in_features, k, seed, self.device), self.V_complement).float()
             self.psi = _project_cols(Ud, _gaussian(l, out_features, seed + 1, self.device).mT).mT.float().contiguous()
             self.Y = torch.zeros(out_features, k, device=self.device)
@@ -524,8 +585,8 @@ class GradientSketch(_Guard):
                   [t.shape for t in other._state()])
         if mine != theirs:
             raise ValueError(f"cannot merge sketches of different configuration: {mine} vs {theirs}")
-        for a, b in ((self.U, other.U), (self.V, other.V)):
-            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(self.device))):
+        for a, b in zip(self._signatures, other._signatures):
+            if not _same_basis(a, b):
                 raise ValueError("cannot merge sketches taken against different bases")
         for mine_t, theirs_t in zip(self._state(), other._state()):
             mine_t += theirs_t.to(self.device)
@@ -540,39 +601,45 @@ class GradientSketch(_Guard):
         self.batches = int(batches.item())
         return self
 
-    def _project_G(self, M: torch.Tensor) -> torch.Tensor:
-        """``(I−UUᵀ) M (I−VVᵀ)`` (complement form of V as stored)."""
-        U = None if self.U is None else self.U.to(M.dtype)
-        V = None if self.V is None else self.V.to(M.dtype)
-        return residual_project_unchecked(M, U, V, 1.0, False, self.V_complement)
+    def _bases(self, U, V):
+        """The bases on the sketch's device: the given ones (checked) or the held ones (copied)."""
+        return (_given_basis("U", U, self.U, self._signatures[0], self.device),
+                _given_basis("V", V, self.V, self._signatures[1], self.device))
 
-    def projected_sketch(self):
+    def projected_sketch(self, U: torch.Tensor | None = None, V: torch.Tensor | None = None):
         """The finalised state, the per-batch-projected quantities: ``Σ Ĝ_b`` (dense, ``out×in``) or
-        ``(ĜΩ, ΨĜ)`` summed over batches (randomized), in fp64."""
+        ``(ĜΩ, ΨĜ)`` summed over batches (randomized), in fp64. ``U``, ``V``: the bases given at
+        construction where they are now (default: the held ones, copied to the device for this call;
+        another basis raises ``ValueError``)."""
         self._finalise_checks(self._state(), "dY and X")
+        U, V = self._bases(U, V)
         if self.strategy == "dense":
-            return self._project_G(self.G.double())
-        Y = _project_cols(None if self.U is None else self.U.double(), self.Y.double())
-        W = _project_cols(None if self.V is None else self.V.double(), self.W.double().mT, self.V_complement).mT
+            G = self.G.double()
+            return residual_project_unchecked(G, None if U is None else U.double(), None if V is None else V.double(),
+                                              1.0, False, self.V_complement)
+        Y = _project_cols(None if U is None else U.double(), self.Y.double())
+        W = _project_cols(None if V is None else V.double(), self.W.double().mT, self.V_complement).mT
         return Y, W
 
-    def mean_gradient(self) -> torch.Tensor:
+    def mean_gradient(self, U: torch.Tensor | None = None, V: torch.Tensor | None = None) -> torch.Tensor:
         """``Ĝ`` averaged over batches (``out×in``, fp32); dense strategy only."""
         if self.strategy != "dense":
             raise NotImplementedError("the randomized strategy never forms Ĝ; use adapter_init() or strategy='dense'")
-        return (self.projected_sketch() / max(self.batches, 1)).float()
+        return (self.projected_sketch(U, V) / max(self.batches, 1)).float()
 
-    def adapter_init(self) -> torch.Tensor:
+    def adapter_init(self, U: torch.Tensor | None = None, V: torch.Tensor | None = None) -> torch.Tensor:
         """``A`` (``r×in``): orthonormal rows spanning the top-r right singular vectors of ``Ĝ``,
         orthogonal to ``V``; where ``Ĝ`` has fewer than r directions the rest are seeded random ones
         in the residual space. Dense strategy: a randomized top-r SVD of ``Ĝ`` (4 power iterations,
         oversampling ``max(p, r)``; ``O(out·in·r)`` instead of a full SVD's ``O(out·in·min)``), the
-        full SVD only where that is no cheaper (``2(r+p) ≥ min(out, in)``). Raises ``RuntimeError``
-        when no batch was seen, ``ValueError`` when batches were refused or the state overflowed."""
+        full SVD only where that is no cheaper (``2(r+p) ≥ min(out, in)``). ``U``, ``V``: as for
+        :meth:`projected_sketch`. Raises ``RuntimeError`` when no batch was seen, ``ValueError`` when
+        batches were refused, the state overflowed or a basis is not the one given at construction."""
         if self.batches == 0:
             raise RuntimeError("adapter_init() before any update(): the gradient is unknown")
+        U, V = self._bases(U, V)
         if self.strategy == "dense":
-            G = self.projected_sketch().float()
+            G = self.projected_sketch(U, V).float()
             scale = G.abs().max()
             G = G / scale if float(scale) > 0 else G  # directions only: keep the products in range
             over = max(self.oversample, self.rank)
@@ -582,7 +649,7 @@ class GradientSketch(_Guard):
                 gen = torch.Generator().manual_seed(self.seed + 3)
                 _, S, right = randomized_svd(G, self.rank, over, 4, generator=gen)
         else:
-            Y, W = self.projected_sketch()
+            Y, W = self.projected_sketch(U, V)
             Q, _ = torch.linalg.qr(Y)
             core = torch.linalg.lstsq(self.psi.double() @ Q, W).solution  # Ĝ ≈ Q core
             _, S, right = torch.linalg.svd(core, full_matrices=False)
@@ -591,6 +658,6 @@ class GradientSketch(_Guard):
         A = right[: min(kept, self.rank)].mT.double()
         if A.shape[1] < self.rank:  # fill with seeded random directions (projected off V below)
             A = torch.cat([A, _gaussian(self.shape[1], self.rank - A.shape[1], self.seed + 2, self.device)], 1)
-        if self.V is not None:
-            A = _project_cols(self.V.double(), A, self.V_complement)
+        if V is not None:
+            A = _project_cols(V.double(), A, self.V_complement)
         return torch.linalg.qr(A)[0].mT.float().contiguous()
