@@ -19,7 +19,15 @@ def one_task(rank: int, world: int, batch, ckpt=None, mode="ddp"):
     model = DigitsMLP()
     # rank 2: the 3-class head's task gradient has rank 2, and directions beyond a gradient's rank
     # are arbitrary (any rounding difference rotates them), so a larger rank would not compare
-    kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "rank": 2}), progress=False)
+    placement = "cpu"
+    if mode == "ddp-mmap":  # bases in a memory-mapped file per rank, streamed back layer by layer
+        import os
+
+        from kplora_kernels.continual.placement import BasisPlacement
+
+        placement = BasisPlacement("mmap", os.path.join(os.path.dirname(ckpt), "bases"))
+    kl = KeepLoRA(model, KeepLoRAConfig(**{**config("keeplora++").to_dict(), "rank": 2}), progress=False,
+                  placement=placement)
     trained = model
     if world > 1 and mode == "fsdp2":  # shard after wrapping: the wrap reads whole weights
         from torch.distributed.device_mesh import init_device_mesh
@@ -33,7 +41,7 @@ def one_task(rank: int, world: int, batch, ckpt=None, mode="ddp"):
     x, y, t = batch
     local = (x[rank::world], y[rank::world], t)
     kl.begin_task([local], task_loss)
-    if world > 1 and mode == "ddp":
+    if world > 1 and mode.startswith("ddp"):
         trained = DistributedDataParallel(model)
     opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.5)
     kl.register_projection_hook(opt)
@@ -42,11 +50,13 @@ def one_task(rank: int, world: int, batch, ckpt=None, mode="ddp"):
         task_loss(trained, local).backward()
         opt.step()
     kl.end_task([local], task_loss)
+    if mode == "ddp-mmap":
+        assert all(kl.placement.is_offloaded(n) for n in kl.layers) and kl.placement.max_resident_layers == 1
     if ckpt:
         kl.save(ckpt)
     from test_continual import protected
 
-    return {name: (full(layer.weight.detach()).clone(), protected(layer)) for name, layer in kl.layers.items()}
+    return {name: (full(layer.weight.detach()).clone(), protected(layer).clone()) for name, layer in kl.layers.items()}
 
 
 def _rank_main(rank, world, port, batch, ckpt, mode, results):
@@ -59,7 +69,7 @@ def _rank_main(rank, world, port, batch, ckpt, mode, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "ddp-mmap"])
 def test_distributed_matches_a_single_process_on_the_global_batch(tmp_path, mode):
     import torch.multiprocessing as mp
 
