@@ -8,8 +8,8 @@ public API on one LLaMA-shaped decoder layer (q, k, v, o, gate, up, down adapted
   whole ``end_task`` against a plain forward; the decompositions alone are benchmarked against full
   ``eigh``/SVD in ``test_bench_subspace.py``.
 
-Full size (``KPLORA_BENCH_FULL=1``): hidden 2048, intermediate 5504, 3 batches of 1024 tokens — the
-size the issue measured on (LLaMA-7B's 4096/11008 takes minutes per round on a shared 2-core
+Full size (``KPLORA_BENCH_FULL=1``): hidden 2048, intermediate 5504, 4 batches of 1024 tokens — the
+layer size the issue measured on, the batch count its benchmark asks for (LLaMA-7B's 4096/11008 takes minutes per round on a shared 2-core
 machine). Quick size otherwise.
 """
 import pytest
@@ -17,7 +17,7 @@ import torch
 
 from bench_sizes import FULL
 
-HIDDEN, INTER, TOKENS, BATCHES, RANK = (2048, 5504, 1024, 3, 32) if FULL else (64, 172, 16, 2, 4)
+HIDDEN, INTER, TOKENS, BATCHES, RANK = (2048, 5504, 1024, 4, 32) if FULL else (64, 172, 16, 2, 4)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -569,3 +569,38 @@ def test_state_overflow_over_many_batches_is_refused_at_finalisation():
         sketch.update(torch.full((1, 1), 1.5e19))
     with raises(ValueError, "overflowed", "inputs X"):
         sketch.expand(None, 0.9)
+
+
+def test_block_triangular_covariance_is_the_whole_covariance(monkeypatch):
+    """From TRIANGLE_MIN_DIM on only the upper block triangle is accumulated; what is read
+    (covariance(), expand, energies) is the whole symmetric Σ XᵀX, also across merges and updates
+    after a read, and a refused batch leaves the state as it was."""
+    monkeypatch.setattr(InputSketch, "TRIANGLE_MIN_DIM", 8)
+    X = planted(300, 30, 5, seed=3)
+    batches = [X[i:i + 50] for i in range(0, 300, 50)]
+    full64 = X.double().mT @ X.double()
+    sketch = InputSketch(30, strategy="covariance")
+    assert len(sketch._blocks) == 4
+    for B in batches[:3]:
+        sketch.update(B)
+    half64 = torch.cat(batches[:3]).double().mT @ torch.cat(batches[:3]).double()
+    torch.testing.assert_close(sketch.covariance().double(), half64, rtol=1e-5, atol=1e-3)
+    other = InputSketch(30, strategy="covariance")
+    for B in batches[3:5]:
+        other.update(B)
+    other.covariance()  # read (mirrored) before being merged
+    sketch.merge(other)
+    sketch.update(batches[5])  # an update after a read
+    C = sketch.covariance()
+    torch.testing.assert_close(C.double(), full64, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(C, C.mT, rtol=1e-6, atol=1e-4)  # the diagonal blocks are GEMMs, as before
+    before = sketch.state.clone()
+    with raises(ValueError, "X", "NaN"):
+        sketch.update(torch.full((4, 30), float("nan")))
+    assert torch.equal(sketch.state, before)
+    V0 = random_basis(30, 4, torch.float32, seed=1)
+    exact = gpm_expand(V0, X.double(), 0.9)
+    ours = sketch.expand(V0, 0.9)
+    torch.testing.assert_close((ours @ ours.T).double(), exact @ exact.T, atol=1e-4, rtol=0)
+    assert abs(sketch.residual_energy(V0) - float((X.double() - X.double() @ V0.double() @ V0.double().T).pow(2).sum())) \
+        <= 1e-5 * float(X.double().pow(2).sum())

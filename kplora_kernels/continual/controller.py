@@ -224,7 +224,8 @@ class KeepLoRA:
         grows, so a complement never switches back). Rank 0's is used."""
         if not complement and V.shape[1] > layer.in_features / 2:
             V, complement = complement_basis(V), True
-        layer.set_bases(V=_from_rank0(V.to(self._basis_dtype), self.process_group), V_complement=complement)
+        # V is the caller's fresh result (a decomposition's, or rank 0's broadcast): the layer may own it
+        layer.set_bases(V=_from_rank0(V.to(self._basis_dtype), self.process_group), V_complement=complement, copy=False)
 
     # --- the task lifecycle ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

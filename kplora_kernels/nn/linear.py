@@ -202,12 +202,14 @@ class FusedKeepLoRALinear(nn.Module):
 
     # --- bases and the task lifecycle -----------------------------------------------------------
     def set_bases(self, V: torch.Tensor | None = None, U: torch.Tensor | None = None, *,
-                  V_complement: bool = False) -> None:
+                  V_complement: bool = False, copy: bool = True) -> None:
         """Set the protected bases: ``V`` ``in×k_in`` and/or ``U`` ``out×k_out``, orthonormal columns.
         With ``V_complement=True``, ``V`` spans the *residual* input space instead (``in×(in−k_in)``,
         the cheaper form once ``k_in > in/2``). A side given as None keeps its current basis. The
         adapter is projected to satisfy the new constraints: ``A``'s rows are re-orthonormalised in
-        the residual input space, ``B ← (I−UUᵀ)B``."""
+        the residual input space, ``B ← (I−UUᵀ)B``. The layer keeps a copy of each basis on its
+        weight's device; ``copy=False`` keeps the given tensor itself where it is already there and
+        contiguous (no second copy of a large basis; the caller must not change it afterwards)."""
         if not isinstance(V_complement, bool):
             raise TypeError(f"V_complement must be a bool, got {type(V_complement).__name__} {V_complement!r}")
         given = [(name, B, dim, what) for name, B, dim, what in (("V", V, self.in_features, "in_features"),
@@ -223,7 +225,8 @@ class FusedKeepLoRALinear(nn.Module):
         for name, B, _, _ in given:
             if name == "V":
                 self.V_complement = V_complement
-            setattr(self, name, B.detach().to(self.weight.device).clone())
+            B = B.detach().to(self.weight.device)
+            setattr(self, name, B.clone() if copy else B.contiguous())
         with torch.no_grad():
             if self.protects_input:
                 A = self._orthonormal_residual_rows(full(self.lora_A).double())
