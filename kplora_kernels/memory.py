@@ -49,9 +49,9 @@ class MemoryArgs:
     seq_len: int = setting(2048, "tokens per sequence", ge=1)
     micro_batch: int = setting(1, "sequences per micro-batch", ge=1)
     tasks: int = setting(8, "tasks, for the checkpoint sizes", ge=1)
-    resident_layers: int = setting(2, "layers whose bases are on the device at once at a boundary "
-                                      "with the 'cpu' placement (2: the current one and the prefetched next)",
-                                   ge=1)
+    resident_layers: int = setting(2, "adapted linears whose bases are on the device at once while a "
+                                      "boundary finalises, with the 'cpu' placement (2: the current one and "
+                                      "the prefetched next)", ge=1)
 
 
 @dataclass
@@ -275,13 +275,15 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
       its inputs for the sketch) with every layer's gradient sketch resident (updated in one
       backward), then finalisation layer by layer;
     - ``end_task``: the no-grad input pass with every layer's input sketch resident, then
-      finalisation layer by layer: the new basis of the layer being finalised beside the old ones and an
-      eigendecomposition workspace of two fp64 ``in×in`` (the largest exact covariance) or of
-      three fp64 ``in×width`` (randomized);
-    - ``"device"``: all bases resident throughout; ``"cpu"``: during a pass no basis, at finalisation
-      ``resident_layers`` layers' bases (the current one and the prefetched next). This needs the
-      sketches not to keep device references to ``V`` beyond their construction; the sketches of
-      :mod:`kplora_kernels.subspace.sketch` do keep one (``bases_held_by_sketches``).
+      finalisation one adapted linear at a time: the new basis of the linear being finalised beside
+      the resident ones and an eigendecomposition workspace of two fp64 ``in×in`` (the largest exact
+      covariance) or of three fp64 ``in×width`` (randomized); the sketches are counted whole
+      throughout (an upper bound: each is freed once its linears are finalised);
+    - ``"device"``: all bases resident throughout; ``"cpu"``: during a pass no basis (the sketches
+      hold the host copies by reference), at finalisation the bases of ``resident_layers``
+      consecutive adapted linears (:meth:`BasisPlacement.stream
+      <kplora_kernels.continual.placement.BasisPlacement.stream>`: the current one and the
+      prefetched next), the largest such window.
 
     A peak fits ``device_memory`` when it plus ``reserve`` does: the reserve stands for what the
     peaks do not count — the CUDA context (a few hundred MiB, outside ``max_memory_allocated``) and
@@ -308,11 +310,11 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
             workspace = max(workspace, 2 * 8 * in_ * in_)
         else:
             workspace = max(workspace, 3 * 8 * in_ * max(1, min(in_, sketch_budget // (4 * in_), 1024)))
-    # the V a sketch keeps (the same storage as the layer's when built from it): every GradientSketch
-    # (non-empty V), and an InputSketch on its randomized path
-    held = {"begin_task": bases,
-            "end_task": layers * sum(per_linear[name].basis for name, _, in_ in linear_shapes(cfg)
-                                     if 4 * in_ * in_ > sketch_budget)}
+    # the controller finalises the adapted linears in model order, resident_layers of them on the device
+    order = [per_linear[name].basis for name, _, _ in linear_shapes(cfg)] * layers
+    windows = [(sum(order[i:i + resident_layers]), order[i]) for i in range(len(order))]
+    begin_window = max(w for w, _ in windows)
+    end_window = max(w + new for w, new in windows)  # + the new basis of the linear being finalised
     base = weights + adapters + optimizer
     plain = base + train_acts
     # the project's "lora" method (peft's LoraLayer) trains A too: its gradient and two AdamW moments
@@ -320,13 +322,12 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
     peaks = {}
     for placement in ("device", "cpu"):
         resident = bases if placement == "device" else 0
-        at_finalise = bases if placement == "device" else min(resident_layers, layers) * layer_basis
-        final_extra = layer_basis  # the new basis of the layer being finalised (one at a time)
+        begin_final = bases if placement == "device" else begin_window
+        end_final = bases + max(order) if placement == "device" else end_window
         peaks[placement] = {
             "training_step": base + resident + train_acts,
-            "begin_task": base + grad_sketches + max(resident + sketch_acts, at_finalise + final_extra),
-            "end_task": base + input_sketches + max(resident + forward_bytes(cfg, tokens, pb),
-                                                    at_finalise + final_extra + workspace),
+            "begin_task": base + grad_sketches + max(resident + sketch_acts, begin_final),
+            "end_task": base + input_sketches + max(resident + forward_bytes(cfg, tokens, pb), end_final + workspace),
         }
         peaks[placement]["run"] = max(peaks[placement].values())
         peaks[placement]["training_vs_plain_lora"] = peaks[placement]["training_step"] / plain
@@ -344,7 +345,7 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
                   "gradient_sketches": grad_sketches, "input_sketches": input_sketches,
                   "activations": acts, "begin_task_activations": sketch_acts, "end_task_forward": forward_bytes(cfg, tokens, pb),
                   "finalise_workspace": workspace, "bases_per_layer": layer_basis,
-                  "bases_held_by_sketches": held},
+                  "bases_at_finalise": {"begin_task": begin_window, "end_task": end_window}},
         "plain_lora_training_step": plain,
         "plain_lora_training_A_training_step": plain_peft,
         # host memory the "cpu" placement holds (pinned) for the bases; "mmap" holds them in a file instead
@@ -385,11 +386,11 @@ def format_plan(p: dict) -> str:
         lines.append(f"device memory {gib(run['device_memory'])}, {run['reserve'] / 2**30:.2f} GiB of it reserved (CUDA "
                      f"context, fragmentation): the run {verdict['device']} with 'device', {verdict['cpu']} with 'cpu' "
                      f"(✗: a peak over it)")
-    held = items["bases_held_by_sketches"]
+    at = items["bases_at_finalise"]
     lines.append(f"'cpu' placement: {gib(p['cpu_placement_host_bytes'])} of pinned host memory for the bases"
-                 + ("" if p["vision_tower_counted"] else "; model weights: the language model only"))
-    lines.append(f"note: the sketches keep a reference to their V (begin_task {gib(held['begin_task'])}, end_task "
-                 f"{gib(held['end_task'])}); the 'cpu' boundary peaks assume those are not on the device")
+                 + ("" if p["vision_tower_counted"] else "; model weights: the language model only")
+                 + f"; on the device while a boundary finalises: {run['resident_layers']} linears' bases "
+                 f"(begin_task {gib(at['begin_task'])}, end_task {gib(at['end_task'])} with the new one)")
     ck = p["checkpoint"]
     lines.append(f"checkpoint after {run['tasks']} tasks: full (merged weights, bases, adapters) {gib(ck['full'])}, "
                  f"compact (bases, adapters, per-task r·(in+out) history) {gib(ck['compact'])}")
