@@ -209,6 +209,34 @@ def test_self_attention_layers_share_one_sketch_and_diverging_inputs_raise():
     assert all(layer.input_accumulator is None for layer in kl.layers.values())
 
 
+@pytest.mark.parametrize("method,decompositions", [("inflora", 1), ("keeplora", 3)])
+def test_a_shared_covariance_is_decomposed_once_where_the_bases_are_equal(method, decompositions, monkeypatch):
+    """q, k, v of a self-attention share one exact sketch; where their bases are equal too (InfLoRA
+    protects no pre-trained subspace, so they start and grow alike) the GPM expansion is computed
+    once and the three get the same basis; KeepLoRA's differ (each weight's principal subspace)."""
+    from kplora_kernels.subspace import InputSketch
+
+    model = CrossModel()
+    kl = KeepLoRA(model, KeepLoRAConfig(method=method, rank=2, eps_w={"default": 0.2}, eps_f=0.9,
+                                        targets=[r"\.(q|k|v)_proj$"]), progress=False)
+    calls = []
+    expand = InputSketch.expand
+    monkeypatch.setattr(InputSketch, "expand", lambda self, *a, **k: calls.append(1) or expand(self, *a, **k))
+    batches = [(x, x) for x in (_low_rank_inputs(1, s, 3) for s in range(3))]
+    for _ in range(2):  # the second task starts from the grown (equal) bases
+        calls.clear()
+        kl.begin_task(batches, lambda m, b: m(*b).pow(2).mean())
+        kl.end_task(batches, _forward)
+        assert len(calls) == decompositions
+    Vs = [layer.V for layer in kl.layers.values()]
+    if method == "inflora":
+        assert Vs[0].shape[1] > 0 and all(torch.equal(V, Vs[0]) for V in Vs)
+        assert len({V.data_ptr() for V in Vs}) == 3  # equal values, separate storage
+    X = torch.cat([b[0] for b in batches]).double()
+    for V in Vs:  # every basis holds the GPM share of the inputs
+        assert (X @ V.double()).pow(2).sum() / X.pow(2).sum() >= 0.9
+
+
 # --- the bad-input contract of the config and the metrics -------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,fragments", [

@@ -194,3 +194,42 @@ def test_controller_full_mode_keeps_bases_resident(tmp_path):
     cfg = KeepLoRAConfig(**{**config("keeplora++").to_dict(), "adapter": "full"})
     kl = KeepLoRA(DigitsMLP(), cfg, progress=False, placement=BasisPlacement("mmap", tmp_path))
     assert kl.placement.mode == "device" and not any(kl.placement.is_offloaded(n) for n in kl.layers)
+
+
+def test_resume_with_mmap_placement_is_bit_identical(tmp_path):
+    """Save after one task with the bases memory-mapped, resume into a fresh model with the same
+    placement, run the second task: the same weights and bases as an uninterrupted resident run."""
+    from kplora_kernels.continual import KeepLoRA
+    from test_continual import DigitsMLP, config, digits_tasks, task_loss
+
+    def task(kl, model, train):
+        kl.begin_task([train], task_loss)
+        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
+        kl.register_projection_hook(opt)
+        for _ in range(3):
+            opt.zero_grad()
+            task_loss(model, train).backward()
+            opt.step()
+        kl.end_task([train], task_loss)
+
+    tasks = digits_tasks()[:2]
+    torch.manual_seed(0)
+    ref_model = DigitsMLP()
+    ref = KeepLoRA(ref_model, config("keeplora++"), progress=False, placement="device")
+    for train, _ in tasks:
+        task(ref, ref_model, train)
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    kl = KeepLoRA(model, config("keeplora++"), progress=False, placement=BasisPlacement("mmap", tmp_path / "a"))
+    task(kl, model, tasks[0][0])
+    kl.save(str(tmp_path / "ckpt.safetensors"))
+    torch.manual_seed(0)
+    resumed_model = DigitsMLP()
+    resumed = KeepLoRA.from_checkpoint(resumed_model, str(tmp_path / "ckpt.safetensors"), progress=False,
+                                       placement=BasisPlacement("mmap", tmp_path / "b"))
+    assert all(resumed.placement.is_offloaded(n) for n in resumed.layers)
+    assert str(tmp_path / "b" / "bases.safetensors") in mapped_files()
+    task(resumed, resumed_model, tasks[1][0])
+    for name, layer in resumed.layers.items():
+        assert torch.equal(layer.weight, ref.layers[name].weight), name
+        assert torch.equal(layer.V, ref.layers[name].V), name

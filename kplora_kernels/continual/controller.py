@@ -340,8 +340,18 @@ class KeepLoRA:
     def _expand_bases(self, loader, forward_fn, fraction):
         cfg = self.config
         sketches = self.collect_inputs(loader, forward_fn, fraction, "input subspace")
+        last = None  # (sketch, basis given, complement, result) of the previous layer
         for name, layer in self.placement.stream(self.layers):  # one layer's bases on the device at a time
-            V = sketches.pop(name).expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+            sketch = sketches.pop(name)
+            if (last is not None and last[0] is sketch and last[2] == layer.V_complement
+                    and last[1].shape == layer.V.shape and torch.equal(last[1], layer.V)):
+                # the same input sketch (q, k, v of one block) and the same basis (e.g. InfLoRA, which
+                # protects no pre-trained subspace): the same expansion, decomposed once
+                self._set_input_basis(layer, last[3].clone(), layer.V_complement)
+                continue
+            given = layer.V
+            V = sketch.expand(given, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+            last = (sketch, given, layer.V_complement, V) if sketch.strategy == "covariance" else None
             self._set_input_basis(layer, V, layer.V_complement)
 
     @contextmanager
@@ -554,9 +564,12 @@ class KeepLoRA:
                 assign_(layer.weight, full(layer.weight).to(delta.dtype) + delta)
 
     @classmethod
-    def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True) -> "KeepLoRA":
-        """Wrap a freshly built ``model`` with the checkpoint's configuration and restore its state."""
+    def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True,
+                        placement: "str | BasisPlacement" = "cpu") -> "KeepLoRA":
+        """Wrap a freshly built ``model`` with the checkpoint's configuration and restore its state
+        (the bases go where ``placement`` keeps them, one layer at a time)."""
         meta, _ = cls._read(path)
-        kl = cls(model, KeepLoRAConfig.from_dict(meta["config"]), progress=progress, compute_bases=False)
+        kl = cls(model, KeepLoRAConfig.from_dict(meta["config"]), progress=progress, compute_bases=False,
+                 placement=placement)
         kl.load(path)
         return kl
