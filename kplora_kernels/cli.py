@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     memory.add_argument("--tasks", type=int, default=8, help="tasks, for the checkpoint sizes (default 8)")
     memory.add_argument("--resident-layers", type=int, default=2,
-                        help="layers' bases on the device at once at a boundary with the 'cpu' placement (default 2)")
+                        help="adapted linears' bases on the device at once while a boundary finalises, with the "
+                             "'cpu' placement (default 2: the current one and the prefetched next)")
     memory.add_argument("--sketch-budget", default="64MiB", help="bytes per sketch, e.g. 64MiB (default 64MiB)")
     memory.add_argument("--device-memory", default=None, help="the accelerator's memory, e.g. 24GiB, 80GB, 24000MiB")
     memory.add_argument("--reserve", default="1GiB",

@@ -217,7 +217,8 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
         rows, step = [], 0
         log(f"wrapping the model ({cfg.method}: principal subspaces of every adapted weight)")
         kl = KeepLoRA(model, preset("llava", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
-                                    eps_w={"default": cfg.eps_w}, seed=cfg.seed))
+                                    eps_w={"default": cfg.eps_w}, seed=cfg.seed),
+                      bases_cache_dir=getattr(args, "bases_cache", None))
     log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
         f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
     trained = model
@@ -334,6 +335,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
                         help="under torchrun: DDP, or FSDP2 (fully_shard per language-model layer)")
+    parser.add_argument("--bases-cache", metavar="DIR",
+                        help="cache the principal subspaces of the pre-trained weights here (safetensors keyed by "
+                             "each weight's fingerprint): a second run on the same model skips the decompositions")
     parser.add_argument("--export", metavar="DIR",
                         help="after the last task, write the merged plain model (save_pretrained, with the "
                              "tokenizer and image processor) to DIR; loads without this package")

@@ -79,7 +79,9 @@ def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, m
     config = tmp_path / "small.json"
     config.write_text(json.dumps(SMALL))
     full = tmp_path / "full"
-    assert main(llava_args(llava_dir, task_list, full, str(config))) == 0
+    cache = ["--bases-cache", str(tmp_path / "bases")]
+    assert main(llava_args(llava_dir, task_list, full, str(config)) + cache) == 0
+    assert len(list((tmp_path / "bases").glob("*.safetensors"))) == 2 * 7  # the language model's 2 layers × 7
     result = json.loads((full / "results.json").read_text())
     assert result["tasks"] == ["color", "shape"]
     assert len(result["accuracy"]) == 2 and all(0 <= a <= 1 for row in result["accuracy"] for a in row)
@@ -88,7 +90,7 @@ def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, m
     assert sum("language_model" in k and k.endswith(".V") for k in checkpoint) == 2 * 7
 
     crashed = tmp_path / "crashed"
-    args = llava_args(llava_dir, task_list, crashed, str(config))
+    args = llava_args(llava_dir, task_list, crashed, str(config)) + cache  # the bases read back: same results
     crash_during(monkeypatch, llava, "evaluate", 2, lambda: main(args))  # 2 = one task's evaluations
     capsys.readouterr()
     assert main(args) == 0
