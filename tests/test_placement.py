@@ -200,17 +200,10 @@ def test_resume_with_mmap_placement_is_bit_identical(tmp_path):
     """Save after one task with the bases memory-mapped, resume into a fresh model with the same
     placement, run the second task: the same weights and bases as an uninterrupted resident run."""
     from kplora_kernels.continual import KeepLoRA
-    from test_continual import DigitsMLP, config, digits_tasks, task_loss
+    from test_continual import DigitsMLP, config, digits_tasks, run_one_task, task_loss
 
     def task(kl, model, train):
-        kl.begin_task([train], task_loss)
-        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
-        kl.register_projection_hook(opt)
-        for _ in range(3):
-            opt.zero_grad()
-            task_loss(model, train).backward()
-            opt.step()
-        kl.end_task([train], task_loss)
+        run_one_task(kl, [train], task_loss, steps=3)
 
     tasks = digits_tasks()[:2]
     torch.manual_seed(0)

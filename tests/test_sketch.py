@@ -406,6 +406,13 @@ def spectrum_inputs(n, dim, decay, seed=0):
     return (torch.randn(n, dim, generator=gen, dtype=torch.float64) * spectrum.sqrt()) @ basis.T
 
 
+def energies(X, V0):
+    """``‖X‖²`` and the exact captured fraction ``‖X V0‖² / ‖X‖²`` (fp64)."""
+    E = float(X.pow(2).sum())
+    R = X - (X @ V0.double()) @ V0.double().T
+    return E, 1 - float(R.pow(2).sum()) / E
+
+
 @pytest.mark.parametrize("decay", [0.97, 1.0], ids=["fast", "slow"])
 def test_randomized_residual_energy_within_0_002_of_exact_gpm(decay):
     """What the GPM rule sees under the default ``residual="auto"`` (a basis of ``width`` columns:
@@ -413,9 +420,7 @@ def test_randomized_residual_energy_within_0_002_of_exact_gpm(decay):
     dim, width = 1024, 256
     X = spectrum_inputs(2000, dim, decay)
     V0 = random_basis(dim, 256, torch.float32, seed=5)
-    E = float(X.pow(2).sum())
-    R = X - (X @ V0.double()) @ V0.double().T
-    exact_captured = 1 - float(R.pow(2).sum()) / E
+    E, exact_captured = energies(X, V0)
     for seed in range(3):
         sketch = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=seed), X.float(), batch=500)
         assert sketch.exact_residual
@@ -431,9 +436,7 @@ def test_nystrom_plus_plus_estimate_is_unbiased_and_as_accurate_as_documented(de
     dim, width = 1024, 256
     X = spectrum_inputs(2000, dim, decay)
     V0 = random_basis(dim, 512, torch.float32, seed=5)
-    E = float(X.pow(2).sum())
-    R = X - (X @ V0.double()) @ V0.double().T
-    exact_captured = 1 - float(R.pow(2).sum()) / E
+    E, exact_captured = energies(X, V0)
     errors = []
     for seed in range(8):
         sketch = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=seed, residual="estimate"),
