@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one go: the kernel and layer tests on CUDA, the projection figures
-# (bench/gpu_projection.py), then the full-size benchmarks.
+# The GPU checks in one go: the kernel, layer, placement and sketch-kernel tests on CUDA, the peak
+# memory of both placements (bench/gpu_memory.py), the projection figures (bench/gpu_projection.py),
+# then the full-size benchmarks.
 # Runs from the source tree (no install): `bash bench/gpu_check.sh`. Results go under $OUT when it is
 # set (the device tool), else under ./gpu_results. Needs torch with CUDA, triton, pytest,
 # pytest-benchmark; peft is optional (its comparisons skip without it).
@@ -13,8 +14,12 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/versions.txt"
 python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_grouped_projection.py \
-  tests/test_triton_projection.py tests/test_linear.py 2>&1 | tee "$OUT/gpu_tests.log"
+  tests/test_triton_projection.py tests/test_linear.py tests/test_placement.py tests/test_sketch_kernels.py \
+  2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
+# Peak memory of both basis placements on a 2-layer LLaMA-7B-shaped stack (issue 18), beside the items.
+python bench/gpu_memory.py --layers 2 --tokens 2048 2>&1 | tee "$OUT/gpu_memory.txt"
+mem_rc=${PIPESTATUS[0]}
 # The projection figures of the full-fine-tuning issue: bf16 4096×11008, ratio to the obvious
 # composition, fraction of the one-read-one-write HBM limit (H200: 4.8 TB/s), the grouped layer.
 python bench/gpu_projection.py --peak-tbs "${KPLORA_HBM_TBS:-4.8}" 2>&1 | tee "$OUT/gpu_projection.txt"
@@ -22,5 +27,5 @@ proj_rc=${PIPESTATUS[0]}
 KPLORA_BENCH_FULL=1 python -m pytest -q -p no:cacheprovider bench --benchmark-only \
   --benchmark-columns=min,median,rounds --benchmark-json="$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
 bench_rc=${PIPESTATUS[0]}
-echo "tests rc=$tests_rc projection rc=$proj_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
-exit $(( tests_rc || proj_rc || bench_rc ))
+echo "tests rc=$tests_rc memory rc=$mem_rc projection rc=$proj_rc bench rc=$bench_rc" | tee "$OUT/summary.txt"
+exit $(( tests_rc || mem_rc || proj_rc || bench_rc ))

@@ -261,3 +261,20 @@ def test_memory_bad_plan_arguments_are_one_line(capsys, args, fragment):
     assert main(["memory", "--model-config", "llava-1.5-7b", *args]) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_gpu_memory_script_smoke_run_on_cpu(tmp_path, monkeypatch):
+    """bench/gpu_memory.py (the GPU measurement beside the plan) runs end to end on a tiny stack."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "bench" / "gpu_memory.py"
+    spec = importlib.util.spec_from_file_location("gpu_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    results = module.main(["--device", "cpu", "--tiny", "--layers", "2"])
+    assert set(results["phases"]) == {"device", "cpu"}
+    for r in results["phases"].values():
+        assert r["bases_total"] > 0 and r["gradient_sketches"] > 0 and r["peak"]["training_step"] is None
+    assert json.loads((tmp_path / "gpu_memory.json").read_text())["layers"] == 2
