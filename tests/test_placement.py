@@ -27,7 +27,7 @@ def test_mmap_placement_maps_the_bases_and_a_step_never_touches_them(tmp_path):
     placement = BasisPlacement("mmap", tmp_path)
     placement.offload({"l": layer})
     assert placement.is_offloaded("l")
-    assert str(tmp_path / "bases.safetensors") in mapped_files()
+    assert str(tmp_path / "rank0" / "l.safetensors") in mapped_files()
     assert torch.equal(layer.V, V)
     ptr = layer.V.data_ptr()
     opt = torch.optim.AdamW([layer.lora_B], lr=1e-2)
@@ -68,7 +68,21 @@ def test_layers_that_read_bases_in_training_stay_resident(tmp_path, kind):
     placement = BasisPlacement("mmap", tmp_path)
     placement.offload({"l": layer})
     assert not placement.is_offloaded("l")
-    assert str(tmp_path / "bases.safetensors") not in mapped_files()
+    assert str(tmp_path) not in mapped_files()
+
+
+def test_a_layer_that_starts_reading_its_bases_gets_them_back(tmp_path):
+    layer = layer_with_bases()
+    placement = BasisPlacement("mmap", tmp_path)
+    placement.offload({"l": layer})
+    assert placement.is_offloaded("l")
+    mapped, V = layer.V, layer.V.clone()
+    layer.lora_A.requires_grad_(True)  # a method that trains A: the backward projects dA on V
+    placement.offload({"l": layer})
+    assert not placement.is_offloaded("l")
+    assert layer.V is not mapped and torch.equal(layer.V, V)  # a copy in memory, no longer the file's view
+    layer(torch.randn(5, 32)).sum().backward()
+    assert torch.allclose(layer.lora_A.grad @ layer.V, torch.zeros(4, 10), atol=1e-6)
 
 
 def test_placement_errors():
@@ -144,7 +158,7 @@ def test_controller_keeps_bases_off_between_boundaries_and_is_bit_identical(tmp_
     assert all(resident == {name} for name, resident in handed_out), handed_out
     assert placement.max_resident_layers == 1 and placement.resident_layers == 0
     assert all(kl.placement.is_offloaded(n) for n in kl.layers)
-    assert str(tmp_path / "bases.safetensors") in mapped_files()
+    assert all(str(tmp_path / "rank0" / f"{n}.safetensors") in mapped_files() for n in kl.layers)
     for name, layer in kl.layers.items():
         assert torch.equal(layer.weight, ref.layers[name].weight), name
         assert torch.equal(layer.V, ref.layers[name].V), name
@@ -155,7 +169,7 @@ def test_controller_keeps_bases_off_between_boundaries_and_is_bit_identical(tmp_
     assert_same_checkpoint(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
 
 
-def test_stream_puts_each_layer_back_and_writes_changed_bases_once(tmp_path):
+def test_stream_puts_each_layer_back_and_writes_only_changed_bases(tmp_path):
     layers = {f"l{i}": layer_with_bases(seed=i) for i in range(3)}
     originals = {n: layer.V.clone() for n, layer in layers.items()}
     placement = BasisPlacement("mmap", tmp_path)
@@ -169,11 +183,13 @@ def test_stream_puts_each_layer_back_and_writes_changed_bases_once(tmp_path):
             assert layers["l0"].V is mapped["l0"], "an unchanged basis was copied back instead of re-mapped"
             layer.set_bases(V=grown)  # a task end grows this one
     assert all(placement.is_offloaded(n) for n in layers)
-    assert str(tmp_path / "bases.safetensors") in mapped_files()
+    assert layers["l0"].V is mapped["l0"] and layers["l2"].V is mapped["l2"], "an unchanged basis was rewritten"
     assert torch.equal(layers["l1"].V, grown) and torch.equal(layers["l0"].V, originals["l0"])
-    reread = __import__("kplora_kernels.continual.placement", fromlist=["_map_safetensors"])._map_safetensors(
-        str(tmp_path / "bases.safetensors"))
-    assert torch.equal(reread["l1.V"], grown) and torch.equal(reread["l2.V"], originals["l2"])
+    assert str(tmp_path / "rank0" / "l1.safetensors") in mapped_files()
+    from kplora_kernels.continual.placement import _map_safetensors
+
+    assert torch.equal(_map_safetensors(str(tmp_path / "rank0" / "l1.safetensors"))["V"], grown)
+    assert torch.equal(_map_safetensors(str(tmp_path / "rank0" / "l2.safetensors"))["V"], originals["l2"])
 
 
 def test_stream_releases_the_layer_when_the_body_raises(tmp_path):
@@ -221,7 +237,7 @@ def test_resume_with_mmap_placement_is_bit_identical(tmp_path):
     resumed = KeepLoRA.from_checkpoint(resumed_model, str(tmp_path / "ckpt.safetensors"), progress=False,
                                        placement=BasisPlacement("mmap", tmp_path / "b"))
     assert all(resumed.placement.is_offloaded(n) for n in resumed.layers)
-    assert str(tmp_path / "b" / "bases.safetensors") in mapped_files()
+    assert str(tmp_path / "b" / "rank0") in mapped_files()
     task(resumed, resumed_model, tasks[1][0])
     for name, layer in resumed.layers.items():
         assert torch.equal(layer.weight, ref.layers[name].weight), name

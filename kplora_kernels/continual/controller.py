@@ -310,6 +310,9 @@ class KeepLoRA:
         # the method reads the bases where they live (sketches hold them by reference) and brings them
         # to the device one layer at a time (self.placement.stream) where it needs them there
         self.adapter.begin_task(self, loader, loss_fn, fraction)
+        # which layers read their bases in training is known only now (the method's trains_A is set
+        # after the estimation pass): those come back, the rest stay off (no copy for them)
+        self.placement.offload(self.layers)
         self.task_open = True
 
     def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
@@ -340,18 +343,23 @@ class KeepLoRA:
     def _expand_bases(self, loader, forward_fn, fraction):
         cfg = self.config
         sketches = self.collect_inputs(loader, forward_fn, fraction, "input subspace")
-        last = None  # (sketch, basis given, complement, result) of the previous layer
-        for name, layer in self.placement.stream(self.layers):  # one layer's bases on the device at a time
+        names = list(self.layers)
+        last = None  # (sketch, basis given, complement, result) of the previous layer, kept for the next
+        for i, (name, layer) in enumerate(self.placement.stream(self.layers)):  # one layer's bases at a time
             sketch = sketches.pop(name)
             if (last is not None and last[0] is sketch and last[2] == layer.V_complement
-                    and last[1].shape == layer.V.shape and torch.equal(last[1], layer.V)):
+                    and last[1].device == layer.V.device and torch.equal(last[1], layer.V)):
                 # the same input sketch (q, k, v of one block) and the same basis (e.g. InfLoRA, which
                 # protects no pre-trained subspace): the same expansion, decomposed once
-                self._set_input_basis(layer, last[3].clone(), layer.V_complement)
-                continue
-            given = layer.V
-            V = sketch.expand(given, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
-            last = (sketch, given, layer.V_complement, V) if sketch.strategy == "covariance" else None
+                V = last[3].clone()
+            else:
+                V = sketch.expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+            # keep this layer's old and new basis only when the next one shares the sketch and could share
+            # the basis (same shape and form): at most two more bases on the device, and only then
+            after = self.layers[names[i + 1]] if i + 1 < len(names) else None
+            shares = (after is not None and sketches.get(names[i + 1]) is sketch and sketch.strategy == "covariance"
+                      and after.V.shape == layer.V.shape and after.V_complement == layer.V_complement)
+            last = (sketch, layer.V, layer.V_complement, V) if shares else None
             self._set_input_basis(layer, V, layer.V_complement)
 
     @contextmanager

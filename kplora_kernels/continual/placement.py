@@ -9,8 +9,11 @@ the training device in between and brings them back, layer by layer, for a bound
 - ``"device"``: the bases stay with the weights (no transfers; the behaviour before placements);
 - ``"cpu"``: host memory, pinned when CUDA is available (the default for CUDA models), so the copy
   back overlaps with compute on a side stream;
-- ``"mmap"``: a safetensors file under ``folder`` (one per rank), memory-mapped (``torch.from_file``), for hosts
-  short of RAM; the file is rewritten whenever the bases change.
+- ``"mmap"``: one safetensors file per layer under ``folder`` (``rank<r>/<layer name>.safetensors``),
+  memory-mapped (``torch.from_file``), for hosts short of RAM: a layer whose bases change is written
+  to its own file when it is put back, so the host never holds more than that layer's bases. The
+  prefetch reads from the page cache, not pinned memory, so on CUDA its copy does not overlap compute
+  the way the ``"cpu"`` placement's does.
 
 A layer that reads its bases in every step stays resident, whatever the placement: ``train_A=True``
 (``dA`` is projected on ``V``) or an output basis ``U`` (``dB`` is projected on ``U``). Moving a basis
@@ -62,9 +65,8 @@ class BasisPlacement:
         # name → {key: (the device copy handed out, the off-device tensor it came from)}
         self._fetched: dict[str, dict] = {}
         self._prefetched: dict[str, tuple] = {}  # name → ({key: device copy}, CUDA event)
-        self._dirty: set[str] = set()  # mmap: layers whose bases changed, written at the next flush
-        self._mapped: dict[str, dict] = {}  # mmap: name → {key: the view of the file}
-        self._known: dict = {}  # every layer this placement has seen, by name
+        self._mapped: dict[str, dict] = {}  # mmap: name → {key: the view of the layer's file}
+        self._streams: dict = {}  # CUDA device → the side stream of its prefetches
         self.resident_layers = self.max_resident_layers = 0
 
     # --- one layer at a time ------------------------------------------------------------------------
@@ -84,17 +86,22 @@ class BasisPlacement:
     def release(self, name: str, layer) -> None:
         """Put ``layer``'s bases back off its device (a no-op for layers that stay resident). Bases
         that were fetched and not changed return to their off-device copy without a transfer; changed
-        ones (``set_bases`` at a task end) are copied off (``"mmap"``: held on the host until
-        :meth:`flush` writes the file)."""
+        ones (``set_bases`` at a task end) are copied off (``"mmap"``: written to the layer's file)."""
         fetched = self._fetched.pop(name, None)
         if fetched is not None or name in self._prefetched:
             self._count(-1)
         self._prefetched.pop(name, None)
-        if not self._moves(layer):
+        if not self._moves(layer):  # it reads its bases in training (now): they belong on its device
+            home = layer.weight.device
+            for key in _BASES:
+                t = getattr(layer, key)
+                if name in self._off or t.device != home:
+                    setattr(layer, key, t.to(home, copy=True))
             self._off.discard(name)
+            self._mapped.pop(name, None)
             return
         pin = self.mode == "cpu" and torch.cuda.is_available()
-        self._known[name] = layer
+        changed = False
         for key in _BASES:
             t = getattr(layer, key)
             if fetched is not None and t is fetched[key][0]:
@@ -104,26 +111,22 @@ class BasisPlacement:
                 continue  # already in host memory
             if self.mode == "mmap" and t is self._mapped.get(name, {}).get(key):
                 continue  # already the view of the file
+            if self.mode == "mmap":
+                changed = True
+                continue
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
             host.copy_(t)
             setattr(layer, key, host)
-            if self.mode == "mmap":
-                self._dirty.add(name)
+        if changed:
+            self._write_mmap(name, layer)
         self._off.add(name)
-
-    def flush(self) -> None:
-        """``"mmap"``: write the bases that changed since the last flush into the file and map them
-        (all offloaded layers go into one new file, which replaces the old one atomically)."""
-        if self.mode == "mmap" and self._dirty:
-            self._write_mmap({n: layer for n, layer in self._known.items() if n in self._off})
-        self._dirty.clear()
 
     def offload(self, layers: dict) -> None:
         """Move the bases of every layer of ``layers`` that does not need them in training off its
-        device (all at once; see :meth:`stream` for one at a time)."""
+        device, and bring back those of layers that now do (``train_A`` switched on, an output basis
+        set); all at once, see :meth:`stream` for one at a time."""
         for name, layer in layers.items():
             self.release(name, layer)
-        self.flush()
 
     def fetch(self, name: str, layer, non_blocking: bool = False) -> None:
         """Bring ``layer``'s bases to the device of its weight — where the weight is now, so a model
@@ -158,7 +161,9 @@ class BasisPlacement:
         home = layer.weight.device
         if home.type != "cuda" or name not in self._off or name in self._prefetched:
             return
-        stream = self._stream = getattr(self, "_stream", None) or torch.cuda.Stream(home)
+        stream = self._streams.get(home)
+        if stream is None:
+            stream = self._streams[home] = torch.cuda.Stream(home)
         stream.wait_stream(torch.cuda.current_stream(home))
         with torch.cuda.stream(stream):
             copies = {k: getattr(layer, k).to(home, non_blocking=True, copy=True) for k in _BASES}
@@ -171,8 +176,8 @@ class BasisPlacement:
         """Iterate ``(name, layer)`` over ``layers`` with that layer's bases on its device, one layer at
         a time: each is put back off the device (:meth:`release`) before the next is handed out,
         while the next one's copy is already under way (CUDA: a side stream, one layer ahead). So a
-        boundary holds at most two layers' bases on the device. Changed bases are written at the end
-        (:meth:`flush`), also when the loop body raises."""
+        boundary holds at most two layers' bases on the device. Changed bases go off the device as
+        their layer is put back (``"mmap"``: into its file), also when the loop body raises."""
         names = list(layers)
         current = None
         try:
@@ -189,8 +194,11 @@ class BasisPlacement:
             if current is not None:
                 self.release(current, layers[current])
             for name in list(self._prefetched):
-                self.release(name, layers[name]) if name in layers else self._prefetched.pop(name)
-            self.flush()
+                if name in layers:
+                    self.release(name, layers[name])
+                else:  # prefetched by another stream over other layers: drop the copy
+                    self._prefetched.pop(name)
+                    self._count(-1)
 
     @contextmanager
     def resident(self, layers: dict):
@@ -209,23 +217,24 @@ class BasisPlacement:
             self.fetch(name, layer, non_blocking=True)
 
     # --- mmap -----------------------------------------------------------------------------------------
-    def _write_mmap(self, movable: dict) -> None:
+    def _write_mmap(self, name: str, layer) -> None:
+        """Write ``layer``'s bases to its own file (atomically: a temp file renamed over it) and put
+        views of the mapped file in their place."""
         from safetensors.torch import save_file
 
-        os.makedirs(self.folder, exist_ok=True)
-        rank = torch.distributed.get_rank() if is_distributed() else 0  # one file per rank: no two writers
-        path = os.path.join(self.folder, "bases.safetensors" if rank == 0 else f"bases-rank{rank}.safetensors")
-        tensors = {f"{n}.{k}": getattr(layer, k).detach().cpu().contiguous()
-                   for n, layer in movable.items() for k in _BASES if getattr(layer, k).numel()}
+        rank = torch.distributed.get_rank() if is_distributed() else 0  # one folder per rank: no two writers
+        folder = os.path.join(self.folder, f"rank{rank}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.safetensors")
+        tensors = {k: getattr(layer, k).detach().cpu().contiguous() for k in _BASES if getattr(layer, k).numel()}
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(tensors, tmp)
         os.replace(tmp, path)
-        mapped = _map_safetensors(path)
-        for n, layer in movable.items():
-            for k in _BASES:
-                t = getattr(layer, k)
-                setattr(layer, k, mapped.get(f"{n}.{k}", torch.empty(t.shape, dtype=t.dtype)))
-            self._mapped[n] = {k: getattr(layer, k) for k in _BASES}
+        mapped = _map_safetensors(path) if tensors else {}
+        for k in _BASES:
+            t = getattr(layer, k)
+            setattr(layer, k, mapped.get(k, torch.empty(t.shape, dtype=t.dtype)))
+        self._mapped[name] = {k: getattr(layer, k) for k in _BASES}
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

@@ -98,7 +98,9 @@ def _signature(B: torch.Tensor | None):
 
 
 def _same_basis(a, b) -> bool:
-    """Two signatures of the same basis (to fp32 rounding of the probe, wherever each was taken)."""
+    """Two signatures that agree in shape and probe values (to ``1e-3`` absolute on probe values of
+    order 1: a copy of the basis on any device passes, another basis fails unless it is within about
+    ``1e-3`` of this one)."""
     if a is None or b is None:
         return a is None and b is None
     return a[0] == b[0] and torch.allclose(a[1].double(), b[1].double(), rtol=1e-4, atol=1e-3)
@@ -374,6 +376,15 @@ class InputSketch(_Guard):
         V = _given_basis("V", V, self.V, self._V_signature, self.device)
         return _project_cols(V, self.state.double(), self.V_complement)
 
+    def _own_basis(self, V, complement: bool):
+        """The randomized sketch's basis as a caller passes it again (None: use the held one)."""
+        if V is None or (self.V is None and V.shape[1] == 0 and not complement):
+            return None
+        if complement != self.V_complement:
+            raise ValueError(f"V_complement: this sketch was built with V_complement={self.V_complement}, "
+                             f"got {complement}")
+        return V
+
     def _nystrom_spectrum(self, V: torch.Tensor | None = None):
         """Eigenvalues (descending) and the eigenvectors (``vecs(c)``: the first ``c``, ``dim×c``, residual
         space) of the stable Nyström approximation of the residual covariance, and its trace: exact
@@ -401,10 +412,12 @@ class InputSketch(_Guard):
 
     def residual_energy(self, V: torch.Tensor | None = None, complement: bool = False) -> float:
         """``‖X (I − VVᵀ)‖²`` over the accumulated inputs: exact for the covariance strategy (for the
-        given ``V``), the Nyström++ estimate for the randomized one (its own ``V``)."""
+        given ``V``); for the randomized one, exact or the Nyström++ estimate (``residual``) against
+        its own ``V`` — given again where it is now (checked: ``ValueError`` for another basis) or
+        the held one."""
         self._finalise_checks([self.state], "inputs X")
-        if self.strategy == "randomized":
-            return self._nystrom_spectrum()[2]
+        if self.strategy == "randomized":  # its own V: the given one (checked) where it is now, else the held one
+            return self._nystrom_spectrum(self._own_basis(V, complement))[2]
         C = self.covariance().double()
         if V is None or (V.shape[1] == 0 and not complement):
             return float(C.diagonal().sum())
@@ -417,13 +430,14 @@ class InputSketch(_Guard):
         """The ``count`` leading eigenvectors (``dim×c``, fp64, ``c ≤ count``, in the residual space) of
         the residual input covariance ``(I − VVᵀ) Σ XᵀX (I − VVᵀ)``: exact for the covariance strategy
         (for the given ``V``; ``complement``: ``V`` spans the residual space), the stable Nyström
-        approximation for the randomized one (its own ``V``). InfLoRA's task-start design uses them.
-        Raises ``ValueError`` for a bad ``count`` or when batches were refused."""
+        approximation for the randomized one (its own ``V``, given again or held, as for
+        :meth:`residual_energy`). InfLoRA's task-start design uses them. Raises ``ValueError`` for a
+        bad ``count``, another basis, or when batches were refused."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"count must be an int ≥ 0, got {count!r}")
         self._finalise_checks([self.state], "inputs X")
         if self.strategy == "randomized":
-            return self._nystrom_spectrum()[1](count)
+            return self._nystrom_spectrum(self._own_basis(V, complement))[1](count)
         C = self.covariance().double()
         if V is not None and (V.shape[1] or complement):
             Vd = V.to(self.device).double()
