@@ -1,4 +1,4 @@
-"""Where the protected bases live between task boundaries (docs/design.md §1, "Task start/end").
+"""Where the protected bases live between task boundaries (docs/design.md, "Where the bases live").
 
 With ``A`` frozen and no output basis (the defaults), neither the forward nor the backward of
 :class:`~kplora_kernels.nn.FusedKeepLoRALinear` reads ``V``: training needs what plain LoRA needs,
