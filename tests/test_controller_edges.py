@@ -237,6 +237,23 @@ def test_a_shared_covariance_is_decomposed_once_where_the_bases_are_equal(method
         assert (X @ V.double()).pow(2).sum() / X.pow(2).sum() >= 0.9
 
 
+@pytest.mark.parametrize("residual_energy,exact", [("auto", True), ("estimate", False), ("exact", True)])
+def test_residual_energy_choice_reaches_the_randomized_input_sketches(residual_energy, exact):
+    """A budget too small for the 16² covariance makes every input sketch randomized (width 8); the
+    config's choice decides whether its residual energy is exact (the bases here have ≤ 8 columns)."""
+    model = CrossModel()
+    cfg = KeepLoRAConfig(method="keeplora", rank=2, eps_w={"default": 0.2}, targets=[r"\.(q|k)_proj$"],
+                         sketch_memory_budget=4 * 16 * 8, residual_energy=residual_energy)
+    kl = KeepLoRA(model, cfg, progress=False)
+    batches = [(_low_rank_inputs(1, s, 3), _low_rank_inputs(2, s, 4)) for s in range(2)]
+    sketches = kl.collect_inputs(batches, _forward, 1.0, "test")
+    assert all(s.strategy == "randomized" and s.width == 8 for s in sketches.values())
+    assert all(layer.V.shape[1] <= 8 for layer in kl.layers.values())
+    assert all(s.exact_residual == exact for s in sketches.values())
+    kl.begin_task(batches, lambda m, b: m(*b).pow(2).mean())
+    kl.end_task(batches, _forward)  # the whole boundary runs with the choice
+
+
 # --- the bad-input contract of the config and the metrics -------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,fragments", [
@@ -263,6 +280,7 @@ def test_a_shared_covariance_is_decomposed_once_where_the_bases_are_equal(method
     ({"schedule": "step"}, ValueError, ["schedule", "linear"]),
     ({"method": None}, ValueError, ["method", "None"]),
     ({"adapter": "qlora"}, ValueError, ["adapter", "'qlora'"]),
+    ({"residual_energy": "sometimes"}, ValueError, ["residual_energy", "'exact'", "'sometimes'"]),
     ({"olora_lambda1": -0.5}, ValueError, ["olora_lambda1", "≥ 0"]),
     ({"olora_lambda1": 1.0}, ValueError, ["olora_lambda1", "method='olora' only", "keeplora++"]),
     ({"method": "lora", "eps_w_out": 0.5}, ValueError, ["eps_w_out", "keeplora++/keeplora only", "'lora'"]),

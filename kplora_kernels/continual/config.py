@@ -68,6 +68,11 @@ class KeepLoRAConfig:
     multimodal projector in the authors' setup); they are saved in checkpoints too.
     ``basis_dtype``: ``"fp32"`` or ``"bf16"`` storage of the bases (bf16 halves their memory and lets
     about 2e-3 of each projected update leak into the protected subspace, measured at 4096 wide).
+    ``residual_energy``: how a randomized input sketch (inputs too wide for the exact covariance within
+    ``sketch_memory_budget``) gets the GPM rule's residual energy — ``"auto"`` (exact while the stored
+    basis has at most the sketch's width, the Nyström++ estimate beyond), ``"exact"`` (always; one
+    more product per batch as wide as the stored basis, and that basis on the device during the
+    pass) or ``"estimate"``; see :class:`~kplora_kernels.subspace.InputSketch`.
     """
 
     method: str = "keeplora++"
@@ -89,13 +94,14 @@ class KeepLoRAConfig:
     olora_lambda2: float = 0.0
     target_modules: list | str | None = None
     dropout: float = 0.0
+    residual_energy: str = "auto"
 
     def __post_init__(self):
         """Validate every field (types and ranges); raises ``TypeError``/``ValueError`` naming it."""
         from ..schedules import SCHEDULES
 
         for name, allowed in (("method", METHODS), ("adapter", ADAPTERS), ("basis_dtype", ("fp32", "bf16")),
-                              ("schedule", SCHEDULES)):
+                              ("schedule", SCHEDULES), ("residual_energy", ("auto", "exact", "estimate"))):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")

@@ -284,7 +284,7 @@ class KeepLoRA:
         def make(name):
             layer = self.layers[name]
             return InputSketch(layer.in_features, layer.V, V_complement=layer.V_complement,
-                               memory_budget=cfg.sketch_memory_budget,
+                               memory_budget=cfg.sketch_memory_budget, residual=cfg.residual_energy,
                                seed=cfg.seed + self.task_index, device=layer.weight.device)
 
         sketches = collect_inputs(self.layers, self.batches(loader, fraction, desc),
