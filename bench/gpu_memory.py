@@ -53,9 +53,11 @@ def build(args, device, dtype):
 
     hidden, inter = (64, 172) if args.tiny else (4096, 11008)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=max(hidden // 128, 1),
-                      num_key_value_heads=max(hidden // 128, 1), attn_implementation="eager")
+                      num_key_value_heads=max(hidden // 128, 1), attn_implementation="sdpa")  # causal, as planned
     torch.manual_seed(0)
-    return Stack(cfg, args.layers).to(device, dtype), hidden
+    model = Stack(cfg, args.layers).to(device)
+    model.layers.to(dtype)  # the rotary frequencies stay fp32
+    return model, hidden
 
 
 class Meter:

@@ -85,6 +85,28 @@ def test_a_layer_that_starts_reading_its_bases_gets_them_back(tmp_path):
     assert torch.allclose(layer.lora_A.grad @ layer.V, torch.zeros(4, 10), atol=1e-6)
 
 
+def test_mmap_file_names_are_safe_for_any_module_name(tmp_path):
+    """Module paths may hold ``/`` (a ModuleDict key) or be long: each layer still gets its own file."""
+    names = ["blocks.a/b.q", "x" * 300, "x" * 300 + "y"]
+    layers = {n: layer_with_bases(seed=i) for i, n in enumerate(names)}
+    placement = BasisPlacement("mmap", tmp_path)
+    placement.offload(layers)
+    files = sorted(p.name for p in (tmp_path / "rank0").iterdir())
+    assert len(files) == 3 and all(len(f) < 255 for f in files) and "blocks.a%2Fb.q.safetensors" in files
+    assert all(placement.is_offloaded(n) for n in names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_placement_follows_a_model_moved_to_cuda_after_wrapping():
+    layer = layer_with_bases()
+    placement = BasisPlacement("cpu")
+    placement.offload({"l": layer})  # a CPU model: nothing moves
+    layer.cuda()  # the buffers follow the module
+    for _ in placement.stream({"l": layer}):
+        assert layer.V.device.type == "cuda"
+    assert layer.V.device.type == "cpu" and layer.V.is_pinned()
+
+
 def test_placement_errors():
     with raises(ValueError, "placement", "'device', 'cpu', 'mmap'", "'disk'"):
         BasisPlacement("disk")

@@ -108,9 +108,13 @@ def test_sketch_errors_and_nan_batches():
         InputSketch(8, strategy="fd")
     with raises(ValueError, "residual", "'exact'", "'sometimes'"):
         InputSketch(8, strategy="randomized", residual="sometimes")
-    held = InputSketch(8, random_basis(8, 2, torch.float32), strategy="randomized", width=4)
+    V8 = random_basis(8, 2, torch.float32)
+    held = InputSketch(8, V8, strategy="randomized", width=4)
     with raises(ValueError, "V", "not the basis this sketch was built against"):
         held.residual_sketch(random_basis(8, 2, torch.float32, seed=9))
+    torch.testing.assert_close(held.residual_sketch(V8.double()), held.residual_sketch())  # a copy in fp64 passes
+    with raises(ValueError, "V_complement", "built with V_complement=False"):
+        held.residual_energy(None, complement=True)
     grad = GradientSketch(6, 8, 1, V=random_basis(8, 2, torch.float32))
     grad.update(torch.randn(3, 6), torch.randn(3, 8))
     with raises(ValueError, "V", "not the basis this sketch was built against"):

@@ -27,7 +27,7 @@ from ..nn import FusedKeepLoRALinear
 from ..nn.linear import assign_, full
 from ..schedules import layer_scales
 from ..subspace import InputSketch
-from ..subspace.sketch import complement_basis
+from ..subspace.sketch import basis_signature, complement_basis, same_basis
 from .adapter_modes import make_adapter
 from .adapters import find_targets, merge_and_unload, replace_module, split_multihead_attention
 from .bases import principal_bases, weight_fingerprint
@@ -358,7 +358,8 @@ class KeepLoRA:
             # the basis (same shape and form): at most two more bases on the device, and only then
             after = self.layers[names[i + 1]] if i + 1 < len(names) else None
             shares = (after is not None and sketches.get(names[i + 1]) is sketch and sketch.strategy == "covariance"
-                      and after.V.shape == layer.V.shape and after.V_complement == layer.V_complement)
+                      and after.V.shape == layer.V.shape and after.V_complement == layer.V_complement
+                      and after.rank == layer.rank and same_basis(basis_signature(after.V), basis_signature(layer.V)))
             last = (sketch, layer.V, layer.V_complement, V) if shares else None
             self._set_input_basis(layer, V, layer.V_complement)
 

@@ -13,7 +13,8 @@ the training device in between and brings them back, layer by layer, for a bound
   memory-mapped (``torch.from_file``), for hosts short of RAM: a layer whose bases change is written
   to its own file when it is put back, so the host never holds more than that layer's bases. The
   prefetch reads from the page cache, not pinned memory, so on CUDA its copy does not overlap compute
-  the way the ``"cpu"`` placement's does.
+  the way the ``"cpu"`` placement's does. A file is replaced (``os.replace``) while views of the old
+  one may still be mapped: fine on Linux and macOS, refused by Windows.
 
 A layer that reads its bases in every step stays resident, whatever the placement: ``train_A=True``
 (``dA`` is projected on ``V``) or an output basis ``U`` (``dB`` is projected on ``U``). Moving a basis
@@ -21,6 +22,7 @@ copies it exactly, so results are bit-identical in every placement.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -45,7 +47,8 @@ class BasisPlacement:
 
     Args:
         mode: one of ``"device"``, ``"cpu"``, ``"mmap"`` (see the module docstring).
-        folder: for ``"mmap"``, the folder of the file ``bases.safetensors`` (created when missing).
+        folder: for ``"mmap"``, the folder of the per-layer files (``rank<r>/<layer>.safetensors``;
+            created when missing).
 
     ``resident_layers`` counts the layers whose bases are on the device now although the placement
     keeps them off it (fetched or being prefetched); ``max_resident_layers`` the most at once so far
@@ -105,8 +108,8 @@ class BasisPlacement:
         for key in _BASES:
             t = getattr(layer, key)
             if fetched is not None and t is fetched[key][0]:
-                setattr(layer, key, fetched[key][1])  # unchanged: its off-device copy is still right
-                continue
+                t = fetched[key][1]  # unchanged: its off-device copy is still right (if it is off the device:
+                setattr(layer, key, t)  # a model.to(cuda) after wrapping moved it, then it is copied off below)
             if self.mode == "cpu" and t.device.type == "cpu" and (t.is_pinned() or not pin):
                 continue  # already in host memory
             if self.mode == "mmap" and t is self._mapped.get(name, {}).get(key):
@@ -188,17 +191,16 @@ class BasisPlacement:
                 if i + 1 < len(names):
                     self.prefetch(names[i + 1], layers[names[i + 1]])
                 yield name, layer
+                current = None  # a release that fails is not retried by the cleanup below
                 self.release(name, layer)
-                current = None
         finally:
-            if current is not None:
-                self.release(current, layers[current])
-            for name in list(self._prefetched):
-                if name in layers:
-                    self.release(name, layers[name])
-                else:  # prefetched by another stream over other layers: drop the copy
+            try:  # the prefetched copy first: it must not outlive the stream even if a release below fails
+                for name in list(self._prefetched):
                     self._prefetched.pop(name)
                     self._count(-1)
+            finally:
+                if current is not None:
+                    self.release(current, layers[current])
 
     @contextmanager
     def resident(self, layers: dict):
@@ -225,7 +227,7 @@ class BasisPlacement:
         rank = torch.distributed.get_rank() if is_distributed() else 0  # one folder per rank: no two writers
         folder = os.path.join(self.folder, f"rank{rank}")
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"{name}.safetensors")
+        path = os.path.join(folder, f"{_file_stem(name)}.safetensors")
         tensors = {k: getattr(layer, k).detach().cpu().contiguous() for k in _BASES if getattr(layer, k).numel()}
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file(tensors, tmp)
@@ -235,6 +237,19 @@ class BasisPlacement:
             t = getattr(layer, k)
             setattr(layer, k, mapped.get(k, torch.empty(t.shape, dtype=t.dtype)))
         self._mapped[name] = {k: getattr(layer, k) for k in _BASES}
+
+
+def _file_stem(name: str) -> str:
+    """A file name for the layer ``name``: its module path with anything but letters, digits, ``.``,
+    ``-`` and ``_`` percent-escaped (a ``ModuleDict`` key may hold ``/``), and, when that is long, a
+    prefix plus a digest (file names stop at 255 bytes; case-insensitive file systems are not
+    guarded against)."""
+    from urllib.parse import quote
+
+    stem = quote(name, safe=".-_")
+    if len(stem) > 120:
+        stem = f"{stem[:80]}-{hashlib.blake2b(name.encode(), digest_size=12).hexdigest()}"
+    return stem
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}

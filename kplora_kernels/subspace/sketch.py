@@ -87,17 +87,18 @@ def _to(B: torch.Tensor, device) -> torch.Tensor:
     return B.to(device, non_blocking=B.device.type == "cpu" and B.is_pinned())
 
 
-def _signature(B: torch.Tensor | None):
+def basis_signature(B: torch.Tensor | None):
     """What identifies a basis cheaply, wherever it lives: its shape and a seeded probe ``gᵀB``
     (``k`` floats, fp32 or fp64 as ``B``) on the CPU."""
     if B is None:
         return None
     work = torch.float64 if B.dtype == torch.float64 else torch.float32
-    g = torch.randn(B.shape[0], generator=torch.Generator().manual_seed(20261129), dtype=work)
+    # one probe for every dtype (drawn in fp32), so a copy of the basis in another dtype matches too
+    g = torch.randn(B.shape[0], generator=torch.Generator().manual_seed(20261129)).to(work)
     return tuple(B.shape), (g.to(B.device) @ B.detach().to(work)).cpu()
 
 
-def _same_basis(a, b) -> bool:
+def same_basis(a, b) -> bool:
     """Two signatures that agree in shape and probe values (to ``1e-3`` absolute on probe values of
     order 1: a copy of the basis on any device passes, another basis fails unless it is within about
     ``1e-3`` of this one)."""
@@ -115,7 +116,7 @@ def _given_basis(name: str, given, held, held_signature, device):
         return None if held is None else _to(held, device)
     if held is None:
         raise ValueError(f"{name}: this sketch was built without a basis {name}; got one of shape {tuple(given.shape)}")
-    if not _same_basis(_signature(given), held_signature):
+    if not same_basis(basis_signature(given), held_signature):
         raise ValueError(f"{name}: not the basis this sketch was built against (built with shape "
                          f"{held_signature[0]}, given {tuple(given.shape)} with other values); pass the same {name}")
     return _to(given.detach(), device)
@@ -252,7 +253,7 @@ class InputSketch(_Guard):
         keep_V = strategy == "randomized" and V is not None and (V.shape[1] > 0 or V_complement)
         # held where the caller keeps it (its own dtype: validated as such); copied only when used
         self.V = V.detach() if keep_V else None
-        self._V_signature = _signature(self.V)
+        self._V_signature = basis_signature(self.V)
         self.V_complement = V_complement and keep_V
         Vd = None if self.V is None else _to(self.V, self.device)  # on the device for construction only
         if strategy == "covariance":
@@ -345,7 +346,7 @@ class InputSketch(_Guard):
         if mine != theirs:
             raise ValueError(f"cannot merge sketches of different configuration (dim, strategy, width, seed): "
                              f"{mine} vs {theirs}")
-        if not _same_basis(self._V_signature, other._V_signature):
+        if not same_basis(self._V_signature, other._V_signature):
             raise ValueError("cannot merge sketches taken against different bases V")
 
     def merge(self, other: "InputSketch") -> "InputSketch":
@@ -378,6 +379,9 @@ class InputSketch(_Guard):
 
     def _own_basis(self, V, complement: bool):
         """The randomized sketch's basis as a caller passes it again (None: use the held one)."""
+        if complement != self.V_complement and (V is not None or complement):
+            raise ValueError(f"V_complement: this sketch was built with V_complement={self.V_complement}, "
+                             f"got {complement}")
         if V is None or (self.V is None and V.shape[1] == 0 and not complement):
             return None
         if complement != self.V_complement:
@@ -468,7 +472,7 @@ class InputSketch(_Guard):
         if V is None and V_complement:
             raise ValueError("V_complement=True needs the complement basis V")
         if self.strategy == "randomized" and ((V is None) != (self.V is None) or V_complement != self.V_complement
-                                              or not _same_basis(_signature(V), self._V_signature)):
+                                              or not same_basis(basis_signature(V), self._V_signature)):
             raise ValueError("the randomized sketch projects against the basis V it was built with: "
                              "expand must be given that basis")
         self._finalise_checks([self.state], "inputs X")
@@ -588,7 +592,7 @@ class GradientSketch(_Guard):
         self.U = None if U is None or U.shape[1] == 0 else U.detach()
         self.V = V.detach() if V is not None and (V.shape[1] or V_complement) else None
         self.V_complement = V_complement and self.V is not None
-        self._signatures = (_signature(self.U), _signature(self.V))
+        self._signatures = (basis_signature(self.U), basis_signature(self.V))
         if strategy == "auto":
             strategy = gradient_strategy(out_features, in_features, rank, oversample, memory_budget)
         self.strategy = strategy
@@ -654,7 +658,7 @@ class GradientSketch(_Guard):
         if mine != theirs:
             raise ValueError(f"cannot merge sketches of different configuration: {mine} vs {theirs}")
         for a, b in zip(self._signatures, other._signatures):
-            if not _same_basis(a, b):
+            if not same_basis(a, b):
                 raise ValueError("cannot merge sketches taken against different bases")
         for mine_t, theirs_t in zip(self._state(), other._state()):
             mine_t += theirs_t.to(self.device)
