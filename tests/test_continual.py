@@ -329,8 +329,12 @@ def test_config_errors():
         KeepLoRAConfig(basis_dtype="int8")
     with raises(ValueError, "preset"):
         preset("bert")
-    with raises(ValueError, "no nn.Linear matches"):
+    with raises(ValueError, "no nn.Linear matches", "nothing$", "layers.0", "target_modules"):
         KeepLoRA(DigitsMLP(), KeepLoRAConfig(targets=[r"nothing$"]), progress=False)
+    wrapped = DigitsMLP()
+    KeepLoRA(wrapped, config("keeplora++"), progress=False)
+    with raises(ValueError, "already wrapped", "FusedKeepLoRALinear"):
+        KeepLoRA(wrapped, config("keeplora++"), progress=False)
 
 
 def test_bases_past_half_the_space_are_stored_as_complements(tmp_path):

@@ -47,7 +47,7 @@ def test_training_is_bit_identical_in_every_placement(tmp_path):
     outputs = []
     for mode in ("device", "cpu", "mmap"):
         layer = layer_with_bases()
-        placement = BasisPlacement(mode, tmp_path / mode)
+        placement = BasisPlacement(mode, tmp_path / mode if mode == "mmap" else None)
         placement.offload({"l": layer})
         opt = torch.optim.AdamW([layer.lora_B], lr=1e-2)
         torch.manual_seed(1)
@@ -107,11 +107,21 @@ def test_cpu_placement_follows_a_model_moved_to_cuda_after_wrapping():
     assert layer.V.device.type == "cpu" and layer.V.is_pinned()
 
 
-def test_placement_errors():
-    with raises(ValueError, "placement", "'device', 'cpu', 'mmap'", "'disk'"):
+def test_placement_errors(tmp_path):
+    with raises(ValueError, "placement", "'device', 'cpu', 'mmap'", "BasisPlacement", "'disk'"):
         BasisPlacement("disk")
-    with raises(ValueError, "folder", "mmap"):
+    with raises(ValueError, "folder", "mmap", "None"):
         BasisPlacement("mmap")
+    with raises(ValueError, "folder", "mmap", "''"):
+        BasisPlacement("mmap", "")
+    with raises(TypeError, "folder", "os.PathLike", "int", "123"):
+        BasisPlacement("mmap", 123)
+    with raises(ValueError, "folder", "only the 'mmap' placement", "'cpu'"):
+        BasisPlacement("cpu", tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with raises(ValueError, "folder", "the file", "afile"):
+        BasisPlacement("mmap", tmp_path / "afile")
+    assert BasisPlacement().mode == "cpu"  # the same default as KeepLoRA's
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

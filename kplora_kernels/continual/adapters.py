@@ -375,8 +375,17 @@ def find_targets(model: nn.Module, patterns=None, layer_index: dict | None = Non
         group = _input_group(name)
         targets.append(Target(name, tower_of(name), index, group))
     if not targets:
+        wrapped = [n for n, m in model.named_modules() if isinstance(m, FusedKeepLoRALinear)]
+        if wrapped:
+            raise ValueError(f"the model is already wrapped (FusedKeepLoRALinear at {wrapped[:3]}): wrap a freshly "
+                             "built model, or keep using the controller that wrapped it")
+        linears = [n or "<root>" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        how = ("targets are regular expressions searched in the module path (the default needs a '.' before "
+               "the name: r'\\.(q_proj|v_proj)$'); target_modules=['q_proj', ...] matches name suffixes as peft does"
+               if patterns is not None else "target_modules are module-name suffixes or one full-path regular expression")
         raise ValueError(f"no nn.Linear matches the target {'patterns' if patterns is not None else 'modules'} "
-                         f"{patterns if patterns is not None else target_modules!r}")
+                         f"{patterns if patterns is not None else target_modules!r}; the model's nn.Linear modules: "
+                         f"{linears[:8]}{' …' if len(linears) > 8 else ''} ({how})")
     return targets
 
 

@@ -106,9 +106,10 @@ class KeepLoRA:
     ``placement`` (a name or a :class:`~kplora_kernels.continual.placement.BasisPlacement`) says where
     the protected bases live between task boundaries: ``"cpu"`` (the default: pinned host memory when
     the model is on CUDA, nothing moves for a model on the CPU), ``"device"`` (with the weights), or
-    ``BasisPlacement("mmap", folder)`` (a memory-mapped safetensors file). Only the boundaries
-    (``begin_task``, ``end_task``) bring them back. ``adapter="full"`` keeps them on the device (its
-    every step projects on them); so do layers with ``train_A`` or an output basis.
+    ``BasisPlacement("mmap", folder)`` (memory-mapped safetensors files, one per layer). Only the
+    boundaries (``begin_task``, ``end_task``) bring them back, one layer at a time. ``adapter="full"``
+    keeps them on the device whatever ``placement`` says (its every step projects on them; logged);
+    so do layers with ``train_A`` or an output basis.
     """
 
     def __init__(self, model: nn.Module, config: KeepLoRAConfig | None = None, *, progress: bool = True,
@@ -149,7 +150,9 @@ class KeepLoRA:
         # weights were loaded from a full-form checkpoint or trained in full mode)
         self._history: list[dict] | None = [] if cfg.adapter == "lora" else None
         self.placement = placement if isinstance(placement, BasisPlacement) else BasisPlacement(placement)
-        if self.adapter.name == "full":  # the per-step gradient projection reads the bases
+        if self.adapter.name == "full" and self.placement.mode != "device":  # every step's projection reads them
+            logger.info("adapter='full' keeps the bases on the device (every step projects on them); "
+                        "placement %r is not used", self.placement.mode)
             self.placement = BasisPlacement("device")
         if compute_bases and self.method.protects_pretrained:
             requests = []
@@ -501,7 +504,7 @@ class KeepLoRA:
         return meta, tensors
 
     def load(self, path: str) -> None:
-        """Restore a :meth:`save` d state into this (freshly wrapped) model, an open task included;
+        """Restore a state written by :meth:`save` into this (freshly wrapped) model, an open task included;
         refuses a checkpoint of another architecture or configuration (``ValueError``). A compact
         checkpoint needs the model's target weights to be the pre-trained ones it was made from
         (checked by fingerprint, ``ValueError`` otherwise); its history of updates is then re-applied
@@ -575,8 +578,13 @@ class KeepLoRA:
     @classmethod
     def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True,
                         placement: "str | BasisPlacement" = "cpu") -> "KeepLoRA":
-        """Wrap a freshly built ``model`` with the checkpoint's configuration and restore its state
-        (the bases go where ``placement`` keeps them, one layer at a time)."""
+        """Wrap a freshly built ``model`` with the checkpoint's configuration and restore its state.
+        The placement is not part of the checkpoint: the bases go where ``placement`` keeps them, one
+        layer at a time.
+
+        Raises ``FileNotFoundError`` (no file at ``path``), ``ValueError`` (not a controller checkpoint,
+        unreadable, another architecture, a model already wrapped, or — compact form — other
+        pre-trained weights)."""
         meta, _ = cls._read(path)
         kl = cls(model, KeepLoRAConfig.from_dict(meta["config"]), progress=progress, compute_bases=False,
                  placement=placement)

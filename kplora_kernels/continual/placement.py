@@ -9,7 +9,7 @@ the training device in between and brings them back, layer by layer, for a bound
 - ``"device"``: the bases stay with the weights (no transfers; the behaviour before placements);
 - ``"cpu"``: host memory, pinned when CUDA is available (the default for CUDA models), so the copy
   back overlaps with compute on a side stream;
-- ``"mmap"``: one safetensors file per layer under ``folder`` (``rank<r>/<layer name>.safetensors``),
+- ``"mmap"``: one safetensors file per layer under ``folder`` (``rank<process rank>/<layer path>.safetensors``),
   memory-mapped (``torch.from_file``), for hosts short of RAM: a layer whose bases change is written
   to its own file when it is put back, so the host never holds more than that layer's bases. The
   prefetch reads from the page cache, not pinned memory, so on CUDA its copy does not overlap compute
@@ -46,24 +46,35 @@ class BasisPlacement:
     boundaries, and brings them back one layer at a time during a boundary (:meth:`stream`).
 
     Args:
-        mode: one of ``"device"``, ``"cpu"``, ``"mmap"`` (see the module docstring).
-        folder: for ``"mmap"``, the folder of the per-layer files (``rank<r>/<layer>.safetensors``;
-            created when missing).
+        mode: one of ``"device"``, ``"cpu"`` (default, as ``KeepLoRA``'s), ``"mmap"`` (see the module
+            docstring).
+        folder: for ``"mmap"`` only, the folder of the per-layer files
+            (``rank<process rank>/<layer path>.safetensors``; created when missing).
 
     ``resident_layers`` counts the layers whose bases are on the device now although the placement
     keeps them off it (fetched or being prefetched); ``max_resident_layers`` the most at once so far
     (a boundary's basis footprint is that many layers' bases).
 
     Raises:
-        ValueError: an unknown ``mode``, or ``"mmap"`` without ``folder``.
+        ValueError: an unknown ``mode``; ``"mmap"`` without ``folder`` (or with a file there); a
+            ``folder`` for another mode.
+        TypeError: ``folder`` is not a path.
     """
 
-    def __init__(self, mode: str = "device", folder: str | None = None):
-        if mode not in PLACEMENTS:
-            raise ValueError(f"placement: expected one of {PLACEMENTS}, got {mode!r}")
-        if mode == "mmap" and not folder:
-            raise ValueError("folder: the 'mmap' placement needs a folder for its safetensors file, got None")
-        self.mode, self.folder = mode, os.fspath(folder) if folder else None
+    def __init__(self, mode: str = "cpu", folder: "str | os.PathLike | None" = None):
+        if not isinstance(mode, str) or mode not in PLACEMENTS:
+            raise ValueError(f"placement: expected one of {PLACEMENTS} (or a BasisPlacement), got {mode!r}")
+        if folder is not None and not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(f"folder: expected a str or os.PathLike, got {type(folder).__name__} {folder!r}")
+        if mode != "mmap" and folder is not None:
+            raise ValueError(f"folder: only the 'mmap' placement uses a folder, got folder={os.fspath(folder)!r} "
+                             f"with {mode!r}")
+        if mode == "mmap" and (folder is None or not os.fspath(folder)):
+            raise ValueError(f"folder: the 'mmap' placement needs a folder for its per-layer safetensors files, "
+                             f"got {folder!r}")
+        if folder is not None and os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"folder: expected a folder for the 'mmap' placement, got the file {os.fspath(folder)!r}")
+        self.mode, self.folder = mode, os.fspath(folder) if folder is not None else None
         self._off: set[str] = set()  # the layers whose bases are off their weights' device
         # name → {key: (the device copy handed out, the off-device tensor it came from)}
         self._fetched: dict[str, dict] = {}
