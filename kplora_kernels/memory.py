@@ -72,8 +72,10 @@ def text_config(name_or_path: str) -> dict:
     if name_or_path in PRESETS:
         return dict(PRESETS[name_or_path])
     if not os.path.isfile(name_or_path):
+        found = ("a folder, not a file" if os.path.isdir(name_or_path) else "no such file") \
+            if os.path.sep in name_or_path or name_or_path.endswith(".json") else "not a preset name"
         raise ConfigError(f"--model-config must be one of {sorted(PRESETS)} or a config.json file, "
-                          f"got {name_or_path}")
+                          f"got {name_or_path!r} ({found})")
     try:
         with open(name_or_path) as f:
             cfg = json.load(f)

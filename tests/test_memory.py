@@ -64,7 +64,10 @@ def test_memory_command(tmp_path, capsys):
     assert main(["memory", "--model-config", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["config"]["hidden_size"] == 64
     assert main(["memory", "--model-config", str(tmp_path / "nope.json")]) == 2
-    assert "llava-1.5-7b" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "llava-1.5-7b" in err and "nope.json" in err and "no such file" in err
+    assert main(["memory", "--model-config", "llama"]) == 2
+    assert "'llama' (not a preset name)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change,fragment", [
