@@ -389,7 +389,8 @@ def format_plan(p: dict) -> str:
                      f"context, fragmentation): the run {verdict['device']} with 'device', {verdict['cpu']} with 'cpu' "
                      f"(✗: a peak over it)")
     at = items["bases_at_finalise"]
-    lines.append(f"'cpu' placement: {gib(p['cpu_placement_host_bytes'])} of pinned host memory for the bases"
+    lines.append(f"'cpu' placement: {gib(p['cpu_placement_host_bytes'])} of pinned host memory for the bases "
+                 "('mmap': the same device peaks, the bases in files instead)"
                  + ("" if p["vision_tower_counted"] else "; model weights: the language model only")
                  + f"; on the device while a boundary finalises: {run['resident_layers']} linears' bases "
                  f"(begin_task {gib(at['begin_task'])}, end_task {gib(at['end_task'])} with the new one)")
