@@ -436,7 +436,7 @@ def test_randomized_residual_energy_within_0_002_of_exact_gpm(decay):
 def test_nystrom_plus_plus_estimate_is_unbiased_and_as_accurate_as_documented(decay):
     """``residual="estimate"`` (a basis wider than the sketch): within 0.002 on every seed for fast
     decay; for the slow ``1/j`` spectrum unbiased (the mean over 8 seeds within 0.0015) with the
-    documented spread (each within 0.008, about 3 standard deviations)."""
+    documented spread (each within 0.005, about 4 standard deviations)."""
     dim, width = 1024, 256
     X = spectrum_inputs(2000, dim, decay)
     V0 = random_basis(dim, 512, torch.float32, seed=5)
@@ -451,7 +451,27 @@ def test_nystrom_plus_plus_estimate_is_unbiased_and_as_accurate_as_documented(de
     if decay < 1:
         assert errors.abs().max() <= 0.002, errors
     else:
-        assert abs(float(errors.mean())) <= 0.0015 and errors.abs().max() <= 0.008, errors
+        assert abs(float(errors.mean())) <= 0.0015 and errors.abs().max() <= 0.005, errors
+
+
+def test_xnystrace_is_exact_on_low_rank_and_falls_back_when_the_core_is_singular():
+    from kplora_kernels.subspace.sketch import _nystrom_pp, _xnystrace
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(200, 20, generator=gen, dtype=torch.float64)
+    A = G @ G.T  # rank 20 < 64 columns: the Nyström approximation is A itself
+    Om = torch.randn(200, 64, generator=gen, dtype=torch.float64)
+    assert _xnystrace(A @ Om, Om, 200) == pytest.approx(float(A.trace()), rel=1e-8)
+    # unbiased on a full-rank spectrum: the mean over draws approaches the trace
+    D = torch.diag(1.0 / torch.arange(1, 201, dtype=torch.float64))
+    draws = [_xnystrace(D @ O, O, 200) for O in torch.randn(40, 200, 16, generator=gen, dtype=torch.float64)]
+    assert sum(draws) / len(draws) == pytest.approx(float(D.trace()), rel=0.01)
+    # more columns than the subspace they live in: the core is singular, no estimate (Nyström++ serves)
+    P = torch.linalg.qr(torch.randn(200, 10, generator=gen, dtype=torch.float64))[0]
+    Om_sub = P @ torch.randn(10, 16, generator=gen, dtype=torch.float64)
+    Y = (P @ P.T) @ A @ (P @ P.T) @ Om_sub
+    assert _xnystrace(Y, Om_sub, 10) is None
+    assert _nystrom_pp(Y, Om_sub, 1e-12) == pytest.approx(float(((P @ P.T) @ A @ (P @ P.T)).trace()), rel=1e-6)
 
 
 @pytest.mark.parametrize("complement", [False, True])

@@ -70,7 +70,7 @@ class KeepLoRAConfig:
     about 2e-3 of each projected update leak into the protected subspace, measured at 4096 wide).
     ``residual_energy``: how a randomized input sketch (inputs too wide for the exact covariance within
     ``sketch_memory_budget``) gets the GPM rule's residual energy — ``"auto"`` (exact while the stored
-    basis has at most the sketch's width, the Nyström++ estimate beyond), ``"exact"`` (always; one
+    basis has at most the sketch's width, the XNysTrace estimate beyond), ``"exact"`` (always; one
     more product per batch as wide as the stored basis, and that basis on the device during the
     pass) or ``"estimate"``; see :class:`~kplora_kernels.subspace.InputSketch`.
     """
