@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import _dot
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K, MAX_L = 128, 256  # sketch widths a program keeps in registers; wider sketches use torch GEMMs
@@ -58,10 +60,7 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
         if UPCAST:
             b = b.to(tl.float32)
             m = m.to(tl.float32)
-        if IEEE:
-            P += tl.dot(b, m, input_precision="ieee")
-        else:
-            P += tl.dot(b, m)
+        P += _dot(b, m, IEEE)
     probe = tl.sum(tl.sum(P * P, axis=1), axis=0)
     if TWO:
         Q = tl.zeros((BLOCK_T, LP), dtype=tl.float32)
@@ -73,10 +72,7 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
             if UPCAST:
                 a = a.to(tl.float32)
                 m = m.to(tl.float32)
-            if IEEE:
-                Q += tl.dot(a, m, input_precision="ieee")
-            else:
-                Q += tl.dot(a, m)
+            Q += _dot(a, m, IEEE)
         probe += tl.sum(tl.sum(Q * Q, axis=1), axis=0)
     tl.atomic_add(PROBE, probe)
     # pass 2: ACC1 += A_tᵀ P and ACC2 += B_tᵀ Q, one feature block at a time
@@ -89,10 +85,7 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
         a = tl.load(A + rt[:, None] * s_at + rd[None, :] * s_ad, mask=mt[:, None] & md[None, :], other=0.0)
         if UPCAST or WIDE2:
             a = a.to(tl.float32)
-        if IEEE:
-            c = tl.dot(tl.trans(a), Pm, input_precision="ieee")
-        else:
-            c = tl.dot(tl.trans(a), Pm)
+        c = _dot(tl.trans(a), Pm, IEEE)
         tl.atomic_add(ACC1 + rd[:, None] * s_c1d + rk[None, :] * s_c1k, c, mask=md[:, None] & mk[None, :])
     if TWO:
         Qm = Q if (UPCAST or IEEE or WIDE2) else Q.to(B.dtype.element_ty)
@@ -102,10 +95,7 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
             b = tl.load(B + rt[:, None] * s_bt + rd[None, :] * s_bd, mask=mt[:, None] & md[None, :], other=0.0)
             if UPCAST or WIDE2:
                 b = b.to(tl.float32)
-            if IEEE:
-                c = tl.dot(tl.trans(b), Qm, input_precision="ieee")
-            else:
-                c = tl.dot(tl.trans(b), Qm)
+            c = _dot(tl.trans(b), Qm, IEEE)
             tl.atomic_add(ACC2 + rd[:, None] * s_c2d + rl[None, :] * s_c2l, c, mask=md[:, None] & ml[None, :])
 
 
