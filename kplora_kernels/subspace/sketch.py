@@ -300,22 +300,22 @@ class InputSketch(_Guard):
         X = X.detach().reshape(-1, self.dim).to(self.device)
         e = _sqnorm(X)  # ‖X‖²: the rule's denominator, and the probe (its GEMM dwarfs this read)
         fused = _fused_update(X, X, self.omega) if self.strategy == "randomized" else None
+        Xf = None
         if fused is not None:  # one read of the batch (accelerator path), its probe folded in
             acc, _, probe = fused
             ok = self._admit(e + probe, {"X": X})
             self.state.add_(acc if ok is None else torch.where(ok, acc, 0.0))
-        elif self.strategy == "covariance":
-            Xf = X.float()
-            ok = self._admit(e, {"X": X})
-            self._upper_only()
-            for lo, hi in self._blocks:
-                self._addmm(self.state[lo:hi, lo:], Xf[:, lo:hi].mT, Xf[:, lo:], ok)
         else:
             Xf = X.float()
             ok = self._admit(e, {"X": X})
-            self._addmm(self.state, Xf.mT, Xf @ self.omega, ok)
+            if self.strategy == "covariance":
+                self._upper_only()
+                for lo, hi in self._blocks:
+                    self._addmm(self.state[lo:hi, lo:], Xf[:, lo:hi].mT, Xf[:, lo:], ok)
+            else:
+                self._addmm(self.state, Xf.mT, Xf @ self.omega, ok)
         if self.exact_residual:
-            e = torch.stack([e, _sqnorm(X.float() @ self._Vf)])
+            e = torch.stack([e, _sqnorm((X.float() if Xf is None else Xf) @ self._Vf)])
         self.energy += e.double() if ok is None else torch.where(ok, e.double(), 0.0)
         self.tokens += X.shape[0]
 
@@ -383,9 +383,6 @@ class InputSketch(_Guard):
                              f"got {complement}")
         if V is None or (self.V is None and V.shape[1] == 0 and not complement):
             return None
-        if complement != self.V_complement:
-            raise ValueError(f"V_complement: this sketch was built with V_complement={self.V_complement}, "
-                             f"got {complement}")
         return V
 
     def _nystrom_spectrum(self, V: torch.Tensor | None = None):
