@@ -347,14 +347,13 @@ class KeepLoRA:
         cfg = self.config
         sketches = self.collect_inputs(loader, forward_fn, fraction, "input subspace")
         names = list(self.layers)
-        last = None  # (sketch, basis given, complement, result) of the previous layer, kept for the next
+        last = None  # (basis given, result) of the previous layer, kept only when this one may share them
         for i, (name, layer) in enumerate(self.placement.stream(self.layers)):  # one layer's bases at a time
             sketch = sketches.pop(name)
-            if (last is not None and last[0] is sketch and last[2] == layer.V_complement
-                    and last[1].device == layer.V.device and torch.equal(last[1], layer.V)):
+            if last is not None and last[0].device == layer.V.device and torch.equal(last[0], layer.V):
                 # the same input sketch (q, k, v of one block) and the same basis (e.g. InfLoRA, which
                 # protects no pre-trained subspace): the same expansion, decomposed once
-                V = last[3].clone()
+                V = last[1].clone()
             else:
                 V = sketch.expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
             # keep this layer's old and new basis only when the next one shares the sketch and could share
@@ -363,7 +362,7 @@ class KeepLoRA:
             shares = (after is not None and sketches.get(names[i + 1]) is sketch and sketch.strategy == "covariance"
                       and after.V.shape == layer.V.shape and after.V_complement == layer.V_complement
                       and after.rank == layer.rank and same_basis(basis_signature(after.V), basis_signature(layer.V)))
-            last = (sketch, layer.V, layer.V_complement, V) if shares else None
+            last = (layer.V, V) if shares else None  # shares: same sketch, form and rank, probe-equal basis
             self._set_input_basis(layer, V, layer.V_complement)
 
     @contextmanager

@@ -148,23 +148,22 @@ class BasisPlacement:
         home = layer.weight.device
         offloaded = name in self._off
         self._off.discard(name)
-        pending = self._prefetched.pop(name, None)
-        if pending is not None:  # queued by prefetch on a side stream: wait for it, then use it
+        pending = self._prefetched.pop(name, None)  # queued by prefetch on a side stream (counted there)
+        if pending is not None:
             copies, event = pending
-            torch.cuda.current_stream(home).wait_event(event)
+            current = torch.cuda.current_stream(home)
+            current.wait_event(event)
             for t in copies.values():
-                t.record_stream(torch.cuda.current_stream(home))
-            self._fetched[name] = {k: (copies[k], getattr(layer, k)) for k in _BASES}
-            for k in _BASES:
-                setattr(layer, k, copies[k])
-            return
-        copies = {}
-        for key in _BASES:
-            t = getattr(layer, key)
-            copies[key] = (t.to(home, non_blocking=non_blocking and t.is_pinned(), copy=True)
-                           if offloaded or t.device != home else t)
+                t.record_stream(current)
+        else:
+            copies = {}
+            for key in _BASES:
+                t = getattr(layer, key)
+                copies[key] = (t.to(home, non_blocking=non_blocking and t.is_pinned(), copy=True)
+                               if offloaded or t.device != home else t)
         if offloaded and name not in self._fetched:
-            self._count(1)
+            if pending is None:
+                self._count(1)
             self._fetched[name] = {k: (copies[k], getattr(layer, k)) for k in _BASES}
         for key in _BASES:
             setattr(layer, key, copies[key])
