@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config_file import ConfigError, describe_settings, load_settings, require_packages, result_settings, setting
+from .config_file import ConfigError, load_settings, require_packages, result_settings, setting
 from .continual import METHODS, KeepLoRA, preset
 from .continual.runs import ResumableRun
 from .distributed import is_distributed, is_rank0
-from .training import SCHEDULES, Scalars, autocast, check_tensorboard, make_scheduler, progress, seed_everything, train_steps
+from .training import (SCHEDULES, Scalars, add_run_arguments, autocast, check_tensorboard, make_scheduler, progress,
+                       seed_everything, train_steps)
 from .training import log as logger
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -322,22 +323,13 @@ def evaluate(model, data: Conversations, task: dict, cfg: LLaVAConfig, device) -
 
 
 def add_arguments(parser) -> None:
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "settings of --config (JSON or YAML; key = default: meaning [allowed]):\n" + describe_settings(LLaVAConfig)
     parser.add_argument("--model", required=True, help="a LLaVA model folder (save_pretrained layout)")
     parser.add_argument("--data", required=True, help="the task list: JSON [{name, train, test}, …]")
     parser.add_argument("--image-root", required=True, help="folder the conversations' image paths start from")
-    parser.add_argument("--config", help="JSON or YAML with any of the settings below")
-    parser.add_argument("--output", default="llava_output", help="results, checkpoint and progress (resumable)")
-    parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
+    add_run_arguments(parser, LLaVAConfig, output="llava_output",
+                      device_help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
     parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
                         help="under torchrun: DDP, or FSDP2 (fully_shard per language-model layer)")
-    parser.add_argument("--bases-cache", metavar="DIR",
-                        help="cache the principal subspaces of the pre-trained weights here (safetensors keyed by "
-                             "each weight's fingerprint): a second run on the same model skips the decompositions")
     parser.add_argument("--export", metavar="DIR",
                         help="after the last task, write the merged plain model (save_pretrained, with the "
                              "tokenizer and image processor) to DIR; loads without this package")

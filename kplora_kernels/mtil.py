@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config_file import ConfigError, describe_settings, load_settings, require_packages, result_settings, setting
+from .config_file import ConfigError, load_settings, require_packages, result_settings, setting
 from .continual import METHODS, KeepLoRA, preset, zero_shot
 from .continual.runs import ResumableRun
 from .data import mtil as datasets
-from .training import SCHEDULES, Scalars, autocast, check_tensorboard, make_scheduler, progress, seed_everything, train_steps
+from .training import (SCHEDULES, Scalars, add_run_arguments, autocast, check_tensorboard, make_scheduler, progress,
+                       seed_everything, train_steps)
 from .training import log as logger
 
 
@@ -262,24 +263,14 @@ class Benchmark:
 
 
 def add_arguments(parser) -> None:
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "settings of --config (JSON or YAML; key = default: meaning [allowed]):\n" + describe_settings(MTILConfig)
     parser.add_argument("--data-root", required=True, help="folder holding the datasets in their MTIL layouts")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (default ViT-B-16)")
     parser.add_argument("--model-config", help="an open_clip model config JSON to register first (custom models)")
     parser.add_argument("--pretrained", default="openai", help="'openai' or a checkpoint file")
     parser.add_argument("--order", choices=["I", "II"], default="I")
-    parser.add_argument("--config", help="JSON or YAML with any of the settings below")
-    parser.add_argument("--output", default="mtil_output", help="results, checkpoint and progress (resumable)")
     parser.add_argument("--datasets", help="comma-separated subset, kept in the order's sequence")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
+    add_run_arguments(parser, MTILConfig, output="mtil_output", device_help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dry-run", action="store_true", help="only check the settings, the data and the weights")
-    parser.add_argument("--bases-cache", metavar="DIR",
-                        help="cache the principal subspaces of the pre-trained weights here (safetensors keyed by "
-                             "each weight's fingerprint): a second run on the same model skips the decompositions")
     parser.add_argument("--export", metavar="FILE",
                         help="after the last task, write the merged stock open_clip state dict to FILE "
                              "(safetensors for *.safetensors, else torch.save)")
