@@ -54,3 +54,14 @@ def assert_same_checkpoint(path_a, path_b) -> None:
 
     a, b = load_file(str(path_a)), load_file(str(path_b))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def adamw_steps(kl, batches, loss_fn, steps: int, lr: float = 1e-2) -> None:
+    """``steps`` AdamW steps on ``kl``'s trainable parameters with its projection hook, cycling through
+    ``batches`` (``loss_fn(model, batch)``)."""
+    opt = torch.optim.AdamW(kl.trainable_parameters(), lr=lr)
+    kl.register_projection_hook(opt)
+    for step in range(steps):
+        opt.zero_grad()
+        loss_fn(kl.model, batches[step % len(batches)]).backward()
+        opt.step()

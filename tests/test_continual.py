@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import raises
+from helpers import adamw_steps, raises
 from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig, metrics, preset
 from kplora_kernels.nn import FusedKeepLoRALinear
 from kplora_kernels.schedules import layer_scales
@@ -93,12 +93,7 @@ def run_one_task(kl, loader, loss_fn, steps=3):
         assert layer.weight.grad is None
         assert torch.count_nonzero(layer.lora_B) == 0
         assert (layer.lora_A @ bases_before[name]).abs().max() < 1e-4, name
-    opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
-    kl.register_projection_hook(opt)
-    for step in range(steps):
-        opt.zero_grad()
-        loss_fn(kl.model, loader[step % len(loader)]).backward()
-        opt.step()
+    adamw_steps(kl, loader, loss_fn, steps)
     kl.end_task(loader, loss_fn)
     for name, layer in kl.layers.items():
         delta = layer.weight.detach() - weights_before[name]

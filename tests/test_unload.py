@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import adamw_steps
 from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig, preset
 from kplora_kernels.continual.adapters import SplitMultiheadAttention, merge_and_unload
 from kplora_kernels.nn import FusedKeepLoRALinear
@@ -32,12 +33,7 @@ def llama_loss(model, batch):
 def train_steps(kl, batches, loss_fn, steps=2):
     """A task start and a few AdamW steps: the adapters' B become nonzero."""
     kl.begin_task(batches, loss_fn)
-    opt = torch.optim.AdamW(kl.trainable_parameters(), lr=1e-2)
-    kl.register_projection_hook(opt)
-    for step in range(steps):
-        opt.zero_grad()
-        loss_fn(kl.model, batches[step % len(batches)]).backward()
-        opt.step()
+    adamw_steps(kl, batches, loss_fn, steps)
     assert all(layer.lora_B.abs().max() > 0 for layer in kl.layers.values())
 
 
