@@ -72,12 +72,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     log.propagate = False
 
 
-def progress(iterable=None, *, total=None, desc: str = "", leave: bool = False):
-    """A tqdm bar on stderr; silent when stderr is not a terminal and on ranks other than 0."""
+def progress(iterable=None, *, total=None, desc: str = "", leave: bool = False, enabled: bool | None = None):
+    """A tqdm bar on stderr, silent on ranks other than 0. ``enabled=None``: shown when stderr is a
+    terminal; ``True``: always; ``False``: never (the iterable passes through)."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True,
-                disable=None if is_rank0() else True)
+    disable = True if enabled is False or not is_rank0() else (None if enabled is None else False)
+    return tqdm(iterable, total=total, desc=desc, leave=leave, dynamic_ncols=True, disable=disable)
 
 
 def seed_everything(seed: int) -> None:

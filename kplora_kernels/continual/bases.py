@@ -20,8 +20,9 @@ import os
 import torch
 import torch.distributed
 
-from ..distributed import broadcast_from, is_distributed, is_rank0
+from ..distributed import broadcast_from, is_distributed
 from ..subspace import principal_subspace
+from ..training import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -113,16 +114,9 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
         world = torch.distributed.get_world_size(process_group)
         rank = torch.distributed.get_rank(process_group)
     mine = [i for i in range(len(requests)) if i % world == rank]
-    bar = None
-    if progress and is_rank0():
-        try:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(mine), desc=desc + (f" (rank 0 of {world})" if world > 1 else ""), leave=False)
-        except ImportError:  # tqdm is optional
-            bar = None
     local, hits = {}, 0
-    for i in mine:
+    for i in progress_bar(mine, total=len(mine), desc=desc + (f" (rank 0 of {world})" if world > 1 else ""),
+                          enabled=bool(progress)):
         key, W, eps, side, *known = requests[i]
         path = _cache_file(cache_dir, known[0] if known else weight_fingerprint(W), eps, side) if cache_dir else None
         rows = W.shape[1] if side == "in" else W.shape[0]
@@ -134,10 +128,6 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
         else:
             hits += 1
         local[i] = basis.to(W.device if device is None else device)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     if cache_dir:
         logger.info("principal subspaces: %d of %d read from the cache in %s", hits, len(mine), cache_dir)
     out = {}

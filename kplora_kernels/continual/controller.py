@@ -26,6 +26,7 @@ from ..distributed import broadcast_from, is_distributed, is_rank0
 from ..nn import FusedKeepLoRALinear
 from ..nn.linear import assign_, full
 from ..schedules import layer_scales
+from ..training import progress
 from ..subspace import InputSketch
 from ..subspace.sketch import basis_signature, complement_basis, same_basis
 from .adapter_modes import make_adapter
@@ -72,16 +73,6 @@ def _fsync_directory(directory: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _progress(iterable, total, desc, enabled):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 class KeepLoRA:
@@ -262,7 +253,7 @@ class KeepLoRA:
         except TypeError:  # an iterable without len: use all of it
             total = None
         batches = loader if total is None else itertools.islice(loader, total)
-        return _progress(batches, total, f"{desc} (task {self.task_index})", self.progress)
+        return progress(batches, total=total, desc=f"{desc} (task {self.task_index})", enabled=self.progress)
 
     @staticmethod
     def _check_loader(loader, where: str) -> None:
