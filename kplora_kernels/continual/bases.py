@@ -68,17 +68,23 @@ def _load(path: str, rows: int) -> torch.Tensor | None:
     return basis
 
 
-def _store(path: str, basis: torch.Tensor) -> None:
+def save_file_atomically(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file`` into a temp file beside ``path``, renamed over it: a reader sees the
+    old file or the new one, never a partial one; the temp file is removed when writing fails."""
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file({"basis": basis.detach().cpu().contiguous()}, tmp, metadata={"format": CACHE_VERSION})
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _store(path: str, basis: torch.Tensor) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file_atomically({"basis": basis.detach().cpu().contiguous()}, path, metadata={"format": CACHE_VERSION})
 
 
 def principal_bases(requests, *, cache_dir: str | None = None, process_group=None, progress: bool = True,

@@ -232,16 +232,14 @@ class BasisPlacement:
     def _write_mmap(self, name: str, layer) -> None:
         """Write ``layer``'s bases to its own file (atomically: a temp file renamed over it) and put
         views of the mapped file in their place."""
-        from safetensors.torch import save_file
+        from .bases import save_file_atomically
 
         rank = torch.distributed.get_rank() if is_distributed() else 0  # one folder per rank: no two writers
         folder = os.path.join(self.folder, f"rank{rank}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{_file_stem(name)}.safetensors")
         tensors = {k: getattr(layer, k).detach().cpu().contiguous() for k in _BASES if getattr(layer, k).numel()}
-        tmp = f"{path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        save_file_atomically(tensors, path)
         mapped = _map_safetensors(path) if tensors else {}
         for k in _BASES:
             t = getattr(layer, k)
