@@ -24,7 +24,7 @@ from torch import nn
 
 from ..distributed import broadcast_from, is_distributed, is_rank0
 from ..nn import FusedKeepLoRALinear
-from ..nn.linear import assign_, full
+from ..nn.linear import add_, assign_, full
 from ..schedules import layer_scales
 from ..training import progress
 from ..subspace import InputSketch
@@ -562,8 +562,7 @@ class KeepLoRA:
                 layer = self.layers[name]
                 dev = layer.weight.device
                 work = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-                delta = layer.scaling * (B.to(dev).clone().to(work) @ A.to(dev).clone().to(work))
-                assign_(layer.weight, full(layer.weight).to(delta.dtype) + delta)
+                add_(layer.weight, (B.to(dev).clone().to(work) @ A.to(dev).clone().to(work)).mul_(layer.scaling))
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True,

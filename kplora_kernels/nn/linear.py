@@ -36,6 +36,18 @@ def assign_(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
+@torch.no_grad()
+def add_(param: torch.Tensor, delta: torch.Tensor) -> None:
+    """``param ← param + delta`` with the arithmetic of ``assign_(param, full(param).to(delta.dtype) +
+    delta)``: in place (no whole-weight temporary and copy) where ``param`` is a plain tensor of
+    ``delta``'s dtype and device, through that form otherwise (a DTensor, or a weight kept in another
+    dtype, which is rounded once)."""
+    if hasattr(param, "device_mesh") or param.dtype != delta.dtype or param.device != delta.device:
+        assign_(param, full(param).to(delta.dtype) + delta)
+    else:
+        param.add_(delta)
+
+
 class _KeepLoRAFunction(torch.autograd.Function):
     """Forward and backward of the layer. ``x_d`` is the input after the adapter's dropout, or None
     without dropout. Saves ``h = x_d Aᵀ`` (``tokens×r``) and the input only when a gradient or the
@@ -194,11 +206,13 @@ class FusedKeepLoRALinear(nn.Module):
                 f"scaling={self.scaling:.4g}, k_in={self.k_in}{' (complement stored)' if self.V_complement else ''}, "
                 f"k_out={self.U.shape[1]}, merged={self.merged}")
 
-    def project_input_side(self, A: torch.Tensor) -> torch.Tensor:
-        """``A (I − V Vᵀ)`` for rows ``A`` (``…×in``), whichever way ``V`` is stored."""
+    def project_input_side(self, A: torch.Tensor, V: torch.Tensor | None = None) -> torch.Tensor:
+        """``A (I − V Vᵀ)`` for rows ``A`` (``…×in``), whichever way ``V`` is stored; ``V``: the layer's
+        basis already in ``A``'s dtype and device, when the caller holds it so (no conversion per call)."""
         if not self.protects_input:
             return A
-        return residual_project_unchecked(A, None, self.V.to(A.dtype), 1.0, V_complement=self.V_complement)
+        V = self.V.to(A.dtype) if V is None else V
+        return residual_project_unchecked(A, None, V, 1.0, V_complement=self.V_complement)
 
     # --- bases and the task lifecycle -----------------------------------------------------------
     def set_bases(self, V: torch.Tensor | None = None, U: torch.Tensor | None = None, *,
@@ -248,15 +262,16 @@ class FusedKeepLoRALinear(nn.Module):
         norms = A.norm(dim=1).clamp_min(torch.finfo(A.dtype).tiny)
         gen = torch.Generator(device="cpu").manual_seed(0)
         signed = lambda Q, R: Q * torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q.dtype)  # noqa: E731
+        V = self.V.to(A.dtype)  # converted once for the projections below
 
         def residual(X):
             # With V orthonormal to δ (fp32: 1e-7, bf16: 1e-2), one projection leaves δ·|X V| inside
             # span(V); each further one multiplies that by δ. Three reach fp32 rounding even for bf16.
             for _ in range(3):
-                X = self.project_input_side(X)
+                X = self.project_input_side(X, V)
             return X
 
-        rows = self.project_input_side(A)
+        rows = self.project_input_side(A, V)
         for _ in range(4):
             Q, R = torch.linalg.qr(rows.mT)  # n×r; |R_jj| = distance of row j from V and the rows before
             lost = torch.diagonal(R).abs() <= 1e-6 * norms
@@ -327,15 +342,14 @@ class FusedKeepLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``c · B A`` (``out×in``) in fp32 (fp64 for fp64 weights)."""
         work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return self.scaling * (full(self.lora_B.detach()).to(work) @ full(self.lora_A.detach()).to(work))
+        return (full(self.lora_B.detach()).to(work) @ full(self.lora_A.detach()).to(work)).mul_(self.scaling)
 
     @torch.no_grad()
     def merge_(self) -> None:
         """Fold ``c·B A`` into the (shared) weight; the forward then skips the adapter branch."""
         if self.merged:
             raise RuntimeError("the adapter is already merged")
-        delta = self.delta_weight()
-        assign_(self.weight, full(self.weight).to(delta.dtype) + delta)
+        add_(self.weight, self.delta_weight())
         self.merged = True
 
     @torch.no_grad()
@@ -344,8 +358,7 @@ class FusedKeepLoRALinear(nn.Module):
         rounding in the weight's dtype)."""
         if not self.merged:
             raise RuntimeError("the adapter is not merged")
-        delta = self.delta_weight()
-        assign_(self.weight, full(self.weight).to(delta.dtype) - delta)
+        add_(self.weight, self.delta_weight().neg_())
         self.merged = False
 
     @torch.no_grad()

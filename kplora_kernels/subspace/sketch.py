@@ -50,29 +50,32 @@ from .linalg import append_directions, gpm_count, gpm_expand_covariance, noise_f
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes per sketch
 
 
-def _gaussian(rows: int, cols: int, seed: int, device) -> torch.Tensor:
-    """The shared test matrix: the same on every rank for the same seed, returned in fp64 (drawn in
-    fp32 on the CPU: 4× faster than an fp64 draw, 0.12 s → 0.03 s for 5504×1024, and a Gaussian
-    test matrix needs no more precision)."""
+def _gaussian(rows: int, cols: int, seed: int, device, dtype=torch.float64) -> torch.Tensor:
+    """The shared test matrix: the same on every rank for the same seed, returned in ``dtype`` (drawn
+    in fp32 on the CPU: 4× faster than an fp64 draw, 0.12 s → 0.03 s for 5504×1024, and a Gaussian
+    test matrix needs no more precision; so fp32 and fp64 hold the same values)."""
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device=device, dtype=torch.float64)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 WIDE_BASIS = 1024  # from this many rows a non-fp64 basis is applied in fp32 (see _project_cols)
 
 
-def _project_cols(B: torch.Tensor | None, M: torch.Tensor, complement: bool = False) -> torch.Tensor:
-    """``(I − BBᵀ) M`` (``BBᵀ M`` when ``B`` spans the residual space; ``M`` without ``B``), in ``M``'s dtype.
+def _project_cols(B: torch.Tensor | None, M: torch.Tensor, complement: bool = False,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(I − BBᵀ) M`` (``BBᵀ M`` when ``B`` spans the residual space; ``M`` without ``B``), returned in
+    ``dtype`` (default ``M``'s), computed in fp64 except as follows.
 
     A basis that is not fp64 and has at least ``WIDE_BASIS`` rows is applied in fp32, its own
     precision: an fp64 copy would add nothing to the fp32 sums it projects and would cost twice the
     basis in memory (462 MiB for LLaMA-7B's down_proj at ``k_in = in/2``) and fp64 GEMM time."""
+    dtype = M.dtype if dtype is None else dtype
     if B is None:
-        return M
-    work = torch.float32 if B.dtype != torch.float64 and B.shape[0] >= WIDE_BASIS else M.dtype
+        return M.to(dtype)
+    work = torch.float32 if B.dtype != torch.float64 and B.shape[0] >= WIDE_BASIS else torch.float64
     Bm, Mw = B.to(work), M.to(work)
     kept = Bm @ (Bm.mT @ Mw)
-    return (kept if complement else Mw - kept).to(M.dtype)
+    return (kept if complement else Mw - kept).to(dtype)
 
 
 def complement_basis(V: torch.Tensor) -> torch.Tensor:
@@ -268,9 +271,8 @@ class InputSketch(_Guard):
             width = width or max(1, min(dim, memory_budget // (4 * dim), 1024))
             if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= dim:
                 raise ValueError(f"width must be an int in [1, dim = {dim}], got {width!r}")
-            omega = _gaussian(dim, width, seed, self.device)
-            self.omega = _project_cols(Vd, omega,
-                                       self.V_complement).float()  # Ω̂, formed once
+            omega = _gaussian(dim, width, seed, self.device, torch.float32)
+            self.omega = _project_cols(Vd, omega, self.V_complement, torch.float32)  # Ω̂, formed once
             self.state = torch.zeros(dim, width, device=self.device)
         self.width = self.state.shape[1]
         # the exact residual energy where it costs at most half the sketch's own per-batch products
@@ -631,8 +633,11 @@ class GradientSketch(_Guard):
             l = min(2 * k + 1, out_features)
             Ud = None if self.U is None else _to(self.U, self.device)
             Vd = None if self.V is None else _to(self.V, self.device)
-            self.omega = _project_cols(Vd, _gaussian(in_features, k, seed, self.device), self.V_complement).float()
-            self.psi = _project_cols(Ud, _gaussian(l, out_features, seed + 1, self.device).mT).mT.float().contiguous()
+            f32 = torch.float32
+            omega, psi = _gaussian(in_features, k, seed, self.device, f32), _gaussian(l, out_features, seed + 1,
+                                                                                      self.device, f32)
+            self.omega = _project_cols(Vd, omega, self.V_complement, f32)
+            self.psi = _project_cols(Ud, psi.mT, dtype=f32).mT.contiguous()
             self.Y = torch.zeros(out_features, k, device=self.device)
             self.W = torch.zeros(l, in_features, device=self.device)
         self.batches = 0
