@@ -112,3 +112,25 @@ def test_sketches_through_the_kernel_equal_the_torch_path(dtype, monkeypatch):
         monkeypatch.setenv("KPLORA_BACKEND", "triton")
         fused.update(pairs[0][0], bad)
     _close(fused.Y, Y64, Yd, dtype)  # the refused batch left no trace
+
+
+def test_gpu_sketch_script_smoke_run(tmp_path, monkeypatch):
+    """bench/gpu_sketch.py (issue 12's GPU figures: the kernel against the bf16 two-GEMM form, its
+    one-read fraction, the boundaries on a bf16 stack) runs end to end at tiny shapes; on the CPU
+    the kernel runs in the interpreter (the fixture's KPLORA_BACKEND=triton)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    pytest.importorskip("transformers")
+    path = pathlib.Path(__file__).parent.parent / "bench" / "gpu_sketch.py"
+    spec = importlib.util.spec_from_file_location("gpu_sketch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    results = module.main(["--device", DEVICE, "--tiny"])
+    assert set(results["sketch_update"]) == {"96x160", "160x96"}
+    for figures in results["sketch_update"].values():
+        assert figures["torch_over_kernel"] > 0 and figures["K"] == 40 and figures["L"] == 81
+    assert results["boundaries"]["data_pass_over_forward"] > 0
+    assert json.loads((tmp_path / "gpu_sketch.json").read_text())["boundaries"]["layers"] == 2

@@ -1,0 +1,210 @@
+"""GPU figures of the task boundaries (issue 12; run by bench/gpu_check.sh; needs CUDA and triton).
+
+1. The gradient-sketch update at LLaMA-7B's shapes (``out×in`` 11008×4096 and 4096×11008, r = 32,
+   p = 8: ``K = 40`` columns of ``Ω̂``, ``L = 81`` rows of ``Ψ̂``; ``--tokens`` per batch; bf16):
+   the Triton one-read kernel (``kplora_kernels.ops.sketch_triton``) against the two-GEMM torch form
+   a user would write in bf16, ``Y += (dYᵀ (X Ω̂)).float()`` and ``W += ((dY Ψ̂ᵀ)ᵀ X).float()``; and
+   the fraction of the one-read HBM limit the kernel reaches: the bytes of ``dY`` and ``X`` read once
+   (``tokens·(out+in)·2``) per second, divided by the peak (``--peak-tbs``, 4.8 TB/s for an H200),
+   next to the same fraction for a ``copy_`` of those bytes. Both forms are first checked against
+   float64: the kernel's error at most 4× the torch form's, plus a floor of fp32 roundings.
+2. The boundaries on a ``--layers`` LLaMA-7B-shaped bf16 stack (``bench/gpu_memory.py``'s): the data
+   pass of ``end_task`` (``KeepLoRA.collect_inputs``) against a plain no-grad forward over the same
+   ``--batches``, and ``begin_task`` against a plain forward+backward, as in
+   ``bench/test_bench_boundaries.py`` (targets ≤ 1.5× and ≤ 1.3×).
+
+``--device cpu --tiny`` runs the same code at tiny shapes (the kernel under ``TRITON_INTERPRET=1``
+with ``KPLORA_BACKEND=triton``) without meaning anything as figures: a smoke test. Prints one line
+per figure and writes them as JSON to ``$OUT/gpu_sketch.json`` (or ``./gpu_sketch.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def timer(device):
+    """Seconds per call of ``fn``: the minimum of ``triton.testing.do_bench`` on CUDA, else of a few
+    wall-clock runs (the smoke run)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="min") * 1e-3
+
+    def wall(fn):
+        fn()
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return wall
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def check(ours, oracle, own, what):
+    """The kernel's error against float64 at most 4× the torch form's, plus a floor (tests' rule)."""
+    floor = 8 * torch.finfo(torch.float32).eps * oracle.abs().max()
+    err, own_err = (ours.double() - oracle).abs().max(), (own.double() - oracle).abs().max()
+    if not err <= 4 * own_err + floor:
+        raise AssertionError(f"{what}: kernel error {float(err):.3g} above 4 × torch's {float(own_err):.3g} + floor")
+
+
+def sketch_update_figures(args, device, measure) -> dict:
+    from kplora_kernels.ops import sketch_triton
+    from kplora_kernels.subspace import GradientSketch
+
+    dt, rank = torch.bfloat16, 32
+    shapes = [(96, 160), (160, 96)] if args.tiny else [(11008, 4096), (4096, 11008)]
+    tokens = 40 if args.tiny else args.tokens
+    figures = {}
+    for out_f, in_f in shapes:
+        gen = torch.Generator().manual_seed(0)
+        V = torch.linalg.qr(torch.randn(in_f, in_f // 2, generator=gen, dtype=torch.float64))[0].float().to(device)
+        sketch = GradientSketch(out_f, in_f, rank, V=V, strategy="randomized", device=device)
+        if not sketch_triton.usable(torch.empty(1, out_f, device=device, dtype=dt),
+                                    torch.empty(1, in_f, device=device, dtype=dt), sketch.omega.shape[1],
+                                    sketch.psi.shape[0]):
+            raise RuntimeError(f"the Triton sketch kernel does not serve {out_f}x{in_f} in bf16 on {device} "
+                               "(on the CPU it needs TRITON_INTERPRET=1 and KPLORA_BACKEND=triton)")
+        dY = torch.randn(tokens, out_f, generator=gen).to(device, dt)
+        X = torch.randn(tokens, in_f, generator=gen).to(device, dt)
+        om, psi = sketch.omega.to(dt), sketch.psi.to(dt)  # the torch form's test matrices, in bf16
+        Y, W = torch.zeros_like(sketch.Y), torch.zeros_like(sketch.W)
+
+        def torch_form():
+            Y.add_((dY.mT @ (X @ om)).float())
+            W.add_(((dY @ psi.mT).mT @ X).float())
+
+        def kernel():
+            return sketch_triton.sketch_update(dY, X, sketch.omega, sketch.psi.mT)
+
+        c1, c2, _ = kernel()
+        Y.zero_(), W.zero_()
+        torch_form()
+        o1 = dY.double().mT @ (X.double() @ sketch.omega.double())
+        o2 = (dY.double() @ sketch.psi.double().mT).mT @ X.double()
+        check(c1, o1, Y, f"{out_f}x{in_f} Y")
+        check(c2.mT, o2, W, f"{out_f}x{in_f} W")
+        t_torch, t_kernel = measure(torch_form), measure(kernel)
+        t_update = measure(lambda: sketch.update(dY, X))  # the library's path: the kernel + the state add
+        both = torch.cat([dY.reshape(-1), X.reshape(-1)])
+        buffer = torch.empty_like(both)
+        t_copy = measure(lambda: buffer.copy_(both))
+        read = both.numel() * both.element_size()
+        name = f"{out_f}x{in_f}"
+        figures[name] = {
+            "tokens": tokens, "K": sketch.omega.shape[1], "L": sketch.psi.shape[0],
+            "ms": {"torch_two_gemm_bf16": t_torch * 1e3, "triton_kernel": t_kernel * 1e3,
+                   "GradientSketch.update": t_update * 1e3, "copy_": t_copy * 1e3},
+            "torch_over_kernel": t_torch / t_kernel,
+            "one_read_fraction": {"triton_kernel": read / t_kernel / (args.peak_tbs * 1e12),
+                                  "GradientSketch.update": read / t_update / (args.peak_tbs * 1e12),
+                                  "copy_ (reads and writes)": 2 * read / t_copy / (args.peak_tbs * 1e12)}}
+        f = figures[name]["one_read_fraction"]
+        print(f"gradient sketch update {name} bf16, {tokens} tokens, K={figures[name]['K']} L={figures[name]['L']}: "
+              f"torch two-GEMM {t_torch * 1e3:.3f} ms, kernel {t_kernel * 1e3:.3f} ms "
+              f"({t_torch / t_kernel:.2f}x), update {t_update * 1e3:.3f} ms; one-read fraction of "
+              f"{args.peak_tbs} TB/s: kernel {f['triton_kernel']:.2f}, update {f['GradientSketch.update']:.2f} "
+              f"(copy_ {f['copy_ (reads and writes)']:.2f})", flush=True)
+    return figures
+
+
+def boundary_figures(args, device) -> dict:
+    import gpu_memory
+
+    from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
+
+    dt = torch.bfloat16
+    tokens, batches, rank = (16, 2, 4) if args.tiny else (args.tokens, args.batches, 32)
+    model, hidden = gpu_memory.build(args, device, dt)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(1, tokens, hidden, generator=gen).to(device, dt),
+             torch.randn(1, tokens, hidden, generator=gen).to(device, dt)) for _ in range(batches)]
+
+    def forward(m, b):
+        return m(b[0])
+
+    def loss(m, b):
+        return (m(b[0]).float() - b[1].float()).pow(2).mean()
+
+    cfg = KeepLoRAConfig(rank=rank, alpha=rank / 4, eps_w={"default": 0.6}, eps_f=0.99,
+                         targets=[rf"\.({'|'.join(gpu_memory.TARGETS)})$"])
+    kl = KeepLoRA(model, cfg, progress=False, placement="device")
+
+    def timed(fn, rounds=3):
+        best = float("inf")
+        for _ in range(rounds):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def plain_forward():
+        with torch.no_grad():
+            for b in data:
+                forward(model, b)
+
+    def plain_forward_backward():
+        for b in data:
+            loss(model, b).backward()
+        for p in kl.trainable_parameters():
+            p.grad = None
+
+    def begin():
+        kl.task_open = False  # each round re-runs the task start
+        kl.begin_task(data, loss)
+
+    t_begin = timed(begin)  # also opens the task: the adapters exist and are trainable
+    t_fwd_bwd = timed(plain_forward_backward)
+    t_fwd = timed(plain_forward)
+    t_pass = timed(lambda: kl.collect_inputs(data, forward, 1.0, "input subspace"))
+    figures = {"layers": args.layers, "tokens": tokens, "batches": batches, "rank": rank,
+               "s": {"plain_forward": t_fwd, "data_pass": t_pass, "plain_forward_backward": t_fwd_bwd,
+                     "begin_task": t_begin},
+               "data_pass_over_forward": t_pass / t_fwd, "begin_task_over_forward_backward": t_begin / t_fwd_bwd}
+    print(f"boundaries, {args.layers} LLaMA-7B-shaped bf16 layers, {batches}x{tokens} tokens: data pass "
+          f"{t_pass * 1e3:.1f} ms / plain forward {t_fwd * 1e3:.1f} ms = {t_pass / t_fwd:.2f}x (target ≤ 1.5); "
+          f"begin_task {t_begin * 1e3:.1f} ms / forward+backward {t_fwd_bwd * 1e3:.1f} ms = "
+          f"{t_begin / t_fwd_bwd:.2f}x (target ≤ 1.3)", flush=True)
+    return figures
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak in TB/s (H200: 4.8)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch (default 2048)")
+    parser.add_argument("--batches", type=int, default=4, help="batches of the boundary passes (default 4)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the boundary stack (default 2)")
+    parser.add_argument("--device", default="cuda", help="cuda (figures) or cpu (with --tiny: a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: a smoke run")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs CUDA; use --device cpu --tiny for a smoke run")
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (no figures)",
+               "sketch_update": sketch_update_figures(args, device, timer(device)),
+               "boundaries": boundary_figures(args, device)}
+    path = os.path.join(os.environ.get("OUT", "."), "gpu_sketch.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"written {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
