@@ -668,3 +668,63 @@ def test_block_triangular_covariance_is_the_whole_covariance(monkeypatch):
     torch.testing.assert_close((ours @ ours.T).double(), exact @ exact.T, atol=1e-4, rtol=0)
     assert abs(sketch.residual_energy(V0) - float((X.double() - X.double() @ V0.double() @ V0.double().T).pow(2).sum())) \
         <= 1e-5 * float(X.double().pow(2).sum())
+
+
+# --- half-precision inputs: fp32-output half products (CUDA), emulated on the CPU -----------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_inputs_covariance_route_equals_the_upcast_products(dtype, monkeypatch):
+    """Products of two half values are exact in fp32: the covariance on the half route (fp32-output
+    half GEMMs on CUDA) is the upcast path's to fp32 summation order."""
+    from kplora_kernels.subspace import sketch as sketch_module
+
+    X = (planted(300, 1100, 6) * 0.5).to(dtype)  # dim ≥ TRIANGLE_MIN_DIM: several column blocks
+    upcast = stream(InputSketch(1100, strategy="covariance"), X, batch=100)
+    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    half = stream(InputSketch(1100, strategy="covariance"), X, batch=100)
+    torch.testing.assert_close(half.covariance(), upcast.covariance(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(half.energy, upcast.energy)
+
+
+def test_half_inputs_randomized_route_within_a_split_factor_of_fp32(monkeypatch):
+    """bf16 inputs on the half route: ``Ω̂``, the basis and ``X Ω̂`` split as ``hi + lo`` in bf16. The
+    sketch's error against float64 stays far below a plain bf16 torch run's (``Xᵀ(X Ω̂_bf16)`` with
+    bf16 outputs), and the exact residual energy within 1e-6 of ``‖X‖²`` (the split's 16 bits; the
+    ``hi`` part alone is off by 2e-5 here); fp16 keeps the upcast path."""
+    from kplora_kernels.subspace import sketch as sketch_module
+
+    dim, width = 96, 24
+    X = planted(400, dim, 8).to(torch.bfloat16)
+    V0 = random_basis(dim, 10, torch.float32, seed=3)
+    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    half = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X, batch=100)
+    assert half.exact_residual
+    Xd, Om = X.double(), half.omega.double()
+    oracle = Xd.T @ (Xd @ Om)
+    plain_bf16 = sum((b.T @ (b @ half.omega.to(torch.bfloat16))).double() for b in X.split(100))
+    err, bf16_err = (half.state.double() - oracle).abs().max(), (plain_bf16 - oracle).abs().max()
+    assert err <= bf16_err / 16, (float(err), float(bf16_err))
+    E, inside = float(Xd.pow(2).sum()), float((Xd @ V0.double()).pow(2).sum())
+    assert abs(float(half.energy[1]) - inside) <= 1e-6 * E
+    assert abs(half.residual_energy() - (E - inside)) <= 1e-5 * E  # ‖X‖² is summed in fp32
+    # fp16 takes the upcast path (its range is too small for the split products): the same state
+    X16 = X.to(torch.float16)
+    routed = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X16, batch=100)
+    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", False)
+    upcast = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X16, batch=100)
+    assert torch.equal(routed.state, upcast.state) and torch.equal(routed.energy, upcast.energy)
+
+
+def test_half_route_refuses_a_non_finite_batch_without_a_trace(monkeypatch):
+    from kplora_kernels.subspace import sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    X = planted(100, 48, 4).to(torch.bfloat16)
+    for strategy in ("covariance", "randomized"):
+        sketch = stream(InputSketch(48, random_basis(48, 4, torch.float32), strategy=strategy, width=16), X)
+        before = (sketch.state.clone(), sketch.energy.clone())
+        bad = X.clone()
+        bad[3, 5] = float("inf")
+        with raises(ValueError, "X", "NaN or Inf"):
+            sketch.update(bad)
+        assert torch.equal(sketch.state, before[0]) and torch.equal(sketch.energy, before[1])

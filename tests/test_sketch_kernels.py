@@ -134,3 +134,26 @@ def test_gpu_sketch_script_smoke_run(tmp_path, monkeypatch):
         assert figures["torch_over_kernel"] > 0 and figures["K"] == 40 and figures["L"] == 81
     assert results["boundaries"]["data_pass_over_forward"] > 0
     assert json.loads((tmp_path / "gpu_sketch.json").read_text())["boundaries"]["layers"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.mm's fp32 output of half inputs)")
+def test_half_route_on_cuda_matches_the_cpu_upcast_sketches(monkeypatch):
+    """The fp32-output half GEMMs on CUDA (``subspace.sketch._mm32``) against the same sketches of the
+    same bf16 inputs upcast on the CPU: the covariance to fp32 summation order, the randomized sketch
+    (width above the kernel's) and the exact residual energy to the bf16 split's 16 bits."""
+    monkeypatch.setenv("KPLORA_BACKEND", "torch")
+    gen = torch.Generator().manual_seed(4)
+    dim = 1100
+    X = torch.randn(256, dim, generator=gen).to(torch.bfloat16)
+    V = random_basis(dim, 40, torch.float32, seed=5)
+    for strategy, width in (("covariance", None), ("randomized", 160)):
+        cpu = InputSketch(dim, V, strategy=strategy, width=width)
+        gpu = InputSketch(dim, V.cuda(), strategy=strategy, width=width, device="cuda")
+        for batch in X.split(64):
+            cpu.update(batch)
+            gpu.update(batch.cuda())
+        ours = (gpu.covariance() if strategy == "covariance" else gpu.state).cpu().double()
+        ref = (cpu.covariance() if strategy == "covariance" else cpu.state).double()
+        scale = ref.abs().max()
+        assert (ours - ref).abs().max() <= (1e-5 if strategy == "covariance" else 2e-4) * scale
+        torch.testing.assert_close(gpu.energy.cpu(), cpu.energy, rtol=1e-5, atol=0)
