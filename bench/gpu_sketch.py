@@ -2,12 +2,15 @@
 
 1. The gradient-sketch update at LLaMA-7B's shapes (``out×in`` 11008×4096 and 4096×11008, r = 32,
    p = 8: ``K = 40`` columns of ``Ω̂``, ``L = 81`` rows of ``Ψ̂``; ``--tokens`` per batch; bf16):
-   the Triton one-read kernel (``kplora_kernels.ops.sketch_triton``) against the two-GEMM torch form
-   a user would write in bf16, ``Y += (dYᵀ (X Ω̂)).float()`` and ``W += ((dY Ψ̂ᵀ)ᵀ X).float()``; and
-   the fraction of the one-read HBM limit the kernel reaches: the bytes of ``dY`` and ``X`` read once
-   (``tokens·(out+in)·2``) per second, divided by the peak (``--peak-tbs``, 4.8 TB/s for an H200),
-   next to the same fraction for a ``copy_`` of those bytes. Both forms are first checked against
-   float64: the kernel's error at most 4× the torch form's, plus a floor of fp32 roundings.
+   ``GradientSketch.update`` (the Triton one-read kernel, ``kplora_kernels.ops.sketch_triton``, plus
+   the refusal check and the state add) against the two-GEMM torch forms adding the same batch into
+   an fp32 state: ``Y += (dYᵀ (X Ω̂)).float()``, ``W += ((dY Ψ̂ᵀ)ᵀ X).float()`` in bf16, and (CUDA,
+   torch ≥ 2.8) the same GEMMs with fp32 outputs (``torch.mm(..., out_dtype=torch.float32)``); min
+   and median times. And the fraction of the one-read HBM limit the kernel alone and the update
+   reach: the bytes of ``dY`` and ``X`` read once (``tokens·(out+in)·2``) per second, divided by the
+   peak (``--peak-tbs``, 4.8 TB/s for an H200), next to the same fraction for a ``copy_`` of those
+   bytes. Every form is first checked against float64: the kernel's error at most 4× the form's,
+   plus a floor of fp32 roundings.
 2. The boundaries on a ``--layers`` LLaMA-7B-shaped bf16 stack (``bench/gpu_memory.py``'s): the data
    pass of ``end_task`` (``KeepLoRA.collect_inputs``) against a plain no-grad forward over the same
    ``--batches``, and ``begin_task`` against a plain forward+backward, as in
@@ -31,21 +34,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def timer(device):
-    """Seconds per call of ``fn``: the minimum of ``triton.testing.do_bench`` on CUDA, else of a few
+    """``(min, median)`` seconds per call of ``fn``: ``triton.testing.do_bench`` on CUDA, else a few
     wall-clock runs (the smoke run)."""
     if device.type == "cuda":
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="min") * 1e-3
+        def bench(fn):
+            return tuple(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode=mode) * 1e-3
+                         for mode in ("min", "median"))
+        return bench
 
     def wall(fn):
         fn()
         times = []
-        for _ in range(2):
+        for _ in range(3):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        return min(times)
+        return min(times), sorted(times)[1]
     return wall
 
 
@@ -84,40 +90,55 @@ def sketch_update_figures(args, device, measure) -> dict:
         om, psi = sketch.omega.to(dt), sketch.psi.to(dt)  # the torch form's test matrices, in bf16
         Y, W = torch.zeros_like(sketch.Y), torch.zeros_like(sketch.W)
 
-        def torch_form():
+        def torch_form():  # what a user would write in bf16: bf16 outputs, upcast into the state
             Y.add_((dY.mT @ (X @ om)).float())
             W.add_(((dY @ psi.mT).mT @ X).float())
+
+        def torch_fp32_out():  # the stronger form: fp32 outputs of the bf16 GEMMs (CUDA, torch ≥ 2.8)
+            Y.add_(torch.mm(dY.mT, X @ om, out_dtype=torch.float32))
+            W.add_(torch.mm((dY @ psi.mT).mT, X, out_dtype=torch.float32))
 
         def kernel():
             return sketch_triton.sketch_update(dY, X, sketch.omega, sketch.psi.mT)
 
+        def update():  # the library's path: the kernel, the refusal check and the state add
+            sketch.update(dY, X)
+
         c1, c2, _ = kernel()
-        Y.zero_(), W.zero_()
-        torch_form()
         o1 = dY.double().mT @ (X.double() @ sketch.omega.double())
         o2 = (dY.double() @ sketch.psi.double().mT).mT @ X.double()
-        check(c1, o1, Y, f"{out_f}x{in_f} Y")
-        check(c2.mT, o2, W, f"{out_f}x{in_f} W")
-        t_torch, t_kernel = measure(torch_form), measure(kernel)
-        t_update = measure(lambda: sketch.update(dY, X))  # the library's path: the kernel + the state add
+        forms = {"torch_two_gemm_bf16": torch_form}
+        if device.type == "cuda" and hasattr(torch.ops.aten.mm, "dtype"):
+            forms["torch_two_gemm_fp32_out"] = torch_fp32_out
+        for form in forms.values():
+            Y.zero_(), W.zero_()
+            form()
+            check(c1, o1, Y, f"{out_f}x{in_f} Y")
+            check(c2.mT, o2, W, f"{out_f}x{in_f} W")
+        times = {name: measure(form) for name, form in forms.items()}
+        times["GradientSketch.update"] = measure(update)
+        times["triton_kernel"] = measure(kernel)
         both = torch.cat([dY.reshape(-1), X.reshape(-1)])
         buffer = torch.empty_like(both)
-        t_copy = measure(lambda: buffer.copy_(both))
+        times["copy_"] = measure(lambda: buffer.copy_(both))
         read = both.numel() * both.element_size()
+        peak = args.peak_tbs * 1e12
+        t_update = times["GradientSketch.update"][0]
         name = f"{out_f}x{in_f}"
         figures[name] = {
             "tokens": tokens, "K": sketch.omega.shape[1], "L": sketch.psi.shape[0],
-            "ms": {"torch_two_gemm_bf16": t_torch * 1e3, "triton_kernel": t_kernel * 1e3,
-                   "GradientSketch.update": t_update * 1e3, "copy_": t_copy * 1e3},
-            "torch_over_kernel": t_torch / t_kernel,
-            "one_read_fraction": {"triton_kernel": read / t_kernel / (args.peak_tbs * 1e12),
-                                  "GradientSketch.update": read / t_update / (args.peak_tbs * 1e12),
-                                  "copy_ (reads and writes)": 2 * read / t_copy / (args.peak_tbs * 1e12)}}
+            "ms_min_median": {k: [t * 1e3 for t in v] for k, v in times.items()},
+            # like for like: both add one batch into an fp32 state
+            "torch_over_update": {k: times[k][0] / t_update for k in forms},
+            "one_read_fraction": {"triton_kernel": read / times["triton_kernel"][0] / peak,
+                                  "GradientSketch.update": read / t_update / peak,
+                                  "copy_ (reads and writes)": 2 * read / times["copy_"][0] / peak}}
         f = figures[name]["one_read_fraction"]
+        ratios = ", ".join(f"{k} {v:.2f}x" for k, v in figures[name]["torch_over_update"].items())
         print(f"gradient sketch update {name} bf16, {tokens} tokens, K={figures[name]['K']} L={figures[name]['L']}: "
-              f"torch two-GEMM {t_torch * 1e3:.3f} ms, kernel {t_kernel * 1e3:.3f} ms "
-              f"({t_torch / t_kernel:.2f}x), update {t_update * 1e3:.3f} ms; one-read fraction of "
-              f"{args.peak_tbs} TB/s: kernel {f['triton_kernel']:.2f}, update {f['GradientSketch.update']:.2f} "
+              + ", ".join(f"{k} {v[0] * 1e3:.3f} ms (median {v[1] * 1e3:.3f})" for k, v in times.items())
+              + f"; torch ÷ update: {ratios}; one-read fraction of {args.peak_tbs} TB/s: kernel "
+              f"{f['triton_kernel']:.2f}, update {f['GradientSketch.update']:.2f} "
               f"(copy_ {f['copy_ (reads and writes)']:.2f})", flush=True)
     return figures
 

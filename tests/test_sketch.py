@@ -715,16 +715,28 @@ def test_half_inputs_randomized_route_within_a_split_factor_of_fp32(monkeypatch)
     assert torch.equal(routed.state, upcast.state) and torch.equal(routed.energy, upcast.energy)
 
 
-def test_half_route_refuses_a_non_finite_batch_without_a_trace(monkeypatch):
+@pytest.mark.parametrize("deferred", [False, True], ids=["cpu-immediate", "accelerator-deferred"])
+def test_half_route_refuses_a_non_finite_batch_without_a_trace(deferred, monkeypatch):
+    """Both refusal contracts on the half route: at once (CPU), and through ``torch.where`` with the
+    device counter read at finalisation (an accelerator's, forced here as in the tests above)."""
     from kplora_kernels.subspace import sketch as sketch_module
 
     monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
     X = planted(100, 48, 4).to(torch.bfloat16)
+    V0 = random_basis(48, 4, torch.float32)
     for strategy in ("covariance", "randomized"):
-        sketch = stream(InputSketch(48, random_basis(48, 4, torch.float32), strategy=strategy, width=16), X)
+        sketch = InputSketch(48, V0, strategy=strategy, width=16)
+        sketch._deferred = deferred
+        stream(sketch, X)
         before = (sketch.state.clone(), sketch.energy.clone())
         bad = X.clone()
         bad[3, 5] = float("inf")
-        with raises(ValueError, "X", "NaN or Inf"):
+        if deferred:
             sketch.update(bad)
+            assert int(sketch._refused) == 1
+            with raises(ValueError, "1 batch(es) were refused"):
+                sketch.expand(V0, 0.9)
+        else:
+            with raises(ValueError, "X", "NaN or Inf"):
+                sketch.update(bad)
         assert torch.equal(sketch.state, before[0]) and torch.equal(sketch.energy, before[1])

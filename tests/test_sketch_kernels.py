@@ -131,17 +131,23 @@ def test_gpu_sketch_script_smoke_run(tmp_path, monkeypatch):
     results = module.main(["--device", DEVICE, "--tiny"])
     assert set(results["sketch_update"]) == {"96x160", "160x96"}
     for figures in results["sketch_update"].values():
-        assert figures["torch_over_kernel"] > 0 and figures["K"] == 40 and figures["L"] == 81
+        assert figures["torch_over_update"]["torch_two_gemm_bf16"] > 0 and figures["K"] == 40 and figures["L"] == 81
+        assert figures["one_read_fraction"]["triton_kernel"] > 0
     assert results["boundaries"]["data_pass_over_forward"] > 0
     assert json.loads((tmp_path / "gpu_sketch.json").read_text())["boundaries"]["layers"] == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.mm's fp32 output of half inputs)")
-def test_half_route_on_cuda_matches_the_cpu_upcast_sketches(monkeypatch):
+def test_half_route_on_cuda_matches_the_cpu_upcast_sketches():
     """The fp32-output half GEMMs on CUDA (``subspace.sketch._mm32``) against the same sketches of the
     same bf16 inputs upcast on the CPU: the covariance to fp32 summation order, the randomized sketch
-    (width above the kernel's) and the exact residual energy to the bf16 split's 16 bits."""
-    monkeypatch.setenv("KPLORA_BACKEND", "torch")
+    and the exact residual energy to the bf16 split's 16 bits. Width 160 > the kernel's 128 columns,
+    so the randomized sketch takes the torch half route, not the Triton kernel."""
+    from kplora_kernels.subspace import sketch as sketch_module
+
+    if not sketch_module._MM_OUT_DTYPE:
+        pytest.skip("this torch has no aten::mm.dtype (fp32 output of half inputs): the route is off")
+    assert sketch_module._half_route(torch.zeros(1, 4, dtype=torch.bfloat16, device="cuda"))
     gen = torch.Generator().manual_seed(4)
     dim = 1100
     X = torch.randn(256, dim, generator=gen).to(torch.bfloat16)
@@ -155,5 +161,5 @@ def test_half_route_on_cuda_matches_the_cpu_upcast_sketches(monkeypatch):
         ours = (gpu.covariance() if strategy == "covariance" else gpu.state).cpu().double()
         ref = (cpu.covariance() if strategy == "covariance" else cpu.state).double()
         scale = ref.abs().max()
-        assert (ours - ref).abs().max() <= (1e-5 if strategy == "covariance" else 2e-4) * scale
-        torch.testing.assert_close(gpu.energy.cpu(), cpu.energy, rtol=1e-5, atol=0)
+        assert (ours - ref).abs().max() <= (1e-5 if strategy == "covariance" else 5e-5) * scale  # lo dropped: 2.4e-3
+        torch.testing.assert_close(gpu.energy.cpu(), cpu.energy, rtol=2e-6, atol=0)

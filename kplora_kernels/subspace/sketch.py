@@ -79,26 +79,34 @@ def _project_cols(B: torch.Tensor | None, M: torch.Tensor, complement: bool = Fa
 
 
 # --- half-precision inputs on an accelerator ---------------------------------------------------------
-# A bf16/fp16 input multiplied in fp32 (``X.float() @ M``) runs at fp32 GEMM speed, about 1/15 of the
-# half-precision tensor-core rate on an H100/H200: the sketches of a bf16 model's boundary pass would
-# cost several forwards. torch ≥ 2.8 multiplies half inputs on CUDA with fp32 accumulation *and* fp32
-# output (``torch.mm(a, b, out_dtype=torch.float32)``). Products of two half values are exact in fp32,
-# so ``Xᵀ X`` (the covariance) loses nothing. A fp32 factor ``M`` (the test matrix ``Ω̂``, a basis, the
-# product ``X Ω̂``) is split as ``M ≈ hi + lo`` in bf16 (16 significant bits, relative error ≤ 2⁻¹⁷ per
-# entry) and multiplied as two half products: fp16 is left out there, its range (65504) being too
-# small for the products. The split is made per batch, so the sketch holds no second copy: by
-# arithmetic (not measured) 90 MB of traffic for an 11008×1024 ``Ω̂`` beside 185 GFLOP of products at
-# 2048 tokens. Elsewhere (the CPU, older torch) inputs are upcast: the same exact products. Only the
-# ``torch.mm(..., out_dtype=)`` call is CUDA-only; the tests take this route on the CPU
-# (``_EMULATE_HALF``), where ``_mm32`` upcasts.
+# A bf16/fp16 input multiplied in fp32 (``X.float() @ M``) runs at fp32 GEMM speed: by the H200's
+# datasheet (67 vs 989 dense TFLOPS, not measured here) about 1/15 of the half-precision tensor-core
+# rate, so the sketches of a bf16 model's boundary pass would cost several forwards. torch ≥ 2.8
+# multiplies half inputs on CUDA with fp32 accumulation *and* fp32 output (``torch.mm(a, b,
+# out_dtype=torch.float32)``, the ``aten::mm.dtype`` overload). The product of two half values is exact
+# in fp32, so the covariance ``Xᵀ X`` loses nothing in its products (its sums are accumulated in the
+# tensor cores' fp32, not in the CPU's order). For bf16 inputs, an fp32 factor of the randomized input
+# sketch (``Ω̂``, the energy's basis, the product ``X Ω̂``) is split as ``M ≈ hi + lo`` in bf16 (16
+# significant bits, relative error ≤ 2⁻¹⁷ per entry) and multiplied as two half products. ``Ω̂`` and
+# the basis are split once, on the first such batch, and then held as the split only (the same bytes;
+# their fp32 form becomes ``hi + lo``, exact in fp32, so the finalisation uses what multiplied the
+# batches). Not routed: fp16 randomized sketches (``X Ω̂`` may exceed fp16's 65504), fp16 with
+# ``torch.backends.cuda.matmul.allow_fp16_accumulation`` (no fp32 output then), ROCm; sketches of
+# width ≤ 128, which the Triton kernel serves (it rounds ``Ω̂`` and ``X Ω̂`` to bf16); the gradient
+# sketch. Elsewhere (the CPU, older torch) inputs are upcast. Only the ``torch.mm(..., out_dtype=)``
+# call is CUDA-only; the tests take this route on the CPU (``_EMULATE_HALF``), where ``_mm32`` upcasts.
 _HALF = (torch.float16, torch.bfloat16)
-_MM_OUT_DTYPE = torch.torch_version.TorchVersion(torch.__version__) >= "2.8"
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and torch.version.hip is None
 _EMULATE_HALF = False  # tests: take the half-precision route on the CPU (products emulated in fp32)
 
 
 def _half_route(X: torch.Tensor) -> bool:
     """Whether ``X``'s products take the half-precision route (see above)."""
-    return X.dtype in _HALF and ((X.is_cuda and _MM_OUT_DTYPE) or _EMULATE_HALF)
+    if X.dtype not in _HALF:
+        return False
+    if X.dtype == torch.float16 and getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False):
+        return False
+    return (X.is_cuda and _MM_OUT_DTYPE) or _EMULATE_HALF
 
 
 def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,6 +126,29 @@ def _split(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _mm32_split(a: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """``a @ (hi + lo)`` in fp32 for a bf16 ``a`` and a split factor: two half products."""
     return _mm32(a, parts[0]).add_(_mm32(a, parts[1]))
+
+
+class _Factor:
+    """An fp32 factor of the input sketch (``Ω̂``, the energy's basis), held once: in fp32, or after
+    the first bf16 batch on the half route as its bf16 ``hi + lo`` split (the same bytes)."""
+
+    def __init__(self, M: torch.Tensor):
+        self._fp32, self._parts = M, None
+
+    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._parts is None:
+            self._parts, self._fp32 = _split(self._fp32), None
+        return self._parts
+
+    def fp32(self) -> torch.Tensor:
+        """The factor in fp32: as formed, or ``hi + lo`` after the split (exact in fp32)."""
+        if self._fp32 is not None:
+            return self._fp32
+        return self._parts[0].float() + self._parts[1].float()
+
+    @property
+    def nbytes(self) -> int:
+        return self._fp32.nbytes if self._fp32 is not None else sum(t.nbytes for t in self._parts)
 
 
 def complement_basis(V: torch.Tensor) -> torch.Tensor:
@@ -318,7 +349,7 @@ class InputSketch(_Guard):
             if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= dim:
                 raise ValueError(f"width must be an int in [1, dim = {dim}], got {width!r}")
             omega = _gaussian(dim, width, seed, self.device, torch.float32)
-            self.omega = _project_cols(Vd, omega, self.V_complement, torch.float32)  # Ω̂, formed once
+            self._omega = _Factor(_project_cols(Vd, omega, self.V_complement, torch.float32))  # Ω̂, formed once
             self.state = torch.zeros(dim, width, device=self.device)
         self.width = self.state.shape[1]
         # the exact residual energy where it costs at most half the sketch's own per-batch products
@@ -326,17 +357,22 @@ class InputSketch(_Guard):
         self.exact_residual = self.V is not None and (
             residual == "exact" or (residual == "auto" and stored <= self.width))
         # on the device for every batch (auto: at most width columns), counted in memory_bytes
-        self._Vf = Vd.float() if self.exact_residual else None
+        self._Vf = _Factor(Vd.float()) if self.exact_residual else None
         # ‖X‖² and (exact_residual) ‖X V‖², accumulated in fp64
         self.energy = torch.zeros(2 if self.exact_residual else 1, dtype=torch.float64, device=self.device)
         self.tokens = 0
         self._init_guard(self.device)
 
     @property
+    def omega(self) -> torch.Tensor:
+        """The projected test matrix ``Ω̂`` (``dim×width``, fp32) of the randomized strategy."""
+        return self._omega.fp32()
+
+    @property
     def memory_bytes(self) -> int:
-        extra = self.omega.numel() * 4 if self.strategy == "randomized" else 0
+        extra = self._omega.nbytes if self.strategy == "randomized" else 0
         if self._Vf is not None:
-            extra += self._Vf.numel() * 4
+            extra += self._Vf.nbytes
         return self.state.numel() * 4 + extra
 
     def update(self, X: torch.Tensor) -> None:
@@ -360,7 +396,7 @@ class InputSketch(_Guard):
                 for lo, hi in self._blocks:
                     self._add(self.state[lo:hi, lo:], _mm32(X[:, lo:hi].mT, X[:, lo:]), ok)
             else:
-                Z = _mm32_split(X, _split(self.omega))
+                Z = _mm32_split(X, self._omega.split())
                 self._add(self.state, _mm32_split(X.mT, _split(Z)), ok)
         else:
             Xf = X.float()
@@ -373,9 +409,9 @@ class InputSketch(_Guard):
                 self._addmm(self.state, Xf.mT, Xf @ self.omega, ok)
         if self.exact_residual:
             if Xf is None and X.dtype == torch.bfloat16 and _half_route(X):
-                XV = _mm32_split(X, _split(self._Vf))
+                XV = _mm32_split(X, self._Vf.split())
             else:
-                XV = (X.float() if Xf is None else Xf) @ self._Vf
+                XV = (X.float() if Xf is None else Xf) @ self._Vf.fp32()
             e = torch.stack([e, _sqnorm(XV)])
         self.energy += e.double() if ok is None else torch.where(ok, e.double(), 0.0)
         self.tokens += X.shape[0]
