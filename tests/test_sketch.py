@@ -707,12 +707,53 @@ def test_half_inputs_randomized_route_within_a_split_factor_of_fp32(monkeypatch)
     E, inside = float(Xd.pow(2).sum()), float((Xd @ V0.double()).pow(2).sum())
     assert abs(float(half.energy[1]) - inside) <= 1e-6 * E
     assert abs(half.residual_energy() - (E - inside)) <= 1e-5 * E  # ‖X‖² is summed in fp32
-    # fp16 takes the upcast path (its range is too small for the split products): the same state
+    # fp16 takes the upcast path (its range is too small for the split products): the state of the
+    # same values given in fp32
     X16 = X.to(torch.float16)
     routed = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X16, batch=100)
+    upcast = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X16.float(), batch=100)
+    assert torch.equal(routed.state, upcast.state)
+    torch.testing.assert_close(routed.energy, upcast.energy, rtol=1e-6, atol=0)
+
+
+def test_half_route_factors_sit_on_the_split_grid(monkeypatch):
+    """A sketch that may take the half route holds ``Ω̂`` and the energy's basis on the bf16 ``hi + lo``
+    grid from the start: its fp32 form and its split hold the same values, so a stream that starts in
+    fp32 and continues in bf16 (or a rank that saw only fp32) finalises with the same ``Ω̂``."""
+    from kplora_kernels.subspace import sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    V0 = random_basis(64, 6, torch.float32, seed=2)
+    X = planted(120, 64, 5)
+    mixed = InputSketch(64, V0, strategy="randomized", width=16)
+    before = mixed.omega.clone()
+    mixed.update(X[:60])  # fp32 first
+    mixed.update(X[60:].to(torch.bfloat16))  # then bf16: the split is taken
+    assert mixed._omega._fp32 is None and torch.equal(mixed.omega, before)
+    hi, lo = sketch_module._split(before)
+    assert torch.equal(hi.float() + lo.float(), before)  # re-splitting the grid value is lossless
     monkeypatch.setattr(sketch_module, "_EMULATE_HALF", False)
-    upcast = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X16, batch=100)
-    assert torch.equal(routed.state, upcast.state) and torch.equal(routed.energy, upcast.energy)
+    plain = InputSketch(64, V0, strategy="randomized", width=16)  # a CPU sketch: fp32 Ω̂ as formed
+    assert not torch.equal(plain.omega, before) and (plain.omega - before).abs().max() <= 2 ** -16 * before.abs().max()
+
+
+@pytest.mark.parametrize("dtype,routed", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16", "fp16"])
+def test_half_route_leaves_fp16_out_under_fp16_accumulation(dtype, routed, monkeypatch):
+    """With ``allow_fp16_accumulation`` cuBLAS gives no fp32 output for fp16 inputs: fp16 stays off."""
+    from kplora_kernels.subspace import sketch as sketch_module
+
+    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    X = torch.zeros(2, 4, dtype=dtype)
+    assert sketch_module._half_route(X)
+    matmul = torch.backends.cuda.matmul  # a module whose flags are properties: set and restore by hand
+    if not hasattr(matmul, "allow_fp16_accumulation"):
+        pytest.skip("this torch has no allow_fp16_accumulation: nothing to route around")
+    saved = matmul.allow_fp16_accumulation
+    try:
+        matmul.allow_fp16_accumulation = True
+        assert sketch_module._half_route(X) == routed
+    finally:
+        matmul.allow_fp16_accumulation = saved
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["cpu-immediate", "accelerator-deferred"])

@@ -87,14 +87,16 @@ def _project_cols(B: torch.Tensor | None, M: torch.Tensor, complement: bool = Fa
 # in fp32, so the covariance ``Xᵀ X`` loses nothing in its products (its sums are accumulated in the
 # tensor cores' fp32, not in the CPU's order). For bf16 inputs, an fp32 factor of the randomized input
 # sketch (``Ω̂``, the energy's basis, the product ``X Ω̂``) is split as ``M ≈ hi + lo`` in bf16 (16
-# significant bits, relative error ≤ 2⁻¹⁷ per entry) and multiplied as two half products. ``Ω̂`` and
-# the basis are split once, on the first such batch, and then held as the split only (the same bytes;
-# their fp32 form becomes ``hi + lo``, exact in fp32, so the finalisation uses what multiplied the
-# batches). Not routed: fp16 randomized sketches (``X Ω̂`` may exceed fp16's 65504), fp16 with
-# ``torch.backends.cuda.matmul.allow_fp16_accumulation`` (no fp32 output then), ROCm; sketches of
-# width ≤ 128, which the Triton kernel serves (it rounds ``Ω̂`` and ``X Ω̂`` to bf16); the gradient
-# sketch. Elsewhere (the CPU, older torch) inputs are upcast. Only the ``torch.mm(..., out_dtype=)``
-# call is CUDA-only; the tests take this route on the CPU (``_EMULATE_HALF``), where ``_mm32`` upcasts.
+# significant bits: within 2⁻¹⁷ of ``M`` relatively for normal values above 2⁻¹¹⁰; smaller entries keep
+# an absolute error below 1e-40) and multiplied as two half products. A sketch that may take the route
+# (on CUDA with the overload) rounds ``Ω̂`` and the basis to that grid when it is built, so that their
+# fp32 and split forms hold the same values on every rank whatever the stream's dtypes, and holds them
+# split after the first such batch (the same bytes). Not routed: fp16 randomized sketches (``X Ω̂`` may
+# exceed fp16's 65504); fp16 under ``torch.backends.cuda.matmul.allow_fp16_accumulation`` (torch may
+# refuse the fp32 output then); ROCm; sketches of width ≤ 128, which the Triton kernel serves (it
+# rounds ``Ω̂`` and ``X Ω̂`` to bf16); the gradient sketch. Elsewhere (the CPU, older torch) inputs are
+# upcast. Only the ``torch.mm(..., out_dtype=)`` call is CUDA-only; the tests take this route on the
+# CPU (``_EMULATE_HALF``), where ``_mm32`` upcasts.
 _HALF = (torch.float16, torch.bfloat16)
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and torch.version.hip is None
 _EMULATE_HALF = False  # tests: take the half-precision route on the CPU (products emulated in fp32)
@@ -130,9 +132,13 @@ def _mm32_split(a: torch.Tensor, parts: tuple[torch.Tensor, torch.Tensor]) -> to
 
 class _Factor:
     """An fp32 factor of the input sketch (``Ω̂``, the energy's basis), held once: in fp32, or after
-    the first bf16 batch on the half route as its bf16 ``hi + lo`` split (the same bytes)."""
+    the first bf16 batch on the half route as its bf16 ``hi + lo`` split (the same bytes). ``grid``:
+    round ``M`` to ``hi + lo`` now (exact in fp32), so that both forms hold the same values."""
 
-    def __init__(self, M: torch.Tensor):
+    def __init__(self, M: torch.Tensor, grid: bool = False):
+        if grid:
+            hi, lo = _split(M)
+            M = hi.float() + lo.float()
         self._fp32, self._parts = M, None
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +332,8 @@ class InputSketch(_Guard):
             device = V.device if device is None else device
         self.dim, self.seed = dim, seed
         self.device = torch.device(device or "cpu")
+        # whether bf16 batches may take the half route here (see _half_route): its factors then sit on its grid
+        self._half_grid = (self.device.type == "cuda" and _MM_OUT_DTYPE) or _EMULATE_HALF
         if strategy == "auto":
             strategy = "covariance" if 4 * dim * dim <= memory_budget else "randomized"
         self.strategy = strategy
@@ -349,7 +357,8 @@ class InputSketch(_Guard):
             if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= dim:
                 raise ValueError(f"width must be an int in [1, dim = {dim}], got {width!r}")
             omega = _gaussian(dim, width, seed, self.device, torch.float32)
-            self._omega = _Factor(_project_cols(Vd, omega, self.V_complement, torch.float32))  # Ω̂, formed once
+            # Ω̂, formed once (on the half route's grid where this sketch may take it)
+            self._omega = _Factor(_project_cols(Vd, omega, self.V_complement, torch.float32), self._half_grid)
             self.state = torch.zeros(dim, width, device=self.device)
         self.width = self.state.shape[1]
         # the exact residual energy where it costs at most half the sketch's own per-batch products
@@ -357,7 +366,7 @@ class InputSketch(_Guard):
         self.exact_residual = self.V is not None and (
             residual == "exact" or (residual == "auto" and stored <= self.width))
         # on the device for every batch (auto: at most width columns), counted in memory_bytes
-        self._Vf = _Factor(Vd.float()) if self.exact_residual else None
+        self._Vf = _Factor(Vd.float(), self._half_grid) if self.exact_residual else None
         # ‖X‖² and (exact_residual) ‖X V‖², accumulated in fp64
         self.energy = torch.zeros(2 if self.exact_residual else 1, dtype=torch.float64, device=self.device)
         self.tokens = 0
@@ -383,7 +392,8 @@ class InputSketch(_Guard):
             raise ValueError(f"X must have shape (..., {self.dim}), got {tuple(X.shape)}")
         X = X.detach().reshape(-1, self.dim).to(self.device)
         e = _sqnorm(X)  # ‖X‖²: the rule's denominator, and the probe (its GEMM dwarfs this read)
-        fused = _fused_update(X, X, self.omega) if self.strategy == "randomized" else None
+        fused = (_fused_update(X, X, self.omega)  # asked first: self.omega may be formed from its split
+                 if self.strategy == "randomized" and _fused_usable(X, X, self.width) else None)
         Xf = None
         if fused is not None:  # one read of the batch (accelerator path), its probe folded in
             acc, _, probe = fused
