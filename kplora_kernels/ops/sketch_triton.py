@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _dot
+from .triton_kernels import _dot, _load_dot, _offsets, _pow2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,52 +55,41 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
     for d0 in range(0, DB, BLOCK_D):
         rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         md = rd < DB
-        b = tl.load(B + rt[:, None] * s_bt + rd[None, :] * s_bd, mask=mt[:, None] & md[None, :], other=0.0)
-        m = tl.load(M1 + rd[:, None] * s_m1d + rk[None, :] * s_m1k, mask=md[:, None] & mk[None, :], other=0.0)
-        if UPCAST:
-            b = b.to(tl.float32)
-            m = m.to(tl.float32)
-        P += _dot(b, m, IEEE)
+        P = _load_dot(P, B + _offsets(rt, rd, s_bt, s_bd), mt[:, None] & md[None, :],
+                      M1 + _offsets(rd, rk, s_m1d, s_m1k), md[:, None] & mk[None, :], UPCAST, IEEE)
     probe = tl.sum(tl.sum(P * P, axis=1), axis=0)
     if TWO:
         Q = tl.zeros((BLOCK_T, LP), dtype=tl.float32)
         for d0 in range(0, DA, BLOCK_D):
             rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
             md = rd < DA
-            a = tl.load(A + rt[:, None] * s_at + rd[None, :] * s_ad, mask=mt[:, None] & md[None, :], other=0.0)
-            m = tl.load(M2 + rd[:, None] * s_m2d + rl[None, :] * s_m2l, mask=md[:, None] & ml[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                m = m.to(tl.float32)
-            Q += _dot(a, m, IEEE)
+            Q = _load_dot(Q, A + _offsets(rt, rd, s_at, s_ad), mt[:, None] & md[None, :],
+                          M2 + _offsets(rd, rl, s_m2d, s_m2l), md[:, None] & ml[None, :], UPCAST, IEEE)
         probe += tl.sum(tl.sum(Q * Q, axis=1), axis=0)
     tl.atomic_add(PROBE, probe)
     # pass 2: ACC1 += A_tᵀ P and ACC2 += B_tᵀ Q, one feature block at a time
     # pass 2 multiplies P (Q) in the input dtype on tensor cores; fp16 (WIDE2) keeps them in fp32,
     # as fp16's range (6.5e4) could overflow where the fp32 probe saw nothing
     Pm = P if (UPCAST or IEEE or WIDE2) else P.to(A.dtype.element_ty)
-    for d0 in range(0, DA, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        md = rd < DA
-        a = tl.load(A + rt[:, None] * s_at + rd[None, :] * s_ad, mask=mt[:, None] & md[None, :], other=0.0)
-        if UPCAST or WIDE2:
-            a = a.to(tl.float32)
-        c = _dot(tl.trans(a), Pm, IEEE)
-        tl.atomic_add(ACC1 + rd[:, None] * s_c1d + rk[None, :] * s_c1k, c, mask=md[:, None] & mk[None, :])
+    _scatter_dots(A, s_at, s_ad, DA, rt, mt, Pm, ACC1, s_c1d, s_c1k, rk, mk, UPCAST, WIDE2, IEEE, BLOCK_D)
     if TWO:
         Qm = Q if (UPCAST or IEEE or WIDE2) else Q.to(B.dtype.element_ty)
-        for d0 in range(0, DB, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            md = rd < DB
-            b = tl.load(B + rt[:, None] * s_bt + rd[None, :] * s_bd, mask=mt[:, None] & md[None, :], other=0.0)
-            if UPCAST or WIDE2:
-                b = b.to(tl.float32)
-            c = _dot(tl.trans(b), Qm, IEEE)
-            tl.atomic_add(ACC2 + rd[:, None] * s_c2d + rl[None, :] * s_c2l, c, mask=md[:, None] & ml[None, :])
+        _scatter_dots(B, s_bt, s_bd, DB, rt, mt, Qm, ACC2, s_c2d, s_c2l, rl, ml, UPCAST, WIDE2, IEEE, BLOCK_D)
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+@triton.jit
+def _scatter_dots(X, s_xt, s_xd, D, rt, mt, R, ACC, s_cd, s_cj, rj, mj,
+                  UPCAST: tl.constexpr, WIDE2: tl.constexpr, IEEE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``ACC (D×J) += X_tᵀ R`` for the token tile ``rt`` of ``X`` (``tokens×D``) and ``R`` (tile×J),
+    one feature block at a time, with atomics; the tile in fp32 first under the interpreter
+    (``UPCAST``) and for fp16 (``WIDE2``, whose ``R`` stays fp32)."""
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        md = rd < D
+        x = tl.load(X + _offsets(rt, rd, s_xt, s_xd), mask=mt[:, None] & md[None, :], other=0.0)
+        if UPCAST or WIDE2:
+            x = x.to(tl.float32)
+        tl.atomic_add(ACC + _offsets(rd, rj, s_cd, s_cj), _dot(tl.trans(x), R, IEEE), mask=md[:, None] & mj[None, :])
 
 
 def usable(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> bool:

@@ -90,6 +90,18 @@ def _dot(a, b, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
+@triton.jit
+def _load_dot(acc, a_ptrs, a_mask, b_ptrs, b_mask, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``acc + a @ b`` for two tiles loaded under their masks (zeros outside). ``UPCAST``: both in fp32
+    first, for the interpreter, whose tl.dot is only right in fp32 (docs/design.md §3)."""
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return acc + _dot(a, b, IEEE)
+
+
 def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, Wp, S, M, N, KV, KU,
                     stride_gm, stride_gn, stride_om, stride_on, stride_vn, stride_vk,
                     stride_qm, stride_qk, stride_um, stride_uk, stride_pk, stride_pn, stride_wk, stride_wj,
@@ -110,12 +122,8 @@ def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, Wp, S, M, N, KV, KU,
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
-        g = tl.load(g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        v = tl.load(v_ptr + _offsets(rn, rkv, stride_vn, stride_vk), mask=mask_n[:, None] & mask_kv[None, :], other=0.0)
-        if UPCAST:  # the interpreter's tl.dot is only right in fp32 (docs/design.md §3)
-            g = g.to(tl.float32)
-            v = v.to(tl.float32)
-        q += _dot(g, v, IEEE)
+        q = _load_dot(q, g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask_m[:, None] & mask_n[None, :],
+                      v_ptr + _offsets(rn, rkv, stride_vn, stride_vk), mask_n[:, None] & mask_kv[None, :], UPCAST, IEEE)
     if HAS_Q0:  # the restore's offset G0 V
         q0_ptr = _ptr(tl.load(Q0p + b), 0)
         q -= tl.load(q0_ptr + _offsets(rm, rkv, stride_qm, stride_qk), mask=mask_m[:, None] & mask_kv[None, :], other=0.0)
@@ -161,12 +169,8 @@ def _cols_kernel_fn(Gp, Op, Up, P0p, M, N, KU, stride_gm, stride_gn, stride_um, 
     for m0 in range(0, M, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         mask_m = rm < M
-        ut = tl.load(u_ptr + _offsets(rku, rm, stride_uk, stride_um), mask=mask_ku[:, None] & mask_m[None, :], other=0.0)
-        g = tl.load(g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            ut = ut.to(tl.float32)
-            g = g.to(tl.float32)
-        acc += _dot(ut, g, IEEE)
+        acc = _load_dot(acc, u_ptr + _offsets(rku, rm, stride_uk, stride_um), mask_ku[:, None] & mask_m[None, :],
+                        g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask_m[:, None] & mask_n[None, :], UPCAST, IEEE)
     mask = mask_ku[:, None] & mask_n[None, :]
     if HAS_P0:
         p0_ptr = _ptr(tl.load(P0p + b), 0)
@@ -193,9 +197,8 @@ def _epilogue_kernel_fn(Gp, Op, Lp, Rp, S, M, N, K, stride_gm, stride_gn, stride
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
-        lt = tl.load(l_ptr + _offsets(rm, rk, stride_lm, stride_lk), mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        rt = tl.load(r_ptr + _offsets(rk, rn, stride_rk, stride_rn), mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc += _dot(lt.to(tl.float32), rt.to(tl.float32), IEEE)
+        acc = _load_dot(acc, l_ptr + _offsets(rm, rk, stride_lm, stride_lk), mask_m[:, None] & mask_k[None, :],
+                        r_ptr + _offsets(rk, rn, stride_rk, stride_rn), mask_k[:, None] & mask_n[None, :], True, IEEE)
     mask = mask_m[:, None] & mask_n[None, :]
     if KEEP:
         g = tl.load(g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask=mask, other=0.0)
