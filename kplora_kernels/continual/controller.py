@@ -24,7 +24,7 @@ from torch import nn
 
 from ..distributed import broadcast_from, is_distributed, is_rank0
 from ..nn import FusedKeepLoRALinear
-from ..nn.linear import add_, assign_, full
+from ..nn.linear import add_, assign_, full, low_rank_delta
 from ..schedules import layer_scales
 from ..training import progress
 from ..subspace import InputSketch
@@ -561,8 +561,8 @@ class KeepLoRA:
             for name, (B, A) in entry.items():
                 layer = self.layers[name]
                 dev = layer.weight.device
-                work = torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
-                add_(layer.weight, (B.to(dev).clone().to(work) @ A.to(dev).clone().to(work)).mul_(layer.scaling))
+                delta = low_rank_delta(B.to(dev).clone(), A.to(dev).clone(), layer.scaling, layer.weight.dtype)
+                add_(layer.weight, delta)
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True,

@@ -48,6 +48,14 @@ def add_(param: torch.Tensor, delta: torch.Tensor) -> None:
         param.add_(delta)
 
 
+def low_rank_delta(B: torch.Tensor, A: torch.Tensor, scaling: float, weight_dtype: torch.dtype) -> torch.Tensor:
+    """``c · B A`` (``B`` ``out×r``, ``A`` ``r×in``) in fp32, fp64 for fp64 weights: the arithmetic of
+    every merge (:meth:`FusedKeepLoRALinear.merge_` and the replay of a compact checkpoint), which
+    keeps a replay bit-identical to the merges it repeats."""
+    work = torch.float64 if weight_dtype == torch.float64 else torch.float32
+    return (B.to(work) @ A.to(work)).mul_(scaling)
+
+
 class _KeepLoRAFunction(torch.autograd.Function):
     """Forward and backward of the layer. ``x_d`` is the input after the adapter's dropout, or None
     without dropout. Saves ``h = x_d Aᵀ`` (``tokens×r``) and the input only when a gradient or the
@@ -341,8 +349,7 @@ class FusedKeepLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``c · B A`` (``out×in``) in fp32 (fp64 for fp64 weights)."""
-        work = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
-        return (full(self.lora_B.detach()).to(work) @ full(self.lora_A.detach()).to(work)).mul_(self.scaling)
+        return low_rank_delta(full(self.lora_B.detach()), full(self.lora_A.detach()), self.scaling, self.weight.dtype)
 
     @torch.no_grad()
     def merge_(self) -> None:
