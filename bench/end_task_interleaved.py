@@ -43,15 +43,7 @@ def main(argv=None):
     data = list(data) * args.repeat
     kl.config.residual_energy = args.residual_energy
     controller.InputSketch.expand = lambda self, V, *a, **k: V.clone()  # no decomposition
-    saved = {n: (layer.V.clone(), layer.V_complement, layer.weight.detach().clone()) for n, layer in kl.layers.items()}
-
-    def restore():
-        for name, layer in kl.layers.items():
-            V, complement, W = saved[name]
-            layer.set_bases(V=V, V_complement=complement)
-            with torch.no_grad():
-                layer.weight.copy_(W)
-        kl.task_open = True
+    restore = boundaries.snapshot(kl)
 
     def timed(fn):
         start = time.perf_counter()

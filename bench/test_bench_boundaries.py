@@ -65,6 +65,24 @@ def state():
     return _STATE["kl"], _STATE["data"], _STATE["forward"], _STATE["loss"]
 
 
+def snapshot(kl):
+    """A function that puts back the bases, weights and task index of now and opens the task again, so
+    that every round of an ``end_task`` benchmark ends the same open task from the same state."""
+    saved = {name: (layer.V.clone(), layer.V_complement, layer.weight.detach().clone())
+             for name, layer in kl.layers.items()}
+    index = kl.task_index
+
+    def restore():
+        for name, layer in kl.layers.items():
+            V, complement, W = saved[name]
+            layer.set_bases(V=V, V_complement=complement)
+            with torch.no_grad():
+                layer.weight.copy_(W)
+        kl.task_index = index
+        kl.task_open = True
+    return restore
+
+
 @pytest.mark.parametrize("method", ["plain_forward_backward", "ours_begin_task"])
 def test_begin_task(benchmark, method):
     kl, data, _, loss = state()
@@ -91,17 +109,10 @@ def test_end_task(benchmark, method, monkeypatch):
     kl, data, forward, _ = state()
     benchmark.group = f"end_task, LLaMA layer {HIDDEN}/{INTER} r={RANK}, {BATCHES}x{TOKENS} tokens"
     benchmark.extra_info["method"] = method
-    saved = {name: (layer.V.clone(), layer.V_complement, layer.weight.detach().clone(), kl.task_index)
-             for name, layer in kl.layers.items()}
+    put_back = snapshot(kl)
 
     def restore():  # every round starts from the same bases and weights
-        for name, layer in kl.layers.items():
-            V, complement, W, index = saved[name]
-            layer.set_bases(V=V, V_complement=complement)
-            with torch.no_grad():
-                layer.weight.copy_(W)
-            kl.task_index = index
-        kl.task_open = True  # every round ends the same open task
+        put_back()
         return (), {}
 
     if method == "plain_forward":

@@ -394,12 +394,14 @@ class InputSketch(_Guard):
         e = _sqnorm(X)  # ‖X‖²: the rule's denominator, and the probe (its GEMM dwarfs this read)
         fused = (_fused_update(X, X, self.omega)  # asked first: self.omega may be formed from its split
                  if self.strategy == "randomized" and _fused_usable(X, X, self.width) else None)
+        half = _half_route(X)
+        split = half and X.dtype == torch.bfloat16  # fp32 factors multiply as bf16 hi + lo
         Xf = None
         if fused is not None:  # one read of the batch (accelerator path), its probe folded in
             acc, _, probe = fused
             ok = self._admit(e + probe, {"X": X})
             self.state.add_(acc if ok is None else torch.where(ok, acc, 0.0))
-        elif _half_route(X) and (self.strategy == "covariance" or X.dtype == torch.bfloat16):
+        elif half and (self.strategy == "covariance" or split):
             ok = self._admit(e, {"X": X})  # half products with fp32 output (see _half_route)
             if self.strategy == "covariance":
                 self._upper_only()
@@ -418,7 +420,7 @@ class InputSketch(_Guard):
             else:
                 self._addmm(self.state, Xf.mT, Xf @ self.omega, ok)
         if self.exact_residual:
-            if Xf is None and X.dtype == torch.bfloat16 and _half_route(X):
+            if Xf is None and split:
                 XV = _mm32_split(X, self._Vf.split())
             else:
                 XV = (X.float() if Xf is None else Xf) @ self._Vf.fp32()
