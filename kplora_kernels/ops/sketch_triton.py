@@ -51,20 +51,12 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
     rl = tl.arange(0, LP)
     ml = rl < L
     # pass 1: P = B_t M1 (BLOCK_T×KP) and Q = A_t M2 (BLOCK_T×LP), fp32 in registers
-    P = tl.zeros((BLOCK_T, KP), dtype=tl.float32)
-    for d0 in range(0, DB, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-        md = rd < DB
-        P = _load_dot(P, B + _offsets(rt, rd, s_bt, s_bd), mt[:, None] & md[None, :],
-                      M1 + _offsets(rd, rk, s_m1d, s_m1k), md[:, None] & mk[None, :], UPCAST, IEEE)
+    P = _tile_times(tl.zeros((BLOCK_T, KP), dtype=tl.float32), B, s_bt, s_bd, DB, rt, mt, M1, s_m1d, s_m1k, rk, mk,
+                    UPCAST, IEEE, BLOCK_D)
     probe = tl.sum(tl.sum(P * P, axis=1), axis=0)
     if TWO:
-        Q = tl.zeros((BLOCK_T, LP), dtype=tl.float32)
-        for d0 in range(0, DA, BLOCK_D):
-            rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
-            md = rd < DA
-            Q = _load_dot(Q, A + _offsets(rt, rd, s_at, s_ad), mt[:, None] & md[None, :],
-                          M2 + _offsets(rd, rl, s_m2d, s_m2l), md[:, None] & ml[None, :], UPCAST, IEEE)
+        Q = _tile_times(tl.zeros((BLOCK_T, LP), dtype=tl.float32), A, s_at, s_ad, DA, rt, mt, M2, s_m2d, s_m2l,
+                        rl, ml, UPCAST, IEEE, BLOCK_D)
         probe += tl.sum(tl.sum(Q * Q, axis=1), axis=0)
     tl.atomic_add(PROBE, probe)
     # pass 2: ACC1 += A_tᵀ P and ACC2 += B_tᵀ Q, one feature block at a time
@@ -75,6 +67,19 @@ def _sketch_update_kernel(A, B, M1, M2, ACC1, ACC2, PROBE, T, DA, DB, K, L,
     if TWO:
         Qm = Q if (UPCAST or IEEE or WIDE2) else Q.to(B.dtype.element_ty)
         _scatter_dots(B, s_bt, s_bd, DB, rt, mt, Qm, ACC2, s_c2d, s_c2l, rl, ml, UPCAST, WIDE2, IEEE, BLOCK_D)
+
+
+@triton.jit
+def _tile_times(acc, X, s_xt, s_xd, D, rt, mt, M, s_md, s_mj, rj, mj,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``acc + X_t M`` for the token tile ``rt`` of ``X`` (``tokens×D``) and ``M`` (``D×J``, columns
+    ``rj``), one feature block at a time."""
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        md = rd < D
+        acc = _load_dot(acc, X + _offsets(rt, rd, s_xt, s_xd), mt[:, None] & md[None, :],
+                        M + _offsets(rd, rj, s_md, s_mj), md[:, None] & mj[None, :], UPCAST, IEEE)
+    return acc
 
 
 @triton.jit
