@@ -1,5 +1,5 @@
 """Full fine-tuning ops: the grouped in-place projection and the post-step constraint restore,
-against the float64 oracle in kplora_kernels.ops.reference.
+against the float64 oracles in tests/oracles.py.
 
 Tolerance (docs/design.md §3): an op's error against float64 may be at most 4× the same-dtype
 torch reference's own error, plus two roundings of the largest term.
@@ -9,7 +9,8 @@ import torch
 
 from helpers import raises, random_basis
 from kplora_kernels import ops
-from kplora_kernels.ops import cpp, reference
+import oracles
+from kplora_kernels.ops import cpp, torch_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -61,8 +62,8 @@ def test_grouped_projection_matches_oracle(backend, dtype):
     assert [G.data_ptr() for G in returned] == ptrs and all(r is G for r, G in zip(returned, Gs))
     for G, G0, U, V, s, uc, vc in zip(Gs, originals, Us, Vs, scales, ucs, vcs):
         # the inputs as rounded to their dtype, exactly, in float64 (a rounded basis is only nearly orthonormal)
-        oracle = reference.residual_project_unchecked(as64(G0), as64(U), as64(V), s, uc, vc)
-        own = reference.residual_project(G0, U, V, s, U_complement=uc, V_complement=vc)
+        oracle = oracles.residual_project_unchecked(as64(G0), as64(U), as64(V), s, uc, vc)
+        own = oracles.residual_project(G0, U, V, s, U_complement=uc, V_complement=vc)
         assert_close_to_oracle(G, oracle, own, s * G0.abs().max().item(), dtype)
 
 
@@ -137,8 +138,8 @@ def test_restore_matches_oracle_and_holds_the_constraint(backend, dtype, sides, 
     kwargs = {"anchor": ops.subspace_anchor(W0, U, V)} if form == "anchor" else {"W0": W0}
     returned = ops.subspace_restore_(W, U, V, backend=backend, **kwargs)
     assert returned is W and W.data_ptr() == ptr
-    oracle = as64(W0) + reference.residual_project_unchecked(as64(W_before) - as64(W0), as64(U), as64(V), 1.0)
-    own = reference.subspace_restore(W_before, W0, U, V)
+    oracle = as64(W0) + oracles.residual_project_unchecked(as64(W_before) - as64(W0), as64(U), as64(V), 1.0)
+    own = oracles.subspace_restore(W_before, W0, U, V)
     assert_close_to_oracle(W, oracle, own, W0.abs().max().item(), dtype)
     # the constraint, to the rounding of W's dtype (W itself is stored rounded)
     D = as64(W) - as64(W0)
@@ -163,7 +164,7 @@ def test_restore_with_complement_bases(backend):
     W, W0, U, V = restore_case(30, 24, 20, 18, torch.float32, dev)
     Uc = torch.linalg.svd(torch.eye(30, device=dev) - U @ U.T)[0][:, :10]
     Vc = torch.linalg.svd(torch.eye(24, device=dev) - V @ V.T)[0][:, :6]
-    expected = reference.subspace_restore(W, W0, U, V)
+    expected = oracles.subspace_restore(W, W0, U, V)
     with raises(ValueError, "complement", "W0"):
         ops.subspace_restore_(W.clone(), Uc, Vc, anchor=ops.subspace_anchor(W0, Uc, Vc),
                               U_complement=True, V_complement=True)
@@ -182,7 +183,7 @@ def test_grouped_restore(backend):
     returned = ops.subspace_restore_grouped_(Ws, Us, Vs, W0s=W0s, anchors=anchors, backend=backend)
     assert all(r is W for r, W in zip(returned, Ws))
     for W, (W_before, W0, U, V) in zip(Ws, cases):
-        torch.testing.assert_close(W, reference.subspace_restore(W_before, W0, U, V), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(W, oracles.subspace_restore(W_before, W0, U, V), atol=1e-5, rtol=1e-5)
 
 
 def test_restore_bad_input():
@@ -216,7 +217,7 @@ def test_results_are_new_tensors_unless_out_is_given(backend):
         assert result.data_ptr() != G.data_ptr()
         result.add_(1.0)  # writing the result leaves G alone
         assert not torch.equal(result, G)
-    for fn in (reference.residual_project, reference.residual_project_unchecked):
+    for fn in (oracles.residual_project, oracles.residual_project_unchecked):
         args = (G, G.new_zeros(6, 0), None, 1.0)
         assert fn(*args).data_ptr() != G.data_ptr()
     X = torch.randn(3, 5, device=dev)
@@ -243,7 +244,7 @@ def test_out_overlapping_an_input_is_refused(backend):
     with raises(ValueError, "out has overlapping elements"):
         ops.residual_project(square, U, V, out=torch.zeros(5, 1, device=dev).expand(5, 5), backend=backend)
     # the in-place form and a disjoint buffer stay allowed
-    expected = reference.residual_project(square, U, V)
+    expected = oracles.residual_project(square, U, V)
     out = torch.empty(5, 5, device=dev)
     ops.residual_project(square, U, V, out=out, backend=backend)
     ops.residual_project(square, U, V, out=square, backend=backend)
@@ -257,8 +258,8 @@ def test_restore_above_the_fused_rank(backend, dtype):
     W, W0, U, V = restore_case(150, 160, 10, 130, dtype, device_for(backend))
     W_before = W.clone()
     ops.subspace_restore_(W, U, V, anchor=ops.subspace_anchor(W0, U, V), backend=backend)
-    oracle = as64(W0) + reference.residual_project_unchecked(as64(W_before) - as64(W0), as64(U), as64(V), 1.0)
-    assert_close_to_oracle(W, oracle, reference.subspace_restore(W_before, W0, U, V), W0.abs().max().item(), dtype)
+    oracle = as64(W0) + oracles.residual_project_unchecked(as64(W_before) - as64(W0), as64(U), as64(V), 1.0)
+    assert_close_to_oracle(W, oracle, oracles.subspace_restore(W_before, W0, U, V), W0.abs().max().item(), dtype)
 
 
 def test_forced_cpp_restore_runs_the_cpp_kernel(monkeypatch):
@@ -268,13 +269,13 @@ def test_forced_cpp_restore_runs_the_cpp_kernel(monkeypatch):
     def no_torch(*args, **kwargs):
         raise AssertionError("the torch thin-factor path ran for a forced C++ restore")
 
-    monkeypatch.setattr(reference, "thin_factors", no_torch)
+    monkeypatch.setattr(torch_backend, "thin_factors", no_torch)
     cases = [restore_case(40, 56, *sides, torch.float32, "cpu", seed=i) for i, sides in enumerate(SIDES.values())]
     Ws = [c[0].clone() for c in cases]
     ops.subspace_restore_grouped_(Ws, [c[2] for c in cases], [c[3] for c in cases],
                                   anchors=[ops.subspace_anchor(c[1], c[2], c[3]) for c in cases], backend="cpp")
     for W, (W_before, W0, U, V) in zip(Ws, cases):
-        torch.testing.assert_close(W, reference.subspace_restore(W_before, W0, U, V), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(W, oracles.subspace_restore(W_before, W0, U, V), atol=1e-5, rtol=1e-5)
 
 
 # --- row shards (FSDP2 Shard(0)): UᵀG summed over the shard group between the passes -------------
@@ -390,7 +391,7 @@ def test_sharded_projection_with_a_complement_v():
     # auto dispatch on CPU: row shards go through the thin-factor form (shared with Triton's general path)
     G, U, V = make_group(torch.float32, "cpu", cases=[(40, 24, 4, 20, False, True)])[:3]
     G, U, V = G[0], U[0], V[0]
-    expected = reference.residual_project(G, U, V, 0.5, V_complement=True)
+    expected = oracles.residual_project(G, U, V, 0.5, V_complement=True)
     halves = torch.tensor_split(torch.arange(40), 2)
     reducer, results = ThreadAllReduce(2), {}
 

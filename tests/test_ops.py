@@ -1,4 +1,4 @@
-"""Every projection backend against the float64 reference oracle.
+"""Every projection backend against the float64 oracle (tests/oracles.py).
 
 Tolerance (docs/design.md §3): a kernel's error against the float64 oracle may be at most a few times the
 reference's own error in the same dtype, plus one rounding of the output.
@@ -10,7 +10,8 @@ import torch
 
 from helpers import raises, random_basis
 from kplora_kernels import ops
-from kplora_kernels.ops import cpp, reference
+import oracles
+from kplora_kernels.ops import cpp
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,8 +32,8 @@ def make_case(out_dim, in_dim, k_out, k_in, dtype, device, seed=0):
 def assert_matches_oracle(result, G, U, V, scale, factor=4.0):
     as64 = lambda t: None if t is None else t.detach().cpu().double()  # noqa: E731
     # the inputs as rounded to their dtype, exactly, in float64 (a rounded basis is only nearly orthonormal)
-    oracle = reference.residual_project_unchecked(as64(G), as64(U), as64(V), scale)
-    own = reference.residual_project(G, U, V, scale)
+    oracle = oracles.residual_project_unchecked(as64(G), as64(U), as64(V), scale)
+    own = oracles.residual_project(G, U, V, scale)
     assert result.shape == G.shape and result.dtype == G.dtype
     err = (as64(result) - oracle).abs().max().item() if oracle.numel() else 0.0
     ref_err = (as64(own) - oracle).abs().max().item() if oracle.numel() else 0.0
@@ -95,7 +96,7 @@ def test_non_contiguous_and_batched(backend):
     assert_matches_oracle(ops.residual_project(G, U, V, 1.0, backend=backend), G, U, V, 1.0)
     in_place = G.clone().T.contiguous().T  # a column-major G, projected in place
     ops.residual_project(in_place, U, V, 1.0, out=in_place, backend=backend)
-    torch.testing.assert_close(in_place, reference.residual_project(G, U, V), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(in_place, oracles.residual_project(G, U, V), atol=1e-5, rtol=1e-5)
     Gb = torch.randn(3, 33, 40, device=dev)
     assert_matches_oracle(ops.residual_project(Gb, U, V, 2.0, backend=backend), Gb, U, V, 2.0)
 
@@ -137,7 +138,7 @@ def test_project_rows(backend, shape):
     X = torch.randn(*shape, device=dev)
     V = random_basis(shape[-1], min(3, shape[-1]), torch.float32).to(dev)
     result = ops.project_rows(X, V, 0.3, backend=backend)
-    expected = reference.project_rows(X.double(), V.double(), 0.3)
+    expected = oracles.project_rows(X.double(), V.double(), 0.3)
     assert result.shape == X.shape
     torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -187,7 +188,7 @@ def test_cpp_op_under_torch_compile():
         rows = torch.ops.kplora.project_rows(G, V, 1.0)
         return P * 2.0 + rows
 
-    expected = 2.0 * reference.residual_project(G, U, V, 0.5) + reference.project_rows(G, V)
+    expected = 2.0 * oracles.residual_project(G, U, V, 0.5) + oracles.project_rows(G, V)
     torch.testing.assert_close(step(G, U, V), expected, atol=1e-5, rtol=1e-5)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
@@ -196,4 +197,4 @@ def test_cpp_op_under_torch_compile():
         return H
 
     H = G.clone()
-    torch.testing.assert_close(in_place(H, U, V), reference.residual_project(G, U, V, 0.5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(in_place(H, U, V), oracles.residual_project(G, U, V, 0.5), atol=1e-5, rtol=1e-5)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._checks import check_basis, check_finite, check_tensor
-from ..ops.reference import residual_project_unchecked
+from .. import ops  # noqa: F401  (registers torch.ops.kplora.*)
 from .hooks import GradientAccumulator, InputAccumulator
 
 
@@ -92,14 +92,13 @@ class _KeepLoRAFunction(torch.autograd.Function):
             dW = dY2.mT @ flat(x).to(dt)
         if ctx.needs_input_grad[3]:
             db = dY2.sum(0)
+        # the bases were validated by set_bases: the registered projection ops run without re-checking
         if ctx.needs_input_grad[5]:
-            dB = c * (dY2.mT @ flat(h).to(dt))  # out×r
-            if U is not None:
-                dB = residual_project_unchecked(dB, U.to(dt), None, 1.0)
+            dB = dY2.mT @ flat(h).to(dt)  # out×r
+            dB = c * dB if U is None else torch.ops.kplora.residual_projection(dB, U.to(dt), None, c, False, False, None)
         if ctx.needs_input_grad[4]:
-            dA = c * (dYB.mT @ flat(x if x_d is None else x_d).to(dt))  # r×in
-            if V is not None:
-                dA = residual_project_unchecked(dA, None, V.to(dt), 1.0, V_complement=ctx.V_complement)
+            dA = dYB.mT @ flat(x if x_d is None else x_d).to(dt)  # r×in
+            dA = c * dA if V is None else torch.ops.kplora.row_projection(dA, V.to(dt), c, ctx.V_complement, None)
         if ctx.grad_accumulator is not None:
             ctx.grad_accumulator.update(dY2.detach(), flat(x).detach())
         return dx, dx_d, dW, db, dA, dB, None, None, None, None, None
@@ -220,7 +219,10 @@ class FusedKeepLoRALinear(nn.Module):
         if not self.protects_input:
             return A
         V = self.V.to(A.dtype) if V is None else V
-        return residual_project_unchecked(A, None, V, 1.0, V_complement=self.V_complement)
+        # float64 bookkeeping (set_bases' orthonormalisation) runs on the torch backend whatever
+        # KPLORA_BACKEND forces (the Triton kernels take no float64)
+        backend = "torch" if A.dtype == torch.float64 else None
+        return torch.ops.kplora.row_projection(A, V, 1.0, self.V_complement, backend)
 
     # --- bases and the task lifecycle -----------------------------------------------------------
     def set_bases(self, V: torch.Tensor | None = None, U: torch.Tensor | None = None, *,
@@ -256,7 +258,8 @@ class FusedKeepLoRALinear(nn.Module):
                 assign_(self.lora_A, A)
             if self.U.shape[1]:
                 B = full(self.lora_B)
-                assign_(self.lora_B, residual_project_unchecked(B, self.U.to(B.dtype), None, 1.0))
+                assign_(self.lora_B, torch.ops.kplora.residual_projection(B, self.U.to(B.dtype), None, 1.0, False,
+                                                                          False, None))
 
     def _orthonormal_residual_rows(self, A: torch.Tensor) -> torch.Tensor:
         """Orthonormal rows spanning as much of ``A (I − VVᵀ)`` as survives the projection (fp64).
@@ -338,7 +341,9 @@ class FusedKeepLoRALinear(nn.Module):
     def project_(self) -> None:
         """Restore the constraints after an optimizer step: ``B ← (I−UUᵀ)B``, ``A ← A(I−VVᵀ)``."""
         if self.U.shape[1]:
-            assign_(self.lora_B, residual_project_unchecked(full(self.lora_B), self.U, None, 1.0))
+            B = full(self.lora_B)
+            assign_(self.lora_B, torch.ops.kplora.residual_projection(B, self.U.to(B.dtype), None, 1.0, False, False,
+                                                                      None))
         if self.lora_A.requires_grad and self.protects_input:
             assign_(self.lora_A, self.project_input_side(full(self.lora_A)))
 

@@ -1,11 +1,12 @@
-"""Which backend runs a projection op, and why a backend cannot: the one place for both.
+"""Which backend runs an op, and why a backend cannot: the one place for both.
 
-``backend=None`` picks Triton for CUDA tensors, the C++ kernels for CPU tensors when they are built,
-and the torch reference otherwise. ``"triton"``, ``"cpp"`` or ``"torch"`` force one; the environment
-variable ``KPLORA_BACKEND`` forces one for every call without ``backend``. A forced backend that
-cannot run raises a ``ValueError`` listing every reason (never a silent fallback to torch); the
-reasons come from :func:`not_supported_reasons` alone (modelled on xformers'
-``ops/fmha/dispatch.py``, where each operator lists why it does not support an input).
+``backend=None`` picks Triton for CUDA tensors; on CPU tensors the C++ kernels where they were
+measured to beat the torch backend (:func:`cpp_pays`) and the torch backend otherwise. ``"triton"``,
+``"cpp"`` or ``"torch"`` force one; the environment variable ``KPLORA_BACKEND`` forces one for every
+call without ``backend``. A forced backend that cannot run raises a ``ValueError`` listing every
+reason (never a silent fallback to torch); the reasons come from :func:`not_supported_reasons` (the
+projection ops) and :func:`sketch_not_supported_reasons` (the sketch update) alone, modelled on
+xformers' ``ops/fmha/dispatch.py``, where each operator lists why it does not support an input.
 """
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def _triton_import_error() -> str | None:
     except ImportError as exc:
         return f"triton is not installed ({exc})"
     return None
+
+
+def _triton_device_reason(t: torch.Tensor) -> str | None:
+    if t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    return (f"the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is imported, "
+            f"for CPU tensors), got a tensor on {t.device}")
 
 
 def not_supported_reasons(backend: str, t: torch.Tensor, *, U_complement: bool = False,
@@ -52,9 +60,9 @@ def not_supported_reasons(backend: str, t: torch.Tensor, *, U_complement: bool =
     if backend == "triton":
         if t.dtype not in TRITON_DTYPES:
             reasons.append(f"the Triton kernel takes float32, float16 or bfloat16, got {t.dtype}")
-        if not (t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-            reasons.append(f"the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before "
-                           f"triton is imported, for CPU tensors), got a tensor on {t.device}")
+        device = _triton_device_reason(t)
+        if device:
+            reasons.append(device)
         error = _triton_import_error()
         if error:
             reasons.append(error)
@@ -62,19 +70,97 @@ def not_supported_reasons(backend: str, t: torch.Tensor, *, U_complement: bool =
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
+# Measured on the CPU (2 cores, torch 2.14, bench/README.md "Op layer"): the C++ tile pass against
+# the torch backend's thin factors and one addmm, in place. Thin matrices (a LoRA factor: r = 16–64
+# rows or columns against a basis of 64–512) run 3–4× slower in the C++ kernel, small squares
+# (≤ 256²) and 4096² one-sided break even or lose by ~5 %; 1024²–2048² one-sided with k ≤ n/16
+# gain 1.13–1.29×. The C++ kernel is picked by default only inside that window.
+CPP_MIN_SIDE = 1024
+CPP_MAX_NUMEL = 2048 * 2048
+CPP_MAX_K_FRACTION = 1 / 16
+
+
+def cpp_pays(t: torch.Tensor, k_out: int = 0, k_in: int = 0) -> bool:
+    """Whether the C++ kernel beats the torch backend for a ``rows×cols`` matrix (the last two dims of
+    ``t``) with bases of ``k_out`` and ``k_in`` columns (the measured window above)."""
+    rows, cols = (t.shape[-2], t.shape[-1]) if t.dim() >= 2 else (1, t.shape[-1])
+    side = min(rows, cols)
+    return (side >= CPP_MIN_SIDE and rows * cols <= CPP_MAX_NUMEL and (k_out == 0 or k_in == 0)
+            and max(k_out, k_in) <= CPP_MAX_K_FRACTION * side)
+
+
 def resolve_backend(t: torch.Tensor, backend: str | None, *, U_complement: bool = False,
-                    V_complement: bool = False, U_sharded: bool = False) -> str:
+                    V_complement: bool = False, U_sharded: bool = False, k_out: int | None = None,
+                    k_in: int | None = None) -> str:
     """The backend that will run for tensor ``t``; raises ``ValueError`` with the reasons when a
-    forced one (argument or ``KPLORA_BACKEND``) cannot run."""
+    forced one (argument or ``KPLORA_BACKEND``) cannot run. ``k_out``/``k_in``: the basis widths,
+    for the measured C++ window on CPU (:func:`cpp_pays`); None takes the C++ kernel wherever it
+    can run."""
     forced = backend or os.environ.get("KPLORA_BACKEND") or None
     flags = dict(U_complement=U_complement, V_complement=V_complement, U_sharded=U_sharded)
     if forced is None:
-        order = ("triton", "torch") if t.is_cuda else ("cpp", "torch")
-        return next(b for b in order if not not_supported_reasons(b, t, **flags))
+        if t.is_cuda:
+            return "triton" if not not_supported_reasons("triton", t, **flags) else "torch"
+        pays = k_out is None or k_in is None or cpp_pays(t, k_out, k_in)
+        return "cpp" if pays and not not_supported_reasons("cpp", t, **flags) else "torch"
     if forced not in BACKENDS:
         source = "backend" if backend else "KPLORA_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {forced!r}")
     reasons = not_supported_reasons(forced, t, jit=True, **flags)
     if reasons:
         raise ValueError(f"backend {forced!r} cannot run here: " + "; ".join(reasons))
+    return forced
+
+
+def basis_width(B) -> int:
+    return 0 if B is None else B.shape[1]
+
+
+# --- the sketch update -------------------------------------------------------------------------------
+
+def sketch_not_supported_reasons(backend: str, A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> list[str]:
+    """Why ``backend`` cannot run the sketch update ``(Aᵀ(B M1), Bᵀ(A M2))`` for ``A`` ``tokens×a``,
+    ``B`` ``tokens×b`` and sketch widths ``K`` (``M1``) and ``L`` (``M2``, 0 without it)."""
+    if backend == "torch":
+        return []
+    if backend == "cpp":
+        return ["there is no C++ sketch kernel: backend=None or 'torch' runs the sketch update as torch GEMMs"]
+    if backend != "triton":
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    error = _triton_import_error()
+    if error:
+        return [error]
+    from . import sketch_triton
+
+    reasons = []
+    if A.dtype not in sketch_triton.DTYPES or B.dtype != A.dtype:
+        reasons.append(f"the Triton sketch kernel takes A and B of one dtype among float32, float16 and "
+                       f"bfloat16, got {A.dtype} and {B.dtype}")
+    if A.device != B.device:
+        reasons.append(f"A is on {A.device} but B is on {B.device}")
+    if not A.is_cuda:
+        if not (A.device.type == "cpu" and sketch_triton.INTERPRET and os.environ.get("KPLORA_BACKEND") == "triton"):
+            reasons.append(f"the Triton sketch kernel needs CUDA tensors (or, for CPU tensors, TRITON_INTERPRET=1 "
+                           f"set before triton is imported and KPLORA_BACKEND=triton), got a tensor on {A.device}")
+    if not 1 <= K <= sketch_triton.MAX_K:
+        reasons.append(f"the sketch width K = {K} is outside [1, {sketch_triton.MAX_K}], the widths the kernel "
+                       "keeps in registers")
+    if L > sketch_triton.MAX_L:
+        reasons.append(f"the sketch width L = {L} exceeds {sketch_triton.MAX_L}, the widths the kernel keeps in registers")
+    return reasons
+
+
+def resolve_sketch_backend(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0, backend: str | None = None) -> str:
+    """``"triton"`` or ``"torch"`` for a sketch update: by default Triton where it can run (CUDA, or
+    the interpreter when ``KPLORA_BACKEND=triton``); a forced backend that cannot run raises
+    ``ValueError`` with the reasons."""
+    forced = backend or os.environ.get("KPLORA_BACKEND") or None
+    if forced is None:
+        return "triton" if A.is_cuda and not sketch_not_supported_reasons("triton", A, B, K, L) else "torch"
+    if forced not in BACKENDS:
+        source = "backend" if backend else "KPLORA_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {forced!r}")
+    reasons = sketch_not_supported_reasons(forced, A, B, K, L)
+    if reasons:
+        raise ValueError(f"backend {forced!r} cannot run the sketch update here: " + "; ".join(reasons))
     return forced

@@ -11,6 +11,11 @@ Training a weight ``W`` (``out×in``) with every update confined to the residual
 
 Bases: ``U`` is ``out×k_out``, ``V`` is ``in×k_in`` with orthonormal columns, or None/empty (no
 protection on that side); a basis flagged ``*_complement`` spans the kept space instead.
+
+Registered with ``torch.library``: ``kplora::grouped_projection_``, ``kplora::subspace_anchor`` and
+``kplora::constraint_restore_`` (lists of tensors, written in place; not differentiable: they act on
+gradients and weights outside autograd). Row shards (``U_reduce``, a Python callable that sums over
+the shard group between the two passes) run outside the registered ops, through the same backends.
 """
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import reference
-from .dispatch import resolve_backend
-from .._checks import check_same_device, check_tensor
-from .projection import _nonempty, has_internal_overlap, may_overlap, project_into_
+from . import torch_backend, validation
+from .dispatch import basis_width, resolve_backend
+from .projection import project_into_
+from .validation import nonempty
 
 
 class SubspaceAnchor(NamedTuple):
@@ -31,70 +36,10 @@ class SubspaceAnchor(NamedTuple):
     UtW0: torch.Tensor | None
 
 
-def _per_entry(value, n: int, name: str, kind) -> list:
-    if isinstance(value, kind) and not isinstance(value, (list, tuple)):
-        return [value] * n
-    if value is None:
-        return [None] * n
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be a list or tuple with one entry per tensor, or a single value; "
-                        f"got {type(value).__name__}")
-    if len(value) != n:
-        raise ValueError(f"{name} must have one entry per tensor: expected {n}, got {len(value)}")
-    return list(value)
-
-
-def _entries(Ws, Us, Vs, scales, U_complement, V_complement, what: str, U_sharded: bool = False):
-    if isinstance(Ws, torch.Tensor) or not isinstance(Ws, (list, tuple)):
-        raise TypeError(f"{what} must be a list or tuple of tensors, got {type(Ws).__name__}")
-    n = len(Ws)
-    Us = [None] * n if Us is None else _per_entry(Us, n, "Us", ())
-    Vs = [None] * n if Vs is None else _per_entry(Vs, n, "Vs", ())
-    scales = _per_entry(scales, n, "scales", (int, float))
-    Uc = _per_entry(U_complement, n, "U_complement", bool)
-    Vc = _per_entry(V_complement, n, "V_complement", bool)
-    for name, flags in (("U_complement", Uc), ("V_complement", Vc)):
-        for i, f in enumerate(flags):
-            if not isinstance(f, bool):
-                raise TypeError(f"{name}[{i}] must be a bool, got {type(f).__name__}")
-    entries = []
-    for i, (W, U, V, s) in enumerate(zip(Ws, Us, Vs, scales)):
-        try:
-            s = reference.validate_residual_project(W, None if U_sharded else U, V, s)
-            if U_sharded and U is not None:
-                _check_shard(W, U, Uc[i])
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{what}[{i}]: {exc}") from None
-        if W.dim() != 2:
-            raise ValueError(f"{what}[{i}] must be 2-D (out×in), got shape {tuple(W.shape)}")
-        entries.append([W, U, V, s, Uc[i], Vc[i]])
-    # written tensors must be disjoint from each other and from every basis (bases may be shared)
-    bases = [(f"Us[{i}]", e[1]) for i, e in enumerate(entries)] + [(f"Vs[{i}]", e[2]) for i, e in enumerate(entries)]
-    for i, e in enumerate(entries):
-        W = e[0]
-        if has_internal_overlap(W):
-            raise ValueError(f"{what}[{i}] has overlapping elements (strides {tuple(W.stride())}); "
-                             "it cannot be written in place")
-        for j in range(i):
-            if may_overlap(W, entries[j][0]):
-                raise ValueError(f"{what}[{i}] shares memory with {what}[{j}]: each tensor is written in "
-                                 "place once, so every entry must be a separate tensor")
-        for name, B in bases:
-            if B is not None and may_overlap(W, B):
-                raise ValueError(f"{what}[{i}] shares memory with {name}: it would be overwritten while read")
-    return entries
-
-
-def _check_shard(W, U, complement: bool) -> None:
-    """A row shard of ``U`` (``rows×k_out``, the rows of ``W``'s shard): its columns are orthonormal
-    only across all shards, so only the shape is checked here."""
-    check_tensor("U", U, ndim=2)
-    check_same_device(W=W, U=U)
-    if U.shape[0] != W.shape[0]:
-        raise ValueError(f"U (a row shard, U_reduce given) must have {W.shape[0]} rows, the rows of this "
-                         f"shard, got shape {tuple(U.shape)}")
-    if complement:
-        raise ValueError("U_reduce needs U stored as itself, not as its complement")
+def _entry_backend(e, backend, U_sharded=False) -> str:
+    W, U, V, _, uc, vc = e
+    return resolve_backend(W, backend, U_complement=uc, V_complement=vc, U_sharded=U_sharded,
+                           k_out=basis_width(nonempty(U)), k_in=basis_width(nonempty(V)))
 
 
 def _reduce(U_reduce, Ps: list) -> list:
@@ -121,8 +66,7 @@ def _left_products(pairs, backends) -> list:
             results[i] = P
     for i, (G, U) in enumerate(pairs):
         if results[i] is None:
-            wd = torch.float32 if G.dtype in (torch.float16, torch.bfloat16) else G.dtype
-            results[i] = U.to(wd).mT @ G.to(wd)
+            results[i] = torch_backend.left_product(G, U)
     return results
 
 
@@ -132,20 +76,65 @@ def _check_reduce(U_reduce) -> None:
                         f"got {type(U_reduce).__name__}")
 
 
-def _cpp_grouped_(entries, backends) -> list:
-    """Run the entries the C++ backend takes in one call; returns the others."""
-    rest, Gs, Us, Vs, ss = [], [], [], [], []
+# --- the grouped projection -------------------------------------------------------------------------
+
+def _project_grouped_(entries, backend) -> None:
+    """Project validated entries ``[G, U, V, scale, U_complement, V_complement]`` in place: the C++
+    ones in one call, the Triton ones one launch per group of equal shapes, the rest one by one."""
+    backends = [_entry_backend(e, backend) for e in entries]
+    Gs, Us, Vs, ss = [], [], [], []
+    triton_entries = []
     for e, b in zip(entries, backends):
         if b == "cpp":
             Gs.append(e[0])
-            Us.append(_nonempty(e[1]))
-            Vs.append(_nonempty(e[2]))
+            Us.append(nonempty(e[1]))
+            Vs.append(nonempty(e[2]))
             ss.append(e[3])
+        elif b == "triton":
+            triton_entries.append(e)
         else:
-            rest.append((e, b))
+            G, U, V, s, uc, vc = e
+            project_into_(G, G, U, V, s, b, uc, vc)
     if Gs:
         torch.ops.kplora.residual_project_grouped_(Gs, Us, Vs, ss)
-    return rest
+    if triton_entries:
+        from . import triton_kernels
+
+        triton_kernels.project_grouped_(triton_entries)
+
+
+@torch.library.custom_op("kplora::grouped_projection_", mutates_args=("Gs",),
+                         schema="(Tensor(a!)[] Gs, Tensor?[] Us, Tensor?[] Vs, float[] scales, bool[] U_complement, "
+                                "bool[] V_complement, str? backend) -> ()")
+def _grouped_projection_(Gs, Us, Vs, scales, U_complement, V_complement, backend):
+    _project_grouped_([list(e) for e in zip(Gs, Us, Vs, scales, U_complement, V_complement)], backend)
+
+
+@_grouped_projection_.register_fake
+def _(Gs, Us, Vs, scales, U_complement, V_complement, backend):
+    return None
+
+
+def _project_sharded_(entries, backends, U_reduce) -> None:
+    """Entries whose ``U`` is a row shard: ``UᵀG`` summed over the shard group between the passes."""
+    Ps = _reduce(U_reduce, _left_products([(e[0], e[1]) for e in entries], backends))
+    groups: dict = {}
+    for e, b, P in zip(entries, backends, Ps):
+        G, U, V, s, _, vc = e
+        if not G.numel():
+            continue
+        if b == "triton":  # one launch per group of equal shapes
+            from . import triton_kernels
+
+            V = nonempty(V)
+            key = triton_kernels.group_key(G, G, U, V, False, vc, None, None, P)
+            groups.setdefault(key, []).append((G, G, U, V, s, False, vc, None, None, P))
+        else:
+            project_into_(G, G, U, V, s, b, False, vc, UtD=P)
+    for group in groups.values():
+        from . import triton_kernels
+
+        triton_kernels.project_group(group)
 
 
 def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scales=1.0, *,
@@ -179,45 +168,44 @@ def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scal
     and argument for bad input, before anything is written.
     """
     _check_reduce(U_reduce)
-    entries = _entries(Gs, Us, Vs, scales, U_complement, V_complement, "Gs", U_sharded=U_reduce is not None)
-    sharded = [U_reduce is not None and _nonempty(e[1]) is not None for e in entries]
-    backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5], U_sharded=sh)
-                for e, sh in zip(entries, sharded)]
+    entries = validation.entries(Gs, Us, Vs, scales, U_complement, V_complement, "Gs",
+                                 U_sharded=U_reduce is not None)
     if U_reduce is not None:
-        idx = [i for i, sh in enumerate(sharded) if sh]
-        Ps = _reduce(U_reduce, _left_products([(entries[i][0], entries[i][1]) for i in idx], [backends[i] for i in idx]))
-        sharded_groups: dict = {}
-        for i, P in zip(idx, Ps):
-            G, U, V, s, _, vc = entries[i]
-            if not G.numel():
-                continue
-            if backends[i] == "triton":  # one launch per group of equal shapes
-                from . import triton_kernels
-
-                V = _nonempty(V)
-                key = triton_kernels.group_key(G, G, U, V, False, vc, None, None, P)
-                sharded_groups.setdefault(key, []).append((G, G, U, V, s, False, vc, None, None, P))
-            else:
-                project_into_(G, G, U, V, s, backends[i], False, vc, UtD=P)
-        for group in sharded_groups.values():
-            from . import triton_kernels
-
-            triton_kernels.project_group(group)
+        sharded = [nonempty(e[1]) is not None for e in entries]
+        backends = [_entry_backend(e, backend, U_sharded=True) for e, sh in zip(entries, sharded) if sh]
+        _project_sharded_([e for e, sh in zip(entries, sharded) if sh], backends, U_reduce)
         entries = [e for e, sh in zip(entries, sharded) if not sh]
-        backends = [b for b, sh in zip(backends, sharded) if not sh]
-    rest = _cpp_grouped_(entries, backends)
-    triton_groups: dict = {}
-    for e, b in rest:
-        if b == "triton":
-            triton_groups.setdefault(None, []).append(e)
-        elif e[0].numel():
-            G, U, V, s, uc, vc = e
-            project_into_(G, G, U, V, s, b, uc, vc)
-    for group in triton_groups.values():
-        from . import triton_kernels
-
-        triton_kernels.project_grouped_(group)
+    if entries and not torch.compiler.is_compiling():  # forced backends that cannot run raise before any write
+        for e in entries:
+            _entry_backend(e, backend)
+    if entries:
+        torch.ops.kplora.grouped_projection_(*[[e[j] for e in entries] for j in range(6)], backend)
     return list(Gs)
+
+
+# --- the anchor and the constraint restore ----------------------------------------------------------
+
+def _anchor_dtype(W0):
+    return torch.float32 if W0.dtype in (torch.float16, torch.bfloat16) else W0.dtype
+
+
+@torch.library.custom_op("kplora::subspace_anchor", mutates_args=(),
+                         schema="(Tensor W0, Tensor? U, Tensor? V) -> (Tensor, Tensor)")
+def _subspace_anchor(W0, U, V):
+    W0V, UtW0 = torch_backend.subspace_anchor(W0, U, V)
+    dt = _anchor_dtype(W0)
+    if W0V is None:
+        W0V = W0.new_empty(W0.shape[0], 0, dtype=dt)
+    if UtW0 is None:
+        UtW0 = W0.new_empty(0, W0.shape[1], dtype=dt)
+    return W0V.contiguous(), UtW0.contiguous()
+
+
+@_subspace_anchor.register_fake
+def _(W0, U, V):
+    dt = _anchor_dtype(W0)
+    return (W0.new_empty(W0.shape[0], 0 if V is None else V.shape[1], dtype=dt),
+            W0.new_empty(0 if U is None else U.shape[1], W0.shape[1], dtype=dt))
 
 
 def subspace_anchor(W0: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None, *,
@@ -231,43 +219,14 @@ def subspace_anchor(W0: torch.Tensor, U: torch.Tensor | None = None, V: torch.Te
     ``W0`` and ``U`` are this rank's rows: ``W0V`` is this rank's rows, ``UtW0`` the full sum.
     Raises as :func:`residual_project` does for bad bases."""
     _check_reduce(U_reduce)
-    e = _entries([W0], [U], [V], 1.0, False, False, "W0", U_sharded=U_reduce is not None)[0]
-    W0V, UtW0 = reference.subspace_anchor(W0, _nonempty(U), _nonempty(V))
+    validation.entries([W0], [U], [V], 1.0, False, False, "W0", U_sharded=U_reduce is not None)
+    U, V = nonempty(U), nonempty(V)
+    W0V, UtW0 = torch.ops.kplora.subspace_anchor(W0, U, V)
+    W0V = None if V is None else W0V
+    UtW0 = None if U is None else UtW0
     if U_reduce is not None and UtW0 is not None:
         UtW0 = _reduce(U_reduce, [UtW0])[0]
-    del e
     return SubspaceAnchor(W0V, UtW0)
-
-
-def _check_reference(i, W, U, V, uc, vc, W0, anchor, what):
-    tag = what if i is None else f"{what}[{i}]"
-    if (W0 is None) == (anchor is None):
-        raise ValueError(f"{tag}: pass exactly one of W0 (a full reference weight) and anchor "
-                         f"(thin products from subspace_anchor); got {'both' if W0 is not None else 'neither'}")
-    if W0 is not None:
-        if not isinstance(W0, torch.Tensor):
-            raise TypeError(f"{tag}: W0 must be a torch.Tensor, got {type(W0).__name__}")
-        if W0.shape != W.shape or W0.device != W.device or not W0.is_floating_point():
-            raise ValueError(f"{tag}: W0 must be a floating-point tensor of W's shape {tuple(W.shape)} on "
-                             f"{W.device}, got shape {tuple(W0.shape)}, {W0.dtype} on {W0.device}")
-        if may_overlap(W0, W):
-            raise ValueError(f"{tag}: W0 shares memory with W; keep a separate copy of the reference")
-        return
-    if not isinstance(anchor, tuple) or len(anchor) != 2:
-        raise TypeError(f"{tag}: anchor must be a SubspaceAnchor (W0V, UtW0), got {type(anchor).__name__}")
-    if uc or vc:
-        raise ValueError(f"{tag}: a basis stored as its complement has no thin anchor (W₀ times the "
-                         "complement's orthogonal space is as large as W₀): pass W0 (the task-start "
-                         "weight, or the weight before this step) instead")
-    W0V, UtW0 = anchor
-    out_dim, in_dim = W.shape
-    for name, B, t, shape in (("V", _nonempty(V), W0V, None if _nonempty(V) is None else (out_dim, V.shape[1])),
-                              ("U", _nonempty(U), UtW0, None if _nonempty(U) is None else (U.shape[1], in_dim))):
-        got = None if t is None else tuple(t.shape)
-        if shape != got:
-            raise ValueError(f"{tag}: anchor.{'W0V' if name == 'V' else 'UtW0'} must be "
-                             f"{'None' if shape is None else shape} for this {name}, got {got}; "
-                             "recompute the anchor with subspace_anchor after the bases change")
 
 
 def _restore_sharded_(entries, backends, W0s, anchors, U_reduce) -> None:
@@ -275,12 +234,12 @@ def _restore_sharded_(entries, backends, W0s, anchors, U_reduce) -> None:
     for e, W0 in zip(entries, W0s):
         if W0 is not None:
             e[0].sub_(W0)
-    idx = [i for i, e in enumerate(entries) if _nonempty(e[1]) is not None]
+    idx = [i for i, e in enumerate(entries) if nonempty(e[1]) is not None]
     Ps = _reduce(U_reduce, _left_products([(entries[i][0], entries[i][1]) for i in idx], [backends[i] for i in idx]))
     UtDs = dict(zip(idx, Ps))
     for i, (e, b, W0, anchor) in enumerate(zip(entries, backends, W0s, anchors)):
         W, U, V, _, _, vc = e
-        GV0 = None if W0 is not None or _nonempty(V) is None else anchor[0]
+        GV0 = None if W0 is not None or nonempty(V) is None else anchor[0]
         UtD = UtDs.get(i)
         if UtD is not None and W0 is None:
             UtD = UtD - anchor[1].to(UtD.dtype)
@@ -289,19 +248,16 @@ def _restore_sharded_(entries, backends, W0s, anchors, U_reduce) -> None:
                 if GV0 is None:
                     project_into_(W, W, U, V, 1.0, b, False, vc)
                 else:
-                    torch.ops.kplora.subspace_restore_(W, None, _nonempty(V), GV0, None)
+                    torch.ops.kplora.subspace_restore_(W, None, nonempty(V), GV0, None)
             else:
                 project_into_(W, W, U, V, 1.0, "triton" if b == "triton" else "torch", False, vc, GV0=GV0, UtD=UtD)
         if W0 is not None:
             W.add_(W0)
 
 
-def _restore_all_(entries, backends, W0s, anchors, U_reduce=None) -> None:
+def _restore_all_(entries, backends, W0s, anchors) -> None:
     """Restore every entry in place; entries with an anchor go to the C++ kernel in one call on CPU
     and to the Triton kernels in one launch per group of equal shapes on CUDA."""
-    if U_reduce is not None:
-        _restore_sharded_(entries, backends, W0s, anchors, U_reduce)
-        return
     cpp_lists = ([], [], [], [], [])
     triton_groups: dict = {}
     for e, b, W0, anchor in zip(entries, backends, W0s, anchors):
@@ -314,7 +270,7 @@ def _restore_all_(entries, backends, W0s, anchors, U_reduce=None) -> None:
             project_into_(W, W, U, V, 1.0, b, uc, vc)
             W.add_(W0)
             continue
-        U, V = _nonempty(U), _nonempty(V)
+        U, V = nonempty(U), nonempty(V)
         GV0 = None if V is None else anchor[0]
         UtG0 = None if U is None else anchor[1]
         if b == "cpp":
@@ -333,6 +289,20 @@ def _restore_all_(entries, backends, W0s, anchors, U_reduce=None) -> None:
         from . import triton_kernels
 
         triton_kernels.project_group(group)
+
+
+@torch.library.custom_op("kplora::constraint_restore_", mutates_args=("Ws",),
+                         schema="(Tensor(a!)[] Ws, Tensor?[] Us, Tensor?[] Vs, Tensor?[] W0s, Tensor?[] W0Vs, "
+                                "Tensor?[] UtW0s, bool[] U_complement, bool[] V_complement, str? backend) -> ()")
+def _constraint_restore_(Ws, Us, Vs, W0s, W0Vs, UtW0s, U_complement, V_complement, backend):
+    entries = [[W, U, V, 1.0, uc, vc] for W, U, V, uc, vc in zip(Ws, Us, Vs, U_complement, V_complement)]
+    anchors = [None if W0 is not None else (a, b) for W0, a, b in zip(W0s, W0Vs, UtW0s)]
+    _restore_all_(entries, [_entry_backend(e, backend) for e in entries], list(W0s), anchors)
+
+
+@_constraint_restore_.register_fake
+def _(Ws, Us, Vs, W0s, W0Vs, UtW0s, U_complement, V_complement, backend):
+    return None
 
 
 def subspace_restore_(W: torch.Tensor, U: torch.Tensor | None = None, V: torch.Tensor | None = None, *,
@@ -380,13 +350,25 @@ def subspace_restore_grouped_(Ws: Sequence[torch.Tensor], Us=None, Vs=None, *, W
     weight, None entries allowed in one list when the other gives that entry). All arguments are
     checked before any weight is written. Returns ``Ws`` as a list."""
     _check_reduce(U_reduce)
-    entries = _entries(Ws, Us, Vs, 1.0, U_complement, V_complement, _what, U_sharded=U_reduce is not None)
+    entries = validation.entries(Ws, Us, Vs, 1.0, U_complement, V_complement, _what, U_sharded=U_reduce is not None)
     n = len(entries)
-    W0s = [None] * n if W0s is None else _per_entry(W0s, n, "W0s", ())
-    anchors = [None] * n if anchors is None else _per_entry(anchors, n, "anchors", ())
+    W0s = [None] * n if W0s is None else validation.per_entry(W0s, n, "W0s", ())
+    anchors = [None] * n if anchors is None else validation.per_entry(anchors, n, "anchors", ())
     for i, e in enumerate(entries):
-        _check_reference(None if _what == "W" else i, e[0], e[1], e[2], e[4], e[5], W0s[i], anchors[i], _what)
-    backends = [resolve_backend(e[0], backend, U_complement=e[4], V_complement=e[5],
-                                U_sharded=U_reduce is not None and _nonempty(e[1]) is not None) for e in entries]
-    _restore_all_(entries, backends, W0s, anchors, U_reduce)
+        validation.reference_args(None if _what == "W" else i, e[0], e[1], e[2], e[4], e[5], W0s[i], anchors[i],
+                                  _what)
+    if U_reduce is not None:
+        backends = [_entry_backend(e, backend, U_sharded=nonempty(e[1]) is not None) for e in entries]
+        _restore_sharded_(entries, backends, W0s, anchors, U_reduce)
+        return list(Ws)
+    if entries and not torch.compiler.is_compiling():
+        for e in entries:
+            _entry_backend(e, backend)
+    if entries:
+        # the anchor's products for a side without a basis are not used: pass None there
+        W0Vs = [None if a is None or nonempty(e[2]) is None else a[0] for e, a in zip(entries, anchors)]
+        UtW0s = [None if a is None or nonempty(e[1]) is None else a[1] for e, a in zip(entries, anchors)]
+        torch.ops.kplora.constraint_restore_([e[0] for e in entries], [e[1] for e in entries],
+                                             [e[2] for e in entries], W0s, W0Vs, UtW0s,
+                                             [e[4] for e in entries], [e[5] for e in entries], backend)
     return list(Ws)

@@ -38,13 +38,12 @@ every rank draws the same ones. Orientation: ``X`` is ``tokens×in``, ``dY`` is 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 from .._checks import check_basis, check_eps, check_tensor
 from ..distributed import is_distributed
-from ..ops.reference import residual_project_unchecked
+from ..ops import resolve_sketch_backend, sketch_update
 from .linalg import append_directions, gpm_count, gpm_expand_covariance, noise_floor, randomized_svd
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes per sketch
@@ -212,22 +211,17 @@ def _all_reduce(tensors, group) -> None:
 
 
 def _fused_usable(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> bool:
-    if not (A.is_cuda or os.environ.get("KPLORA_BACKEND") == "triton"):
-        return False
-    try:
-        from ..ops import sketch_triton
-    except ImportError:  # no triton: the torch GEMMs serve
-        return False
-    return sketch_triton.usable(A, B, K, L)
+    """Whether the dispatcher sends this update to the Triton one-read kernel; the torch forms of the
+    sketches serve otherwise. A forced backend (``KPLORA_BACKEND``) that cannot run raises
+    ``ValueError`` with its reasons (:func:`kplora_kernels.ops.sketch_not_supported_reasons`)."""
+    return resolve_sketch_backend(A, B, K, L) == "triton"
 
 
 def _fused_update(A: torch.Tensor, B: torch.Tensor, M1: torch.Tensor, M2: torch.Tensor | None = None):
-    """The Triton one-read update (``kplora_kernels.ops.sketch_triton``) where it serves, else None."""
+    """The op ``kplora::sketch_update`` on the Triton kernel where the dispatcher picks it, else None."""
     if not _fused_usable(A, B, M1.shape[1], 0 if M2 is None else M2.shape[1]):
         return None
-    from ..ops import sketch_triton
-
-    return sketch_triton.sketch_update(A, B, M1, M2)
+    return sketch_update(A, B, M1, M2, backend="triton")
 
 
 def _sqnorm(t: torch.Tensor) -> torch.Tensor:
@@ -827,8 +821,9 @@ class GradientSketch(_Guard):
         U, V = self._bases(U, V)
         if self.strategy == "dense":
             G = self.G.double()
-            return residual_project_unchecked(G, None if U is None else U.double(), None if V is None else V.double(),
-                                              1.0, False, self.V_complement)
+            return torch.ops.kplora.residual_projection(G, None if U is None else U.double(),
+                                                        None if V is None else V.double(), 1.0, False,
+                                                        self.V_complement, "torch")  # float64: torch backend
         Y = _project_cols(U, self.Y.double())
         W = _project_cols(V, self.W.double().mT, self.V_complement).mT
         return Y, W
