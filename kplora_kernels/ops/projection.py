@@ -30,8 +30,8 @@ def _cpp_bases(U, V, U_complement, V_complement):
 
 
 def _backend(G, U, V, backend, U_complement, V_complement) -> str:
-    return resolve_backend(G, backend, U_complement=U_complement, V_complement=V_complement,
-                           k_out=basis_width(U), k_in=basis_width(V))
+    return resolve_backend(G, backend, U_complement=U_complement and U is not None,
+                           V_complement=V_complement and V is not None, k_out=basis_width(U), k_in=basis_width(V))
 
 
 def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, name: str,
@@ -41,6 +41,7 @@ def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, name: 
     scale 1); ``UtD``: ``Uᵀ(G − G0)`` summed over row shards by the caller."""
     if not G.numel():
         return
+    U_complement, V_complement = U_complement and U is not None, V_complement and V is not None  # no basis: no flag
     if name == "triton":
         from . import triton_kernels
 
