@@ -218,6 +218,7 @@ def test_cpp_is_picked_only_in_its_measured_window():
         pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
     thin = torch.empty(4096, 16)  # a LoRA factor dB against a 64-wide U: 3× slower in C++
     assert ops.resolve_backend(thin, None, k_out=64, k_in=0) == "torch"
+    assert ops.resolve_backend(torch.empty(128, 1024), None, k_out=16, k_in=16) == "torch"
     assert ops.resolve_backend(torch.empty(1024, 1024), None, k_out=0, k_in=64) == "cpp"
-    assert ops.resolve_backend(torch.empty(4096, 4096), None, k_out=0, k_in=256) == "torch"
+    assert ops.resolve_backend(torch.empty(1024, 1024), None, k_out=0, k_in=65) == "torch"
     assert ops.resolve_backend(thin, "cpp", k_out=64, k_in=0) == "cpp"  # forcing still runs it
