@@ -137,6 +137,15 @@ def _project_sharded_(entries, backends, U_reduce) -> None:
         triton_kernels.project_group(group)
 
 
+@torch.compiler.disable  # U_reduce is a Python collective between the passes: run eagerly (a graph break)
+def _sharded_grouped_(entries, sharded, backend, U_reduce) -> None:
+    """Resolve every entry's backend (forced ones that cannot run raise before any write), then
+    project the row-sharded entries; the others are left to the registered op."""
+    backends = [_entry_backend(e, backend, U_sharded=sh) for e, sh in zip(entries, sharded)]
+    _project_sharded_([e for e, sh in zip(entries, sharded) if sh], [b for b, sh in zip(backends, sharded) if sh],
+                      U_reduce)
+
+
 def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scales=1.0, *,
                               U_complement=False, V_complement=False, backend: str | None = None,
                               U_reduce=None) -> list:
@@ -170,12 +179,11 @@ def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scal
     _check_reduce(U_reduce)
     entries = validation.entries(Gs, Us, Vs, scales, U_complement, V_complement, "Gs",
                                  U_sharded=U_reduce is not None)
-    if U_reduce is not None:
-        sharded = [nonempty(e[1]) is not None for e in entries]
-        backends = [_entry_backend(e, backend, U_sharded=True) for e, sh in zip(entries, sharded) if sh]
-        _project_sharded_([e for e, sh in zip(entries, sharded) if sh], backends, U_reduce)
+    sharded = [U_reduce is not None and nonempty(e[1]) is not None for e in entries]
+    if any(sharded):
+        _sharded_grouped_(entries, sharded, backend, U_reduce)
         entries = [e for e, sh in zip(entries, sharded) if not sh]
-    if entries and not torch.compiler.is_compiling():  # forced backends that cannot run raise before any write
+    elif entries and not torch.compiler.is_compiling():  # forced backends that cannot run raise before any write
         for e in entries:
             _entry_backend(e, backend)
     if entries:
@@ -253,6 +261,12 @@ def _restore_sharded_(entries, backends, W0s, anchors, U_reduce) -> None:
                 project_into_(W, W, U, V, 1.0, "triton" if b == "triton" else "torch", False, vc, GV0=GV0, UtD=UtD)
         if W0 is not None:
             W.add_(W0)
+
+
+@torch.compiler.disable  # U_reduce is a Python collective between the passes: run eagerly (a graph break)
+def _restore_sharded_eagerly_(entries, backend, W0s, anchors, U_reduce) -> None:
+    backends = [_entry_backend(e, backend, U_sharded=nonempty(e[1]) is not None) for e in entries]
+    _restore_sharded_(entries, backends, W0s, anchors, U_reduce)
 
 
 def _restore_all_(entries, backends, W0s, anchors) -> None:
@@ -358,8 +372,7 @@ def subspace_restore_grouped_(Ws: Sequence[torch.Tensor], Us=None, Vs=None, *, W
         validation.reference_args(None if _what == "W" else i, e[0], e[1], e[2], e[4], e[5], W0s[i], anchors[i],
                                   _what)
     if U_reduce is not None:
-        backends = [_entry_backend(e, backend, U_sharded=nonempty(e[1]) is not None) for e in entries]
-        _restore_sharded_(entries, backends, W0s, anchors, U_reduce)
+        _restore_sharded_eagerly_(entries, backend, W0s, anchors, U_reduce)
         return list(Ws)
     if entries and not torch.compiler.is_compiling():
         for e in entries:

@@ -12,6 +12,8 @@ import itertools
 
 import torch
 
+from .validation import nonempty, same_view
+
 
 def _project_right(H: torch.Tensor, V: torch.Tensor, complement: bool) -> torch.Tensor:
     """``H (I − V Vᵀ)``, or ``H V Vᵀ`` when ``V`` spans the kept space."""
@@ -95,15 +97,6 @@ def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None
     return 1, torch.cat([U, Q - U @ UtQ], dim=1), torch.cat([P, V.mT], dim=0)
 
 
-def _nonempty(B):
-    return None if B is None or B.shape[1] == 0 else B
-
-
-def _same_view(a, b) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
-
-
 def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, U_complement: bool = False,
                   V_complement: bool = False, GV0=None, UtG0=None, UtD=None) -> None:
     """Write ``scale·(keep·G − L R)`` (:func:`thin_factors`) into ``out`` (``G``'s shape; may be ``G``
@@ -111,12 +104,12 @@ def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, U_comp
     ``G − L R`` (scale 1)."""
     for index in itertools.product(*map(range, G.shape[:-2])):
         G2, out2 = G[index], out[index]
-        keep, L, R = thin_factors(G2, U if U_complement else _nonempty(U), V if V_complement else _nonempty(V),
+        keep, L, R = thin_factors(G2, U if U_complement else nonempty(U), V if V_complement else nonempty(V),
                                   U_complement=U_complement, V_complement=V_complement,
                                   GV0=GV0, UtG0=UtG0, UtD=UtD)
         beta = scale * keep
         if out2.dtype == L.dtype:
-            if _same_view(out2, G2):
+            if same_view(out2, G2):
                 out2.addmm_(L, R, beta=beta, alpha=-scale)
             else:
                 torch.addmm(G2, L, R, beta=beta, alpha=-scale, out=out2)
