@@ -146,6 +146,9 @@ def sketch_not_supported_reasons(backend: str, A: torch.Tensor, B: torch.Tensor,
                        "keeps in registers")
     if L > sketch_triton.MAX_L:
         reasons.append(f"the sketch width L = {L} exceeds {sketch_triton.MAX_L}, the widths the kernel keeps in registers")
+    if not reasons and not sketch_triton.usable(A, B, K, L):  # the launcher's own limits (e.g. resources)
+        reasons.append(f"kplora_kernels.ops.sketch_triton.usable refuses A {tuple(A.shape)} {A.dtype}, "
+                       f"B {tuple(B.shape)}, K = {K}, L = {L}")
     return reasons
 
 
