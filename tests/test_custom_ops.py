@@ -222,3 +222,66 @@ def test_cpp_is_picked_only_in_its_measured_window():
     assert ops.resolve_backend(torch.empty(1024, 1024), None, k_out=0, k_in=64) == "cpp"
     assert ops.resolve_backend(torch.empty(1024, 1024), None, k_out=0, k_in=65) == "torch"
     assert ops.resolve_backend(thin, "cpp", k_out=64, k_in=0) == "cpp"  # forcing still runs it
+
+
+def _train(step, compiled, steps=3):
+    f = torch.compile(step, backend="aot_eager") if compiled else step
+    for _ in range(steps):
+        f(torch.ones(6, 16) * 0.3)
+
+
+def test_compiled_training_steps_equal_eager_lora_and_full_mode():
+    """A wrapped MLP's LoRA step (projection hooks after the optimizer) and a full-mode step (the
+    grouped gradient projection between backward and step), compiled, equal eager; the graph breaks
+    of the full-mode step are torch's own (backward, optimizer), none in this package."""
+    from torch import nn
+
+    from kplora_kernels.nn import register_projection_hooks
+
+    def lora_model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8)).requires_grad_(False)
+        m[0], m[2] = FusedKeepLoRALinear.from_linear(m[0], 4), FusedKeepLoRALinear.from_linear(m[2], 4)
+        m[0].set_bases(V=random_basis(16, 5, torch.float32), U=random_basis(12, 3, torch.float32))
+        m[2].set_bases(U=random_basis(8, 2, torch.float32))
+        return m
+
+    Us, Vs = [random_basis(12, 2, torch.float32), None], [random_basis(16, 5, torch.float32),
+                                                         random_basis(12, 3, torch.float32)]
+    results = {}
+    for mode in ("lora", "full"):
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            m = lora_model() if mode == "lora" else nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+            params = [p for p in m.parameters() if p.requires_grad] if mode == "lora" else [m[0].weight, m[2].weight]
+            opt = torch.optim.SGD(params, lr=0.1)
+            if mode == "lora":
+                register_projection_hooks(m, opt)
+
+            def step(x):
+                m(x).pow(2).sum().backward()
+                if mode == "full":
+                    ops.residual_project_grouped_([p.grad for p in params], Us, Vs, [0.5, 1.0])
+                opt.step()
+                opt.zero_grad()
+
+            _train(step, compiled)
+            results[mode, compiled] = [p.detach().clone() for p in params]
+            if mode == "full" and compiled:
+                torch._dynamo.reset()
+                explanation = torch._dynamo.explain(step)(torch.ones(6, 16))
+                frames = [f.filename for r in explanation.break_reasons for f in r.user_stack]
+                assert not any("kplora_kernels" in f for f in frames), explanation.break_reasons
+    for mode in ("lora", "full"):
+        for a, b in zip(results[mode, False], results[mode, True]):
+            torch.testing.assert_close(a, b)
+    # the full-mode steps moved the weights, and only inside the residual subspace
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))
+    for W0, W, U, V in zip((start[0].weight, start[2].weight), results["full", True], Us, Vs):
+        delta = (W - W0).detach()
+        assert delta.abs().max() > 1e-3
+        tol = 32 * torch.finfo(torch.float32).eps * delta.abs().max()  # fp32 roundings of 3 projected steps
+        assert (delta @ V).abs().max() <= tol
+        if U is not None:
+            assert (U.T @ delta).abs().max() <= tol
