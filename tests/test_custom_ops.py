@@ -285,3 +285,19 @@ def test_compiled_training_steps_equal_eager_lora_and_full_mode():
         assert (delta @ V).abs().max() <= tol
         if U is not None:
             assert (U.T @ delta).abs().max() <= tol
+
+
+def test_torch_export_keeps_the_ops_as_nodes():
+    class Project(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            _, self.U, self.V = case()
+
+        def forward(self, G):
+            return ops.residual_project(G, self.U, self.V, 0.5) + ops.project_rows(G, self.V)
+
+    module, G = Project(), case(seed=4)[0]
+    exported = torch.export.export(module, (G,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"kplora.residual_projection.default", "kplora.row_projection.default"} <= targets, targets
+    torch.testing.assert_close(exported.module()(G), module(G))
