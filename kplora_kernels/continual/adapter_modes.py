@@ -41,23 +41,23 @@ class _Handles:
 
 
 class LoRAAdapter:
-    """``A``/``B`` per layer, set by the method at each task start and merged at each task end."""
+    """``A``/``B`` per layer, set by the method at each task start and merged at each task end.
+
+    What trains is fixed at wrap time by the method (``B`` always, ``A`` when ``trains_A``), so that
+    DDP's reducer, FSDP2, the Trainer and any optimizer built right after wrapping see every
+    parameter any task trains; nothing switches ``requires_grad`` in mid-run."""
 
     name = "lora"
 
     def wrap(self, engine: "KeepLoRA", layer) -> None:
-        pass
+        layer.lora_A.requires_grad_(engine.method.trains_A)
+        layer.lora_B.requires_grad_(True)
 
     def trainable(self, engine: "KeepLoRA") -> list:
         return [p for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
 
     def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
-        for layer in engine.layers.values():  # the method's estimation passes train nothing
-            layer.lora_A.requires_grad_(False)
-            layer.lora_B.requires_grad_(True)
         engine.method.init_adapters(engine, loader, loss_fn, fraction)
-        for layer in engine.layers.values():
-            layer.lora_A.requires_grad_(engine.method.trains_A)
 
     def end_task(self, engine: "KeepLoRA") -> None:
         for layer in engine.layers.values():
@@ -70,8 +70,7 @@ class LoRAAdapter:
         return {}
 
     def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
-        for layer in engine.layers.values():
-            layer.lora_A.requires_grad_(task_open and engine.method.trains_A)
+        pass
 
 
 # --- FSDP2: weights and gradients are row shards (Shard(0)) ------------------------------------------
@@ -170,10 +169,13 @@ class FullAdapter:
     def wrap(self, engine: "KeepLoRA", layer) -> None:
         layer.lora_A.requires_grad_(False)
         layer.lora_B.requires_grad_(False)
+        # trainable from wrap on (DDP, FSDP2 and the Trainer build their state from it); between
+        # tasks the gradients are None and the optimizer steps nothing
+        layer.weight.requires_grad_(True)
         layer.merged = True  # B = 0, nothing to fold: the forward is the plain linear of the weight
 
     def trainable(self, engine: "KeepLoRA") -> list:
-        return [layer.weight for layer in engine.layers.values() if layer.weight.requires_grad]
+        return [layer.weight for layer in engine.layers.values()]
 
     @staticmethod
     def _bases(layer):
@@ -199,8 +201,6 @@ class FullAdapter:
                 _row_shard(layer.weight, name)  # raises for layouts other than FSDP2's Shard(0)
         self.start = {name: (_sharded_snapshot(layer) if hasattr(layer.weight, "device_mesh") else self._snapshot(layer))
                       for name, layer in engine.layers.items()}
-        for layer in engine.layers.values():
-            layer.weight.requires_grad_(True)
         self._projected = False
 
     @torch.no_grad()
@@ -253,7 +253,6 @@ class FullAdapter:
 
     def end_task(self, engine: "KeepLoRA") -> None:
         for layer in engine.layers.values():
-            layer.weight.requires_grad_(False)
             layer.weight.grad = None
         self.start = {}
 
@@ -277,7 +276,6 @@ class FullAdapter:
             prefix = f"full_start.{name}."
             self.start[name] = {k[len(prefix):]: t.to(layer.weight.device).clone() for k, t in tensors.items()
                                 if k.startswith(prefix)}
-            layer.weight.requires_grad_(True)
 
 
 def make_adapter(config):

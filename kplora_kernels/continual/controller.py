@@ -184,6 +184,7 @@ class KeepLoRA:
         for layer in self.layers.values():
             layer.grad_accumulator = None
             layer.input_accumulator = None
+            layer.weight.requires_grad_(False)  # adapter="full" trains them while wrapped; the plain model is frozen
         self.model = merge_and_unload(self.model)
         self._unloaded = True
         self.layers = {}

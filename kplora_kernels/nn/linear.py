@@ -18,6 +18,16 @@ from .. import ops  # noqa: F401  (registers torch.ops.kplora.*)
 from .hooks import GradientAccumulator, InputAccumulator
 
 
+_BASES = ("V", "U")
+
+
+def _basis_value(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or isinstance(value, nn.Parameter):
+        raise TypeError(f"{name} must be a tensor (not an nn.Parameter: a basis is not trained), "
+                        f"got {type(value).__name__}")
+    return value.detach() if value.requires_grad else value  # the object itself: placements compare identity
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered from its shards for a DTensor (FSDP2; a collective: every rank
     must call it), the tensor itself otherwise."""
@@ -108,9 +118,47 @@ class FusedKeepLoRALinear(nn.Module):
     """A LoRA linear whose updates stay in the residual subspace of its protected bases.
 
     Parameters: ``weight`` (``out×in``) and ``bias`` (shared with the replaced linear, frozen),
-    ``lora_A`` (``r×in``), ``lora_B`` (``out×r``, zero). Persistent buffers: ``V`` (``in×k_in``) and
+    ``lora_A`` (``r×in``), ``lora_B`` (``out×r``, zero). Protected bases: ``V`` (``in×k_in``) and
     ``U`` (``out×k_out``), empty until :meth:`set_bases`. Inputs: ``(..., in)``, any float dtype.
+
+    The bases are part of the layer's ``state_dict`` (keys ``V`` and ``U``) but are not module
+    buffers: ``DistributedDataParallel`` does not broadcast them and FSDP2's ``fully_shard`` does not
+    move them (they are not model state to the engines, see :mod:`kplora_kernels.distributed`). A
+    ``Module.to``/``cuda``/``half`` moves a basis that lives with the weight to the weight's new
+    device and never changes its dtype (a cast of the bases to half precision would break their
+    orthonormality); a basis kept elsewhere (a placement's host copy) stays where it is.
     """
+
+    @property
+    def V(self) -> torch.Tensor:
+        """The protected input basis, ``in×k_in`` (its complement ``in×(in−k_in)`` when ``V_complement``)."""
+        return self.__dict__["_basis_V"]
+
+    @V.setter
+    def V(self, value: torch.Tensor) -> None:
+        self.__dict__["_basis_V"] = _basis_value("V", value)
+
+    @property
+    def U(self) -> torch.Tensor:
+        """The protected output basis, ``out×k_out`` (``out×0`` when the output side is unprotected)."""
+        return self.__dict__["_basis_U"]
+
+    @U.setter
+    def U(self, value: torch.Tensor) -> None:
+        self.__dict__["_basis_U"] = _basis_value("U", value)
+
+    def _apply(self, fn, recurse: bool = True):
+        home = self.weight.device
+        bases = {key: getattr(self, key) for key in _BASES}
+        result = super()._apply(fn, recurse)
+        for key, t in bases.items():
+            if t.device != home:
+                continue  # kept off the weight's device by a placement: it stays there
+            # where fn sends a tensor of the basis' dtype, without converting the values
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+            if target != t.device:
+                setattr(self, key, t.to(target))
+        return result
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0,
                  layer_scale: float = 1.0, bias: bool = True, *, dropout: float = 0.0,
@@ -162,8 +210,8 @@ class FusedKeepLoRALinear(nn.Module):
         A0 = torch.linalg.qr(torch.randn(in_features, rank, device=self.weight.device))[0].mT
         self.lora_A = nn.Parameter(A0.to(self.weight.dtype).contiguous(), requires_grad=train_A)
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
-        self.register_buffer("V", torch.zeros(in_features, 0, **factory))
-        self.register_buffer("U", torch.zeros(out_features, 0, **factory))
+        self.V = torch.zeros(in_features, 0, **factory)
+        self.U = torch.zeros(out_features, 0, **factory)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.V_complement = False  # V holds the complement of the protected basis (cheaper past in/2)
@@ -493,13 +541,18 @@ class FusedKeepLoRALinear(nn.Module):
                     raise ValueError(f"state_dict[{prefix + key!r}] leaves a residual space of {room} "
                                      f"dimensions, fewer than rank = {self.rank}")
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key in _BASES:
+            destination[prefix + key] = getattr(self, key)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         self._check_state(state_dict, prefix)
         if strict:  # report missing and unexpected keys without loading the others (all or nothing)
             local = [n for n, p in self._parameters.items() if p is not None]
             local += [n for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set]
-            local.append("_extra_state")
+            local += [*_BASES, "_extra_state"]
             missing = [prefix + n for n in local if prefix + n not in state_dict]
             unexpected = [k for k in state_dict if k.startswith(prefix)
                           and k[len(prefix):].split(".")[0] not in local and k[len(prefix):].split(".")[0]
@@ -508,12 +561,15 @@ class FusedKeepLoRALinear(nn.Module):
                 missing_keys.extend(missing)
                 unexpected_keys.extend(unexpected)
                 return
-        for name in ("U", "V"):  # the bases grow from task to task: take the stored size
-            stored = state_dict.get(prefix + name)
-            if stored is not None and stored.shape != getattr(self, name).shape:
-                setattr(self, name, getattr(self, name).new_empty(stored.shape))
+        bases = {key: state_dict[prefix + key] for key in _BASES if prefix + key in state_dict}
+        if bases:  # not module state: the base class would report them as unexpected
+            state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + key for key in _BASES}}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        with torch.no_grad():
+            for key, stored in bases.items():  # the bases grow from task to task: take the stored size
+                mine = getattr(self, key)
+                setattr(self, key, stored.detach().to(device=mine.device, dtype=mine.dtype, copy=True))
 
 
 def _check_optimizer(optimizer) -> None:
