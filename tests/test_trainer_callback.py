@@ -36,12 +36,17 @@ def task_data(task: int, n: int = 16, length: int = 8):
     return rows
 
 
-def wrap(model):
+def wrap(model, method="keeplora++", adapter="lora"):
     from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
 
-    cfg = KeepLoRAConfig(rank=4, alpha=4.0, eps_w={"default": 0.5}, eps_f=0.95,
+    cfg = KeepLoRAConfig(method=method, adapter=adapter, rank=4, alpha=4.0, eps_w={"default": 0.5}, eps_f=0.95,
                          targets=[r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"])
     return KeepLoRA(model, cfg, progress=False)
+
+
+# every method whose trainable set differs from keeplora++'s LoRA mode: A trained (lora, olora), or the
+# target weights themselves (adapter="full")
+OTHER_CASES = [("lora", "lora"), ("olora", "lora"), ("keeplora++", "full"), ("lora", "full")]
 
 
 def training_args(out, **kw):
@@ -90,6 +95,34 @@ def test_two_tasks_through_one_trainer(tmp_path):
             assert torch.equal(fresh.layers[name].V, layer.V)
 
 
+@pytest.mark.parametrize("method,adapter", OTHER_CASES, ids=[f"{m}-{a}" for m, a in OTHER_CASES])
+def test_every_method_and_adapter_mode_through_the_trainer(tmp_path, method, adapter):
+    """The Trainer builds its optimizer before on_train_begin: it must already hold what each task
+    trains (lora's A, full mode's weights); two tasks, each changes the weights, the state reloads."""
+    from transformers import Trainer
+
+    from kplora_kernels.continual import KeepLoRA
+    from kplora_kernels.continual.trainer import STATE_FILE, KeepLoRACallback
+
+    kl = wrap(tiny_llama(), method, adapter)
+    trainer = Trainer(model=kl.model, args=training_args(tmp_path), train_dataset=task_data(0),
+                      callbacks=[KeepLoRACallback(kl)])
+    for task in range(2):
+        weights = {n: layer.weight.detach().clone() for n, layer in kl.layers.items()}
+        bases = {n: protected(layer) for n, layer in kl.layers.items()}
+        trainer.train_dataset = task_data(task)
+        trainer.train()
+        assert kl.task_index == task + 1
+        for name, layer in kl.layers.items():
+            delta = layer.weight.detach() - weights[name]
+            assert delta.abs().max() > 0, f"{name}: task {task} changed nothing"
+            if method == "keeplora++":  # full mode keeps the protected inputs' outputs too
+                assert (delta @ bases[name]).abs().max() <= 1e-5 * max(1.0, delta.abs().max().item()), name
+        fresh = KeepLoRA.from_checkpoint(tiny_llama(), str(tmp_path / STATE_FILE), progress=False)
+        for name, layer in kl.layers.items():
+            assert torch.equal(fresh.layers[name].weight, layer.weight), name
+
+
 def test_state_is_saved_beside_trainer_checkpoints(tmp_path):
     from transformers import Trainer
 
@@ -126,18 +159,23 @@ from test_trainer_callback import tiny_llama, task_data, wrap, training_args, pr
 from transformers import Trainer
 from kplora_kernels.continual.trainer import KeepLoRACallback
 
-kl = wrap(tiny_llama())
-trainer = Trainer(model=kl.model, args=training_args(sys.argv[1], ddp_backend="gloo"),
-                  train_dataset=task_data(0), callbacks=[KeepLoRACallback(kl)])
-for task in range(2):
-    trainer.train_dataset = task_data(task)
-    trainer.train()
 rank = int(os.environ["RANK"])
-assert torch.distributed.is_initialized() and trainer.args.world_size == 2, "not a 2-process run"
-assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel", type(trainer.model_wrapped)
-torch.save({{n: (l.weight.detach().clone(), protected(l)) for n, l in kl.layers.items()}},
-           os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
+for case in sys.argv[2:]:
+    method, adapter = case.split(":")
+    out = os.path.join(sys.argv[1], method + "-" + adapter)
+    kl = wrap(tiny_llama(), method, adapter)
+    trainer = Trainer(model=kl.model, args=training_args(out, ddp_backend="gloo"),
+                      train_dataset=task_data(0), callbacks=[KeepLoRACallback(kl)])
+    for task in range(2):
+        trainer.train_dataset = task_data(task)
+        trainer.train()
+    assert torch.distributed.is_initialized() and trainer.args.world_size == 2, "not a 2-process run"
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel", type(trainer.model_wrapped)
+    torch.save({{n: (l.weight.detach().clone(), protected(l), l.lora_A.detach().clone())
+                for n, l in kl.layers.items()}}, os.path.join(out, f"rank{{rank}}.pt"))
 """
+
+DDP_CASES = ["keeplora++:lora", "lora:lora", "olora:lora", "keeplora++:full"]
 
 
 def test_two_tasks_under_torchrun_ddp_with_two_gloo_processes(tmp_path):
@@ -145,12 +183,14 @@ def test_two_tasks_under_torchrun_ddp_with_two_gloo_processes(tmp_path):
     script.write_text(DDP_SCRIPT.format(here=HERE))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.path.dirname(HERE), HERE])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(free_port()), str(script), str(tmp_path)],
+                           "--master-port", str(free_port()), str(script), str(tmp_path), *DDP_CASES],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert states[0].keys() == states[1].keys()
-    for name in states[0]:  # every rank holds the same merged weights and bases
-        assert torch.equal(states[0][name][0], states[1][name][0]), name
-        assert torch.equal(states[0][name][1], states[1][name][1]), name
-    assert os.path.isfile(tmp_path / "keeplora.safetensors")
+    for case in DDP_CASES:
+        out = tmp_path / case.replace(":", "-")
+        states = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        assert states[0].keys() == states[1].keys()
+        for name in states[0]:  # every rank holds the same merged weights, bases and A
+            for i, what in enumerate(("weight", "V", "lora_A")):
+                assert torch.equal(states[0][name][i], states[1][name][i]), (case, name, what)
+        assert os.path.isfile(out / "keeplora.safetensors"), case
