@@ -14,6 +14,7 @@ from . import __version__
 from .config_file import ConfigError, check_settings, describe_settings, require_packages
 from .llava import add_arguments as add_llava_arguments
 from .mtil import add_arguments as add_mtil_arguments
+from .vlm import add_arguments as add_vlm_arguments
 
 
 def default_cache_dir() -> str:
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     add_mtil_arguments(sub.add_parser("mtil", help="the MTIL benchmark (11 datasets) for an open_clip model"))
     add_llava_arguments(sub.add_parser("llava", help="continual instruction tuning of a LLaVA model"))
+    add_vlm_arguments(sub.add_parser("vlm", help="continual instruction tuning of any transformers vision-language "
+                                                 "model, images and video"))
     memory = sub.add_parser("memory", help="what the KeepLoRA++ state costs for an LLM config")
     memory.add_argument("--model-config", required=True, help="llava-1.5-7b, llava-1.5-13b or a config.json")
     memory.add_argument("--rank", type=int, default=32, help="adapter rank r (default 32)")
@@ -98,6 +101,10 @@ def main(argv=None) -> int:
             from .llava import main as run_llava
 
             run_llava(args)
+        elif args.command == "vlm":
+            from .vlm import main as run_vlm
+
+            run_vlm(args)
         elif args.command == "mtil":
             from .mtil import main as run_mtil
 
