@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .atomic import write_atomically
 from .config_file import ConfigError, load_settings, setting
 from .continual import KeepLoRA, metrics, preset, zero_shot
 from .continual.report import heatmap
@@ -151,9 +152,7 @@ def pretrain(cfg: DemoConfig, base: Task, cache_dir: str, log):
                          base.batches(cfg.batch_size, cfg.seed, cfg.stage0_steps), cfg.stage0_steps, opt,
                          desc="stage 0: pre-training on digit names", reports=0)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp), what="stage-0 model")
     log(f"stage 0: pre-trained for {cfg.stage0_steps} steps (final running loss {result['loss']:.3f}), "
         f"cached in {path}")
     return model

@@ -164,7 +164,10 @@ class FullAdapter:
 
     def __init__(self):
         self.start: dict[str, dict[str, torch.Tensor]] = {}  # name → snapshot of W₀ (thin or whole)
-        self._projected = False  # gradients of the current step already projected
+        # the gradients now in .grad were already projected; any forward with gradients enabled (a new
+        # step's backward follows) clears it, so a step the loop skipped (GradScaler on overflow runs
+        # no optimizer.step, hence no post-step hook) never leaves the next one unprojected
+        self._projected = False
 
     def wrap(self, engine: "KeepLoRA", layer) -> None:
         layer.lora_A.requires_grad_(False)
@@ -173,6 +176,11 @@ class FullAdapter:
         # tasks the gradients are None and the optimizer steps nothing
         layer.weight.requires_grad_(True)
         layer.merged = True  # B = 0, nothing to fold: the forward is the plain linear of the weight
+        layer.register_forward_pre_hook(self._new_step)
+
+    def _new_step(self, module, args) -> None:
+        if torch.is_grad_enabled():
+            self._projected = False
 
     def trainable(self, engine: "KeepLoRA") -> list:
         return [layer.weight for layer in engine.layers.values()]

@@ -69,17 +69,13 @@ def _load(path: str, rows: int) -> torch.Tensor | None:
 
 
 def save_file_atomically(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors' ``save_file`` into a temp file beside ``path``, renamed over it: a reader sees the
-    old file or the new one, never a partial one; the temp file is removed when writing fails."""
+    """safetensors' ``save_file`` through :func:`~kplora_kernels.atomic.write_atomically`: a reader
+    sees the old file or the new one, never a partial one."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from ..atomic import write_atomically
+
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), what="safetensors file")
 
 
 def _store(path: str, basis: torch.Tensor) -> None:

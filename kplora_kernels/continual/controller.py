@@ -15,13 +15,13 @@ import logging
 import math
 import os
 import re
-import secrets
 from contextlib import contextmanager
 
 import torch
 import torch.distributed
 from torch import nn
 
+from ..atomic import write_atomically
 from ..distributed import broadcast_from, is_distributed, is_rank0
 from ..nn import FusedKeepLoRALinear
 from ..nn.linear import add_, assign_, full, low_rank_delta
@@ -49,30 +49,6 @@ def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
     if not is_distributed():
         return t
     return broadcast_from(t, torch.distributed.get_global_rank(group, 0) if group else 0, group)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class KeepLoRA:
@@ -166,6 +142,8 @@ class KeepLoRA:
                 self.placement.release(name, layer)  # one layer's bases on the device at a time
         self.task_index = 0
         self.task_open = False
+        self._merged_open_task = False  # the open task's update is merged, its end_task not yet finished
+        self._record_weights()
         self.placement.offload(self.layers)
 
     def _check_wrapped(self, where: str) -> None:
@@ -316,24 +294,76 @@ class KeepLoRA:
         on the first ``fraction`` of ``loader`` (``forward_fn(model, batch)`` runs a forward); the
         method records what it keeps (O-LoRA: the task's ``A``).
 
+        Each boundary is transactional: every layer's update (and its merged result) is checked for
+        NaN/Inf before any weight, history or basis changes (``FloatingPointError`` naming the layer;
+        the state is exactly as before, the task still open). A failure of the data pass after the
+        merge (an empty or non-finite batch) leaves the task open with its update merged and recorded
+        once; calling ``end_task`` again with good data finishes it without merging twice.
+
         Raises ``RuntimeError`` when no task is open, ``ValueError`` for an empty loader (the task
-        then stays open and ``end_task`` may be called again)."""
+        then stays open and ``end_task`` may be called again), ``FloatingPointError`` as above."""
         self._check_wrapped("end_task")
         if not self.task_open:
             raise RuntimeError(f"end_task: no task is open (call begin_task first); {self.task_index} tasks done")
         self._check_loader(loader, "end_task")
         if not callable(forward_fn):
             raise TypeError(f"end_task: forward_fn must be callable (model, batch), got {type(forward_fn).__name__}")
-        if self._history is not None:  # what absorb_ folds in, for compact checkpoints
-            self._history.append({name: (full(layer.lora_B.detach()).cpu().clone(),
-                                         full(layer.lora_A.detach()).cpu().clone())
-                                  for name, layer in self.layers.items()})
-        self.adapter.end_task(self)
+        if not self._merged_open_task:
+            self._check_update_finite()  # before anything changes: a failure leaves the state as it was
+            if self._history is not None:  # what absorb_ folds in, for compact checkpoints
+                self._history.append({name: (full(layer.lora_B.detach()).cpu().clone(),
+                                             full(layer.lora_A.detach()).cpu().clone())
+                                      for name, layer in self.layers.items()})
+            self.adapter.end_task(self)
+            self._record_weights()
+            # merged and recorded: a retry after a failing data pass (bad batches) resumes from here
+            self._merged_open_task = True
         if self.method.grows_input_basis:
             self._expand_bases(loader, forward_fn, fraction)
         self.method.end_task(self)
+        self._merged_open_task = False
         self.task_index += 1
         self.task_open = False
+
+    @staticmethod
+    @torch.no_grad()
+    def _weight_probe(layer) -> torch.Tensor:
+        """``W p`` (fp32, on the host) for a fixed seeded vector ``p``: any change of ``W`` changes it."""
+        W = full(layer.weight.detach())
+        p = torch.randn(W.shape[1], 1, generator=torch.Generator().manual_seed(0x6b706c))
+        return (W.float() @ p.to(W.device)).cpu()
+
+    def _record_weights(self) -> None:
+        """Remember each target weight as the library left it (after wrapping, a merge or a load)."""
+        self._weight_probes = {name: self._weight_probe(layer) for name, layer in self.layers.items()}
+
+    def _weights_changed_outside(self) -> list[str]:
+        """The target weights changed since the library last changed them (a user's edit, also through
+        ``.data``, an optimizer that stepped them, a ``load_state_dict``): their probe product differs.
+        One matrix-vector product per layer (version counters miss edits through ``.data``)."""
+        return [name for name, layer in self.layers.items()
+                if not torch.equal(self._weight_probe(layer), self._weight_probes[name])]
+
+    @torch.no_grad()
+    def _check_update_finite(self) -> None:
+        """Raise ``FloatingPointError`` naming the first layer whose task update is not finite (a NaN
+        or Inf in ``A``, ``B``, ``c·B A`` or the merged weight; with ``adapter="full"``, the trained
+        weight), before the merge touches any weight (peft's ``safe_merge`` check)."""
+        for name, layer in self.layers.items():
+            W = full(layer.weight.detach())
+            if self.adapter.name == "full":
+                bad = {"weight": W}
+            else:
+                delta = layer.delta_weight()
+                bad = {"lora_A": full(layer.lora_A.detach()), "lora_B": full(layer.lora_B.detach()),
+                       "c·B A": delta, "the merged weight": W.to(delta.dtype) + delta}
+            for what, t in bad.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise FloatingPointError(
+                        f"end_task: layer {name!r} has a non-finite update ({what} holds NaN or Inf), so nothing "
+                        f"was merged, recorded or expanded and task {self.task_index} is still open; the training "
+                        "diverged: lower the learning rate, clip gradients, or resume from a checkpoint, then "
+                        "train again and call end_task")
 
     def _expand_bases(self, loader, forward_fn, fraction):
         cfg = self.config
@@ -408,6 +438,16 @@ class KeepLoRA:
                    if self.config.adapter == "full" else
                    "the weights were loaded from a full-form checkpoint, so the history of updates is unknown")
             raise ValueError(f"save(compact=True) is impossible: {why}; use compact=False (the full form)")
+        if compact is not False and self._history is not None:
+            edited = self._weights_changed_outside()
+            if edited and compact:
+                raise ValueError(f"save(compact=True) would lose work: {len(edited)} target weight(s) changed outside "
+                                 f"the library's merges (first: {edited[:3]}), and a compact checkpoint only replays "
+                                 "the recorded merges onto the pre-trained weights; use compact=False (the full form)")
+            if edited:
+                logger.warning("save: %d target weight(s) changed outside the library's merges (first: %s): writing "
+                               "the full form, which keeps them", len(edited), edited[:3])
+                compact = False
         if compact is None:
             compact = self._history is not None
             logger.info("save: writing the %s form to %s", "compact" if compact else "full", path)
@@ -436,47 +476,14 @@ class KeepLoRA:
         if is_distributed():
             torch.distributed.barrier(group=self.process_group)
 
-    @staticmethod
-    def _temp_prefix(path: str) -> str:
-        directory, base = os.path.split(os.path.abspath(path))
-        return os.path.join(directory, f".{base}.kplora.tmp-")
-
-    @classmethod
-    def _remove_stale_temps(cls, path: str) -> list[str]:
-        """Remove the temp files of earlier saves to ``path`` whose writing process no longer runs."""
-        prefix = cls._temp_prefix(path)
-        directory, stem = os.path.split(prefix)
-        removed = []
-        for entry in os.listdir(directory):
-            if not entry.startswith(stem):
-                continue
-            pid = entry[len(stem):].split("-", 1)[0]
-            alive = pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))
-            if not alive:
-                try:
-                    os.remove(os.path.join(directory, entry))
-                    removed.append(entry)
-                except FileNotFoundError:
-                    pass
-        return removed
-
     def _write(self, path: str, tensors: dict, extra_meta: dict) -> None:
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
-                "task_open": self.task_open, "layout": self._layout(),
+                "task_open": self.task_open, "merged_open_task": self._merged_open_task, "layout": self._layout(),
                 "V_complement": {n: l.V_complement for n, l in self.layers.items()}, **extra_meta}
-        self._remove_stale_temps(path)
-        tmp = f"{self._temp_prefix(path)}{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_directory(os.path.dirname(os.path.abspath(path)))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)}),
+                         what="controller checkpoint")
 
     @staticmethod
     def _read(path: str):
@@ -516,6 +523,15 @@ class KeepLoRA:
             raise ValueError(f"checkpoint {path} is for another architecture: layers only in the checkpoint "
                              f"{missing}, only in this model {extra}, of other shape {changed}")
         compact = meta.get("form", "full") == "compact"
+        required = [f"{name}.{key}" for name in self.layers for key in ("lora_A", "lora_B", "V", "U")]
+        required += [f"{name}.weight" for name in self.layers] if not compact else [
+            f"history.{i}.{name}.{f}" for i in range(int(meta.get("history", 0))) for name in self.layers for f in "BA"]
+        required += [f"extra.{name}" for name in self.extra_parameters]
+        absent = [key for key in required if key not in tensors]
+        if absent or (compact and "fingerprints" not in meta):
+            raise ValueError(f"checkpoint {path} is incomplete: it lacks {len(absent)} tensor(s) this model needs "
+                             f"(first: {absent[:3]}){' and the fingerprints' if compact and 'fingerprints' not in meta else ''}; "
+                             "nothing was loaded")
         if compact:
             stored = meta["fingerprints"]
             differ = [n for n, layer in self.layers.items()
@@ -548,8 +564,10 @@ class KeepLoRA:
         state = {k[len("state."):]: t for k, t in tensors.items() if k.startswith("state.")}
         self.task_index = meta["task_index"]
         self.task_open = bool(meta.get("task_open", False))
+        self._merged_open_task = bool(meta.get("merged_open_task", False))
         self.method.load_state_tensors(state, self)
         self.adapter.load_state_tensors(self, state, self.task_open)
+        self._record_weights()
         self.placement.offload(self.layers)  # the loaded bases go where the placement keeps them (mmap: written)
 
     @torch.no_grad()

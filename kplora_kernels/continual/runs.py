@@ -14,11 +14,15 @@ from . import metrics
 
 def write_json(path: str, data) -> None:
     """Write JSON atomically (temp file + rename); NaN becomes null."""
+    from ..atomic import write_atomically
+
     clean = lambda v: None if isinstance(v, float) and v != v else v  # noqa: E731
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data if not isinstance(data, dict) else {k: clean(v) for k, v in data.items()}, f, indent=2)
-    os.replace(tmp, path)
+    data = data if not isinstance(data, dict) else {k: clean(v) for k, v in data.items()}
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+    write_atomically(path, write, what="JSON record")
 
 
 _ABSENT = object()

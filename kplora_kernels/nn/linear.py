@@ -102,13 +102,26 @@ class _KeepLoRAFunction(torch.autograd.Function):
             dW = dY2.mT @ flat(x).to(dt)
         if ctx.needs_input_grad[3]:
             db = dY2.sum(0)
-        # the bases were validated by set_bases: the registered projection ops run without re-checking
+        # the bases were validated by set_bases: the registered projection ops run without re-checking.
+        # The products run in the gradient's dtype (bf16 under autocast); the projection runs in the
+        # bases' dtype (fp32 by default), so the gradient the optimizer sees (in the factor's dtype) has
+        # nothing left inside span(U)/span(V) beyond that dtype's rounding.
         if ctx.needs_input_grad[5]:
             dB = dY2.mT @ flat(h).to(dt)  # out×r
-            dB = c * dB if U is None else torch.ops.kplora.residual_projection(dB, U.to(dt), None, c, False, False, None)
+            if U is None:
+                dB = c * dB
+            else:
+                pt = torch.promote_types(dB.dtype, U.dtype)
+                dB = torch.ops.kplora.residual_projection(dB.to(pt), U.to(pt), None, c, False, False, None)
+            dB = dB.to(B.dtype)
         if ctx.needs_input_grad[4]:
             dA = dYB.mT @ flat(x if x_d is None else x_d).to(dt)  # r×in
-            dA = c * dA if V is None else torch.ops.kplora.row_projection(dA, V.to(dt), c, ctx.V_complement, None)
+            if V is None:
+                dA = c * dA
+            else:
+                pt = torch.promote_types(dA.dtype, V.dtype)
+                dA = torch.ops.kplora.row_projection(dA.to(pt), V.to(pt), c, ctx.V_complement, None)
+            dA = dA.to(A.dtype)
         if ctx.grad_accumulator is not None:
             ctx.grad_accumulator.update(dY2.detach(), flat(x).detach())
         return dx, dx_d, dW, db, dA, dB, None, None, None, None, None

@@ -38,9 +38,13 @@ def project_into_(out: torch.Tensor, G: torch.Tensor, U, V, scale: float, name: 
                   U_complement: bool = False, V_complement: bool = False, GV0=None, UtG0=None, UtD=None) -> None:
     """Write ``scale·(I − UUᵀ)(G − G0)(I − VVᵀ)`` into ``out`` (may be ``G``) with backend ``name``;
     arguments were validated. ``G0`` as the offsets ``GV0 = G0 V``, ``UtG0 = Uᵀ G0`` (the restore,
-    scale 1); ``UtD``: ``Uᵀ(G − G0)`` summed over row shards by the caller."""
+    scale 1); ``UtD``: ``Uᵀ(G − G0)`` summed over row shards by the caller. Runs in the inputs' dtypes
+    whatever autocast region it is called from (the ops fall through autocast's dispatch)."""
     if not G.numel():
         return
+    if torch.is_autocast_enabled(G.device.type):
+        with torch.autocast(G.device.type, enabled=False):
+            return project_into_(out, G, U, V, scale, name, U_complement, V_complement, GV0=GV0, UtG0=UtG0, UtD=UtD)
     U_complement, V_complement = U_complement and U is not None, V_complement and V is not None  # no basis: no flag
     if name == "triton":
         from . import triton_kernels
