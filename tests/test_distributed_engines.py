@@ -186,3 +186,38 @@ def test_module_to_moves_bases_with_the_weight_but_keeps_their_dtype():
     assert torch.equal(layer.V, V)
     layer.to("meta")
     assert layer.V.device.type == "meta" and layer.U.device.type == "meta" and layer.V.dtype == torch.float32
+
+
+def _nccl_main(rank, port, results):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kplora_kernels.continual import KeepLoRA
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        model = MLP(seed=0).cuda()
+        kl = KeepLoRA(model, config("keeplora++"), progress=False)  # placement "cpu": pinned host bases
+        ddp = DistributedDataParallel(model)  # NCCL cannot send host tensors: the bases must not be state
+        x, y, t = (v.cuda() if torch.is_tensor(v) else v for v in make_task(0))
+        kl.begin_task([(x, y, t)], task_loss)
+        opt = torch.optim.SGD(kl.trainable_parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x)[:, :3], y).backward()
+            opt.step()
+        kl.end_task([(x, y, t)], task_loss)
+        results["devices"] = sorted({layer.V.device.type for layer in kl.layers.values()})
+        results["pinned"] = all(layer.V.is_pinned() for layer in kl.layers.values())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/gpu_check.sh runs it)")
+def test_ddp_builds_with_nccl_and_host_resident_bases():
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_nccl_main, args=(free_port(), results), nprocs=1, join=True)
+    assert results["devices"] == ["cpu"] and results["pinned"]
