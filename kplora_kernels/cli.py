@@ -42,13 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_vlm_arguments(sub.add_parser("vlm", help="continual instruction tuning of any transformers vision-language "
                                                  "model, images and video"))
     memory = sub.add_parser("memory", help="what the KeepLoRA++ state costs for an LLM config")
-    memory.add_argument("--model-config", required=True, help="llava-1.5-7b, llava-1.5-13b or a config.json")
+    memory.add_argument("--model-config", required=True,
+                        help="llava-1.5-7b, llava-1.5-13b, llava-next-video-7b, qwen2.5-vl-7b or a config.json")
     memory.add_argument("--rank", type=int, default=32, help="adapter rank r (default 32)")
     memory.add_argument("--basis-fraction", type=float, default=0.5, help="k_in / in, in [0, 1) (default 0.5)")
     memory.add_argument("--param-dtype", choices=sorted(DTYPE_BYTES), default="bf16")
     memory.add_argument("--basis-dtype", choices=sorted(DTYPE_BYTES), default="fp32")
     memory.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     memory.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    memory.add_argument("--video-tokens", type=int, default=0,
+                        help="image/video tokens per sequence beside --seq-len (a VLM's media, default 0)")
     memory.add_argument("--tasks", type=int, default=8, help="tasks, for the checkpoint sizes (default 8)")
     memory.add_argument("--resident-layers", type=int, default=2,
                         help="adapted linears' bases on the device at once while a boundary finalises, with the "
@@ -62,21 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _memory(args) -> None:
-    from .memory import MemoryArgs, format_plan, parse_size, plan, text_config
+    from .memory import MemoryArgs, format_plan, linear_shapes, parse_size, plan, text_config
 
     check_settings(MemoryArgs, {"rank": args.rank, "basis_fraction": args.basis_fraction, "seq_len": args.seq_len,
                                 "micro_batch": args.micro_batch, "tasks": args.tasks,
                                 "resident_layers": args.resident_layers}, "kplora memory")
+    if args.video_tokens < 0:
+        raise ConfigError(f"--video-tokens must be an integer ≥ 0, got {args.video_tokens}")
     sketch_budget = parse_size(args.sketch_budget, "--sketch-budget")
     device_memory = None if args.device_memory is None else parse_size(args.device_memory, "--device-memory")
     reserve = parse_size(args.reserve, "--reserve", allow_zero=True)
     cfg = text_config(args.model_config)
-    if args.rank >= min(cfg["hidden_size"], cfg["intermediate_size"]):
-        raise ConfigError(f"--rank must be below the layers' input width {min(cfg['hidden_size'], cfg['intermediate_size'])}, "
-                          f"got {args.rank}")
+    width = min(i for _, _, i in linear_shapes(cfg))
+    if args.rank >= width:
+        raise ConfigError(f"--rank must be below the layers' input width {width}, got {args.rank}")
     result = plan(cfg, args.rank, args.basis_fraction, args.param_dtype, args.basis_dtype, seq_len=args.seq_len,
                   micro_batch=args.micro_batch, tasks=args.tasks, resident_layers=args.resident_layers,
-                  sketch_budget=sketch_budget, device_memory=device_memory, reserve=reserve)
+                  sketch_budget=sketch_budget, device_memory=device_memory, reserve=reserve,
+                  media_tokens=args.video_tokens)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
 
 

@@ -27,15 +27,32 @@ from dataclasses import dataclass
 from .config_file import ConfigError, check_settings, setting
 from .subspace.sketch import DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes, input_sketch_bytes
 
-# LLaVA-1.5 language models (Vicuna-1.5, LLaMA-2 shapes). ``frozen_extra_params``: the vision tower
-# (CLIP ViT-L/14-336, about 3.035e8 parameters) and the two-layer projector (1024→h→h), approximate.
+# Built-in configs: transformers config.json contents of the released models (the shapes only; the model
+# is built from them on the meta device, so every count below is read from its real modules).
+_CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+               "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+               "projection_dim": 768}
+_VICUNA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
 PRESETS = {
-    "llava-1.5-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-                     "frozen_extra_params": 303_500_000 + 1024 * 4096 + 4096 + 4096 * 4096 + 4096},
-    "llava-1.5-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                      "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
-                      "frozen_extra_params": 303_500_000 + 1024 * 5120 + 5120 + 5120 * 5120 + 5120},
+    "llava-1.5-7b": {"model_type": "llava", "text_config": _VICUNA_7B, "vision_config": _CLIP_L_336,
+                     "image_token_index": 32000, "vision_feature_layer": -2},
+    "llava-1.5-13b": {"model_type": "llava", "vision_config": _CLIP_L_336, "image_token_index": 32000,
+                      "vision_feature_layer": -2,
+                      "text_config": {**_VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824,
+                                      "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40}},
+    "llava-next-video-7b": {"model_type": "llava_next_video", "vision_config": _CLIP_L_336,
+                            "text_config": {**_VICUNA_7B, "vocab_size": 32064}, "image_token_index": 32001,
+                            "video_token_index": 32000, "vision_feature_layer": -2},
+    "qwen2.5-vl-7b": {"model_type": "qwen2_5_vl", "tie_word_embeddings": False,
+                      "text_config": {"model_type": "qwen2_5_vl_text", "hidden_size": 3584, "intermediate_size": 18944,
+                                      "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                                      "vocab_size": 152064,
+                                      "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+                      "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                                        "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2,
+                                        "temporal_patch_size": 2, "window_size": 112,
+                                        "fullatt_block_indexes": [7, 15, 23, 31]}},
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -56,7 +73,7 @@ class MemoryArgs:
 
 @dataclass
 class ModelShape:
-    """The keys of a transformers ``config.json`` that the report reads."""
+    """The keys of a transformers ``config.json`` that are checked before the model is built."""
 
     hidden_size: int = setting(4096, "", ge=1)
     intermediate_size: int = setting(11008, "", ge=1)
@@ -66,11 +83,76 @@ class ModelShape:
     vocab_size: int = setting(32000, "", ge=1)
 
 
+def _leaf_names(paths: list[str]) -> list[str]:
+    """Each path's last component, or the whole path where two share it."""
+    leaves = [p.rpartition(".")[2] for p in paths]
+    return [leaf if leaves.count(leaf) == 1 else path for leaf, path in zip(leaves, paths)]
+
+
+def build_from_config(raw: dict, source: str) -> dict:
+    """Build the model of a ``config.json`` mapping on the meta device (no memory, no weights) and read
+    what the plan needs from its real modules: ``{"linears": [(name, out, in)] of one decoder block,
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size",
+    "total_params", "vision_params", "model_type"}``. A VLM (a config with ``text_config`` and
+    ``vision_config``) is built with ``AutoModelForImageTextToText`` and its language model's blocks are
+    found as ``kplora vlm`` finds them; any other config with ``AutoModelForCausalLM`` (no
+    ``model_type``: LLaMA). Raises ``ConfigError`` naming ``source`` when transformers cannot build it,
+    when no decoder blocks are found, or when the blocks' linears differ."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from torch import nn
+
+    from .vlm import LANGUAGE_NAMES, ROUTER_NAMES, VISION_NAMES, _blocks, _find_named
+
+    kind = raw.get("model_type") or "llama"
+    try:
+        config = AutoConfig.for_model(kind, **{k: v for k, v in raw.items() if k != "model_type"})
+        vlm = getattr(config, "text_config", None) is not None and getattr(config, "vision_config", None) is not None
+        with torch.device("meta"):
+            model = (AutoModelForImageTextToText if vlm else AutoModelForCausalLM).from_config(config)
+    except Exception as exc:  # transformers raises many kinds for a config it cannot build
+        raise ConfigError(f"{source}: transformers cannot build a {kind!r} model from it: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    found = None
+    for name, module in _find_named(model, LANGUAGE_NAMES):
+        found = found or _blocks(name, module)
+    if found is None and not vlm:
+        found = _blocks("", model)
+    if found is None:
+        raise ConfigError(f"{source}: cannot find the decoder blocks of {type(model).__name__} (searched submodules "
+                          f"named {', '.join(LANGUAGE_NAMES)} for an nn.ModuleList of blocks holding nn.Linear layers)")
+    path, blocks = found
+    per_block = []
+    for block in blocks:
+        named = [(n, m) for n, m in block.named_modules()
+                 if isinstance(m, nn.Linear) and n.rpartition(".")[2] not in ROUTER_NAMES]
+        per_block.append([(leaf, m.out_features, m.in_features)
+                          for leaf, (_, m) in zip(_leaf_names([n for n, _ in named]), named)])
+    if any(b != per_block[0] for b in per_block):
+        raise ConfigError(f"{source}: the decoder blocks of {type(model).__name__} hold different linears "
+                          "(a hybrid or interleaved-MoE stack); kplora memory plans identical blocks only")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    visions = _find_named(model, VISION_NAMES, skip=[path])
+    widths = [i for _, _, i in per_block[0]] + [o for _, o, _ in per_block[0]]
+    params = {id(p): p.numel() for p in model.parameters()}
+    return {"model_type": kind, "linears": per_block[0], "num_hidden_layers": len(blocks),
+            "hidden_size": getattr(text, "hidden_size", None) or min(widths),
+            "intermediate_size": getattr(text, "intermediate_size", None) or max(widths),
+            "num_attention_heads": getattr(text, "num_attention_heads", 1),
+            "vocab_size": model.get_output_embeddings().out_features if model.get_output_embeddings() is not None
+            else getattr(text, "vocab_size", 32000),
+            "total_params": sum(params.values()),
+            "vision_params": sum({id(p): p.numel() for _, v in visions for p in v.parameters()}.values()),
+            "block_params": sum(p.numel() for p in blocks.parameters())}
+
+
 def text_config(name_or_path: str) -> dict:
-    """A preset name, or a transformers ``config.json`` (LLaVA: its ``text_config``; LLaMA: itself).
-    A missing file, a missing key or a value of the wrong type or sign is a ``ConfigError``."""
+    """A built-in config name (:data:`PRESETS`) or a transformers ``config.json`` (LLaMA-style, any
+    causal LM, or a VLM with ``text_config``), built on the meta device (:func:`build_from_config`):
+    every linear's shape is read from the model itself (``head_dim``, GQA, biases as the family has
+    them). A missing file, a missing key or a value of the wrong type or sign is a ``ConfigError``."""
     if name_or_path in PRESETS:
-        return dict(PRESETS[name_or_path])
+        return build_from_config(PRESETS[name_or_path], name_or_path)
     if not os.path.isfile(name_or_path):
         found = ("a folder, not a file" if os.path.isdir(name_or_path) else "no such file") \
             if os.path.sep in name_or_path or name_or_path.endswith(".json") else "not a preset name"
@@ -78,29 +160,46 @@ def text_config(name_or_path: str) -> dict:
                           f"got {name_or_path!r} ({found})")
     try:
         with open(name_or_path) as f:
-            cfg = json.load(f)
+            raw = json.load(f)
     except ValueError as exc:
         raise ConfigError(f"cannot parse {name_or_path}: {exc}") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("text_config", cfg), dict):
-        raise ConfigError(f"{name_or_path} must hold a mapping (a LLaMA-style or LLaVA config.json)")
-    cfg = cfg.get("text_config", cfg)
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers") if k not in cfg]
+    if not isinstance(raw, dict) or not isinstance(raw.get("text_config", raw), dict):
+        raise ConfigError(f"{name_or_path} must hold a mapping (a transformers config.json)")
+    cfg = raw.get("text_config", raw)
+    missing = [k for k in ("hidden_size", "num_hidden_layers") if k not in cfg]
     if missing:
-        raise ConfigError(f"{name_or_path} lacks {missing} (a LLaMA-style or LLaVA config.json is expected)")
-    check_settings(ModelShape, cfg, name_or_path)
+        raise ConfigError(f"{name_or_path} lacks {missing} (a transformers config.json is expected)")
+    check_settings(ModelShape, {k: v for k, v in cfg.items() if k in ModelShape.__dataclass_fields__}, name_or_path)
     heads, kv = cfg.get("num_attention_heads", 1), cfg.get("num_key_value_heads", cfg.get("num_attention_heads", 1))
-    if cfg["hidden_size"] % heads or heads % kv:
+    if heads % kv:
+        raise ConfigError(f"{name_or_path}: num_attention_heads {heads} must be a multiple of num_key_value_heads {kv}")
+    if "head_dim" not in cfg and cfg["hidden_size"] % heads:
         raise ConfigError(f"{name_or_path}: hidden_size {cfg['hidden_size']} must be a multiple of "
-                          f"num_attention_heads {heads}, and that of num_key_value_heads {kv}")
-    return cfg
+                          f"num_attention_heads {heads} when no head_dim is given")
+    return build_from_config(raw, name_or_path)
 
 
 def linear_shapes(cfg: dict) -> list[tuple[str, int, int]]:
-    """``(name, out, in)`` of the adapted linears of one decoder layer."""
+    """``(name, out, in)`` of the adapted linears of one decoder layer: those of the built model
+    (:func:`build_from_config`), or for a bare LLaMA shape dict the LLaMA layout."""
+    if "linears" in cfg:
+        return [tuple(t) for t in cfg["linears"]]
     h, m = cfg["hidden_size"], cfg["intermediate_size"]
-    kv = h * cfg.get("num_key_value_heads", cfg.get("num_attention_heads", 1)) // cfg.get("num_attention_heads", 1)
-    return [("q_proj", h, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, h),
+    heads = cfg.get("num_attention_heads", 1)
+    d = cfg.get("head_dim", h // heads)
+    kv = d * cfg.get("num_key_value_heads", heads)
+    return [("q_proj", heads * d, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, heads * d),
             ("gate_proj", m, h), ("up_proj", m, h), ("down_proj", h, m)]
+
+
+def _widths(cfg: dict) -> tuple[int, int, int, int]:
+    """``(hidden, MLP width, q width, k width)`` of one decoder layer, read from its linears."""
+    shapes = {n: (o, i) for n, o, i in linear_shapes(cfg)}
+    h = cfg["hidden_size"]
+    q = shapes.get("q_proj", (h, h))[0]
+    kv = shapes.get("k_proj", (q, h))[0]
+    m = shapes["down_proj"][1] if "down_proj" in shapes else cfg["intermediate_size"]
+    return h, m, q, kv
 
 
 @dataclass
@@ -188,9 +287,11 @@ def parse_size(text: str, name: str = "--device-memory", allow_zero: bool = Fals
 
 
 def model_params(cfg: dict) -> int:
-    """Parameters of a LLaMA-style language model (embeddings, decoder layers with their two RMSNorms,
-    the final norm, the LM head unless ``tie_word_embeddings``) plus ``frozen_extra_params`` (a
-    preset's vision tower and projector)."""
+    """Parameters of the model: counted on the built model (:func:`build_from_config`: every tower,
+    tied weights once), or for a bare LLaMA shape dict the embeddings, decoder layers with their two
+    RMSNorms, the final norm, the LM head unless ``tie_word_embeddings``, plus ``frozen_extra_params``."""
+    if "total_params" in cfg:
+        return cfg["total_params"]
     h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg.get("vocab_size", 32000)
     linears = sum(o * i for _, o, i in linear_shapes(cfg))
     heads = 1 if cfg.get("tie_word_embeddings") is True else 2
@@ -203,7 +304,7 @@ def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradi
     with ``A`` frozen), per ``tokens`` tokens:
 
     - each RMSNorm saves its input upcast to fp32 and the fp32 ``rsqrt`` (``4·h + 4``), two norms;
-    - attention saves ``q, k, v`` after RoPE (``h + 2·kv`` values), its output (``h``) and the fp32
+    - attention saves ``q, k, v`` after RoPE (``q + 2·kv`` values), its output (``q``) and the fp32
       log-sum-exp per head;
     - the MLP saves ``gate``'s output (for SiLU), ``act`` and ``up`` (for the product): ``3·m``;
     - a frozen linear saves nothing per token; each fused adapter saves ``x·Aᵀ`` (``r``);
@@ -214,10 +315,10 @@ def layer_saved_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradi
 
     Checked against ``saved_tensors_hooks`` on a tiny bf16 LLaMA in ``tests/test_memory.py``. This is
     also the working set one layer's recompute holds under activation checkpointing."""
-    h, m = cfg["hidden_size"], cfg["intermediate_size"]
+    h, m, q, kv = _widths(cfg)
     heads = cfg.get("num_attention_heads", 1)
-    kv = h * cfg.get("num_key_value_heads", heads) // heads
-    per_token = 2 * (4 * h + 4) + param_bytes * (2 * h + 2 * kv) + 4 * heads + 3 * m * param_bytes + 7 * rank * param_bytes
+    adapters = len(linear_shapes(cfg))
+    per_token = 2 * (4 * h + 4) + param_bytes * (2 * q + 2 * kv) + 4 * heads + 3 * m * param_bytes + adapters * rank * param_bytes
     if gradient_sketch:
         per_token += param_bytes * (2 * h + m)
     return tokens * per_token
@@ -239,7 +340,8 @@ def activation_bytes(cfg: dict, tokens: int, rank: int, param_bytes: int, gradie
     - ``logits``: ``tokens×vocab`` in the param dtype (the LM head's output), its fp32 upcast kept by
       the cross-entropy, and the fp32 gradient — an estimate (transformers' loss may fuse some).
     """
-    h, m, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("vocab_size", 32000)
+    h, m, _, _ = _widths(cfg)
+    vocab = cfg.get("vocab_size", 32000)
     acts = {
         "checkpoints": cfg["num_hidden_layers"] * tokens * h * param_bytes,
         "recompute": layer_saved_bytes(cfg, tokens, rank, param_bytes, gradient_sketch),
@@ -254,17 +356,21 @@ def forward_bytes(cfg: dict, tokens: int, param_bytes: int) -> int:
     """A no-grad forward (the ``end_task`` input pass): one layer's largest live set — the hidden state
     and residual, ``q, k, v``, the attention output, ``gate``, ``up``, ``act`` — plus the logits in the
     param dtype. An estimate."""
-    h, m, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg.get("vocab_size", 32000)
-    return tokens * param_bytes * (6 * h + 3 * m + vocab)
+    h, m, _, _ = _widths(cfg)
+    return tokens * param_bytes * (6 * h + 3 * m + cfg.get("vocab_size", 32000))
 
 
 def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: str = "bf16",
          basis_dtype: str = "fp32", seq_len: int = 2048, micro_batch: int = 1, tasks: int = 8,
          resident_layers: int = 2, sketch_budget: int = DEFAULT_MEMORY_BUDGET,
-         device_memory: int | None = None, reserve: int = 2**30) -> dict:
+         device_memory: int | None = None, reserve: int = 2**30, media_tokens: int = 0) -> dict:
     """Peaks of a KeepLoRA++ run in bytes — training step, ``begin_task``, ``end_task`` — for the
     ``"device"`` and ``"cpu"`` basis placements, beside plain LoRA's training step, and the controller
     checkpoint sizes after ``tasks`` tasks.
+
+    ``media_tokens``: the image/video tokens each sequence carries beside its ``seq_len`` text tokens (a
+    video's frames after the projector or merger); the language model sees ``seq_len + media_tokens``
+    tokens per sequence, the frozen vision tower runs without saving activations.
 
     Assumptions (each peak is the sum of what is live at once):
 
@@ -293,7 +399,7 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
     """
     pb, bb = DTYPE_BYTES[param_dtype], DTYPE_BYTES[basis_dtype]
     r = report(cfg, rank, basis_fraction, param_dtype, basis_dtype, sketch_budget)
-    layers, tokens = cfg["num_hidden_layers"], seq_len * micro_batch
+    layers, tokens = cfg["num_hidden_layers"], (seq_len + media_tokens) * micro_batch
     per_linear = {name: linear_state(name, out, in_, rank, basis_fraction, pb, bb, sketch_budget)
                   for name, out, in_ in linear_shapes(cfg)}
     weights = model_params(cfg) * pb
@@ -340,7 +446,8 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
     adapter_weights = layers * sum(pb * rank * (in_ + out) for _, out, in_ in linear_shapes(cfg))
     return {
         **r,
-        "run": {"seq_len": seq_len, "micro_batch": micro_batch, "tokens": tokens, "tasks": tasks,
+        "run": {"seq_len": seq_len, "media_tokens": media_tokens, "micro_batch": micro_batch, "tokens": tokens,
+                "tasks": tasks,
                 "resident_layers": resident_layers, "sketch_budget": sketch_budget,
                 "vocab_size": cfg.get("vocab_size", 32000), "device_memory": device_memory, "reserve": reserve},
         "items": {"weights": weights, "adapters": adapters, "optimizer": optimizer, "bases": bases,
@@ -352,7 +459,7 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
         "plain_lora_training_A_training_step": plain_peft,
         # host memory the "cpu" placement holds (pinned) for the bases; "mmap" holds them in a file instead
         "cpu_placement_host_bytes": bases,
-        "vision_tower_counted": "frozen_extra_params" in cfg,
+        "vision_tower_counted": cfg.get("vision_params", 0) > 0 or "frozen_extra_params" in cfg,
         "peaks": peaks,
         "checkpoint": {"full": weights + bases + adapter_weights,
                        "compact": bases + adapter_weights + history, "task_history": history},
@@ -363,7 +470,9 @@ def format_plan(p: dict) -> str:
     gib = lambda b: f"{b / 2**30:7.2f} GiB"  # noqa: E731
     run, items, acts = p["run"], p["items"], p["items"]["activations"]
     lines = [format_report(p), "",
-             f"run plan: micro-batch {run['micro_batch']} × {run['seq_len']} tokens, activation checkpointing, "
+             f"run plan: micro-batch {run['micro_batch']} × {run['seq_len']} tokens"
+             + (f" + {run['media_tokens']} image/video tokens" if run.get("media_tokens") else "")
+             + ", activation checkpointing, "
              f"vocab {run['vocab_size']}, sketch budget {run['sketch_budget'] / 2**20:.0f} MiB",
              f"  model weights {gib(items['weights'])}   adapters {gib(items['adapters'])}   "
              f"AdamW {gib(items['optimizer'])}   bases {gib(items['bases'])}",

@@ -322,7 +322,7 @@ def _blocks(root_name: str, root: nn.Module):
     for name, module in root.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) and \
                 all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
-            return (f"{root_name}.{name}" if name else root_name), module
+            return ".".join(p for p in (root_name, name) if p), module
     return None
 
 

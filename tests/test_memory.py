@@ -184,9 +184,9 @@ def test_model_params_match_a_llama():
 def test_default_budget_sketches_at_7b_match_the_library(name):
     """At LLaVA-1.5-7B's shapes and the default budget: the thin gradient sketch and the input sketch
     (exact covariance for in = 4096, randomized for 11008) allocate what the plan counts."""
-    from kplora_kernels.memory import PRESETS
+    from kplora_kernels.memory import text_config
 
-    out, in_ = {n: (o, i) for n, o, i in linear_shapes(PRESETS["llava-1.5-7b"])}[name]
+    out, in_ = {n: (o, i) for n, o, i in linear_shapes(text_config("llava-1.5-7b"))}[name]
     predicted = linear_state(name, out, in_, 32, 0.5, param_bytes=2, basis_bytes=4)
     grad = GradientSketch(out, in_, 32)
     assert grad.strategy == "randomized" and grad.memory_bytes == predicted.gradient_sketch
@@ -281,3 +281,66 @@ def test_gpu_memory_script_smoke_run_on_cpu(tmp_path, monkeypatch):
     for r in results["phases"].values():
         assert r["bases_total"] > 0 and r["gradient_sketches"] > 0 and r["peak"]["training_step"] is None
     assert json.loads((tmp_path / "gpu_memory.json").read_text())["layers"] == 2
+
+
+# --- shapes read from the model built on the meta device -----------------------------------------------
+def _real_linears(model_cls_config):
+    """``{leaf: (out, in)}`` of the first decoder block of a model built for real (CPU, random weights)."""
+    block = next(m for n, m in model_cls_config.named_modules() if n.endswith("layers.0"))
+    return {n.rpartition(".")[2]: (m.out_features, m.in_features) for n, m in block.named_modules()
+            if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("family", ["qwen3-head_dim", "mistral-hidden-not-multiple", "qwen2-vl-text_config"])
+def test_memory_reads_the_linears_of_the_built_model(tmp_path, capsys, family):
+    """An explicit head_dim (Qwen3, Mistral-Nemo-style: hidden not a multiple of the heads), GQA, and a
+    VLM's text_config: the plan's shapes and parameter count equal those of the model transformers builds."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from kplora_kernels.memory import model_params, text_config
+
+    raw = {"qwen3-head_dim": {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "vocab_size": 100},
+           "mistral-hidden-not-multiple": {"model_type": "mistral", "hidden_size": 60, "intermediate_size": 96,
+                                           "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                           "head_dim": 16, "vocab_size": 100},
+           "qwen2-vl-text_config": {"model_type": "qwen2_vl",
+                                    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                    "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                    "vocab_size": 100, "rope_scaling": {"type": "mrope",
+                                                                                        "mrope_section": [2, 2, 4]}},
+                                    "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2,
+                                                      "patch_size": 8}}}[family]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    config = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    vlm = "text_config" in raw
+    model = (AutoModelForImageTextToText if vlm else AutoModelForCausalLM).from_config(config)
+    cfg = text_config(str(path))
+    assert {n: (o, i) for n, o, i in linear_shapes(cfg)} == _real_linears(model)
+    assert model_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert (cfg["vision_params"] > 0) == vlm
+    assert main(["memory", "--model-config", str(path), "--rank", "4", "--json"]) == 0
+    shapes = json.loads(capsys.readouterr().out)["per_linear"]
+    assert {n: tuple(s["shape"]) for n, s in shapes.items()} == _real_linears(model)
+
+
+@pytest.mark.parametrize("name,params,linears", [("qwen2.5-vl-7b", 8.29e9, {"k_proj": [512, 3584], "down_proj": [3584, 18944]}),
+                                                 ("llava-next-video-7b", 7.06e9, {"k_proj": [4096, 4096]})])
+def test_memory_vlm_presets_and_video_tokens(capsys, name, params, linears):
+    """The built-in VLM configs print a plan in GiB with the whole model's parameters (vision tower
+    included); video tokens per sequence add to the language model's tokens."""
+    assert main(["memory", "--model-config", name]) == 0
+    out = capsys.readouterr().out
+    assert "GiB" in out and "model weights: the language model only" not in out
+    assert main(["memory", "--model-config", name, "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["items"]["weights"] == pytest.approx(2 * params, rel=0.01)
+    assert all(plain["per_linear"][k]["shape"] == v for k, v in linears.items())
+    assert main(["memory", "--model-config", name, "--video-tokens", "1000", "--seq-len", "1024", "--json"]) == 0
+    video = json.loads(capsys.readouterr().out)
+    assert video["run"]["tokens"] == 2024
+    # every layer's checkpointed hidden state grows with the tokens: 1024 + 1000 against the default 2048
+    assert video["items"]["activations"]["checkpoints"] * 2048 == plain["items"]["activations"]["checkpoints"] * 2024
+    assert main(["memory", "--model-config", name, "--video-tokens", "-1"]) == 2
+    assert "--video-tokens must be an integer ≥ 0, got -1" in capsys.readouterr().err
