@@ -186,6 +186,8 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
         raise ConfigError(f"--export must be a folder, got the file {export}")
     if not os.path.isdir(args.model):
         raise ConfigError(f"model folder not found: {args.model}")
+    if _needs_vlm(args.model):
+        return _as_vlm(args, cfg, log)
     device = _init_distributed(args.device)
     seed_everything(cfg.seed)
     start = time.perf_counter()
@@ -276,6 +278,32 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
         return _finish(run_state, names, rows, log)
     finally:
         scalars.close()
+
+
+def _needs_vlm(folder: str) -> bool:
+    """A folder this command's own USER/ASSISTANT encoding does not serve: another family than LLaVA
+    (Qwen2-VL, LLaVA-NeXT, …) or one whose processor carries a chat template (``kplora vlm`` renders
+    every sample with it)."""
+    config = os.path.join(folder, "config.json")
+    model_type = _read_json(config).get("model_type") if os.path.isfile(config) else None
+    if model_type not in (None, "llava") or os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+        return True
+    processor = os.path.join(folder, "processor_config.json")
+    return os.path.isfile(processor) and bool(_read_json(processor).get("chat_template"))
+
+
+def _as_vlm(args, cfg: LLaVAConfig, log) -> dict:
+    """``kplora llava`` on a folder for :mod:`kplora_kernels.vlm`: the same run with these settings
+    (LLaVA's defaults) and ``--image-root`` as the media root."""
+    import dataclasses
+
+    from . import vlm
+
+    known = {f.name for f in dataclasses.fields(vlm.VLMConfig)}
+    settings = vlm.VLMConfig(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in known})
+    args.media_root = args.image_root
+    (log or logger.info)(f"{args.model} has a chat template or is not a LLaVA-1.5 model: running it as kplora vlm")
+    return vlm.run(args, settings, log, command="llava")
 
 
 def _export(kl: KeepLoRA, folder: str | None, tokenizer, image_processor, log) -> None:

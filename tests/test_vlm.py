@@ -269,3 +269,74 @@ def test_video_frame_sampling(tmp_path):
         Image.fromarray(frames[f]).save(folder / f"{f:03d}.png")
     video, meta = read_video(str(folder), frames=3)
     assert video.shape[0] == 3 and meta["frames_indices"] == [0, 2, 4]
+
+
+def test_llava_command_runs_other_families_as_vlm(vlm_dir, task_list, tmp_path, capsys):
+    """`kplora llava --image-root` on a Qwen2-VL / LLaVA-NeXT-Video folder (the issue's raw
+    AttributeError before) runs as `kplora vlm` with the LLaVA defaults."""
+    tasks, media = task_list
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"name": "color", "train": os.path.join(media, "color_train.json"),
+                                "test": os.path.join(media, "color_test.json")}]))
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps({k: v for k, v in SMALL.items() if "video" not in k}))
+    out = tmp_path / "out"
+    assert main(["llava", "--model", vlm_dir, "--data", str(one), "--image-root", media, "--config", str(config),
+                 "--output", str(out), "--device", "cpu"]) == 0
+    assert "running it as kplora vlm" in capsys.readouterr().out
+    assert len(json.loads((out / "results.json").read_text())["accuracy"]) == 1
+
+
+def test_targets_discovered_per_family(vlm_dir):
+    """Language-model blocks adapted (all 7 linears × 2 layers), the vision tower only with
+    train_vision, the projector (LLaVA's multi_modal_projector, Qwen's merger) found for plain training."""
+    from transformers import AutoModelForImageTextToText
+
+    from kplora_kernels.vlm import discover_targets
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    found = discover_targets(model)
+    assert found["language"] == "model.language_model.layers" and len(found["layer_index"]) == 14
+    assert sorted(set(found["layer_index"].values())) == [0, 1]
+    assert found["projector"] in (["model.multi_modal_projector"], ["model.visual.merger"])
+    both = discover_targets(model, train_vision=True)
+    vision = [n for n in both["layer_index"] if n.startswith(found["vision"] + ".")]
+    assert vision and len(both["layer_index"]) == 14 + len(vision)
+    assert not any(n.startswith(p + ".") for n in vision for p in found["projector"])  # the projector trains plainly
+
+
+def test_user_errors_are_clear(tmp_path, monkeypatch):
+    from torch import nn
+
+    from kplora_kernels.config_file import ConfigError
+    from kplora_kernels.vlm import ChatData, discover_targets, read_video
+
+    class VisionOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_tower = nn.ModuleList([nn.Linear(4, 4)])
+
+    with pytest.raises(ConfigError, match="cannot find the language model's decoder layers in VisionOnly: searched "
+                                          "submodules named language_model, text_model"):
+        discover_targets(VisionOnly())
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # PyAV not installed
+    (tmp_path / "v.mp4").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"needs PyAV to decode videos: pip install av"):
+        read_video(str(tmp_path / "v.mp4"), 4)
+    with pytest.raises(ConfigError, match="video not found"):
+        read_video(str(tmp_path / "missing.mp4"), 4)
+
+    class Tokenizer:
+        eos_token = "</s>"
+
+    class Processor:
+        tokenizer, chat_template = Tokenizer(), "{{ messages }}"
+
+    data = ChatData(Processor(), str(tmp_path), 4, None)
+    with pytest.raises(ConfigError, match=r"exactly one of \"image\": PATH or \"video\": PATH, got keys"):
+        data.messages({"id": "x", "conversations": []})
+    with pytest.raises(ConfigError, match="the media marker must be in the first human turn"):
+        data.messages({"image": "a.png", "conversations": [{"value": "q"}, {"value": "<image> a"}]})
+    Processor.chat_template = None
+    with pytest.raises(ConfigError, match="has no chat template"):
+        ChatData(Processor(), str(tmp_path), 4, None)
