@@ -23,7 +23,7 @@ import torch
 from .config_file import ConfigError, load_settings, require_packages, result_settings, setting
 from .continual import METHODS, KeepLoRA, preset
 from .continual.runs import ResumableRun
-from .distributed import is_distributed, is_rank0
+from .distributed import barrier, data_parallel, init_from_env, is_distributed, is_rank0, rank_shard
 from .training import (SCHEDULES, Scalars, add_run_arguments, autocast, check_tensorboard, make_scheduler, progress,
                        seed_everything, train_steps)
 from .training import log as logger
@@ -148,28 +148,6 @@ def read_tasks(path: str) -> list[dict]:
     return out
 
 
-def _init_distributed(device_arg: str | None) -> torch.device:
-    """Under torchrun (``WORLD_SIZE`` > 1) join the process group (nccl on GPUs, else gloo) and
-    return this rank's device."""
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = torch.device(device_arg or f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        torch.cuda.set_device(device)
-        return device
-    return torch.device(device_arg or "cpu")
-
-
-def _shard(items: list) -> list:
-    if is_distributed():  # equal shards: every rank runs as many batches (each one is a collective)
-        world = torch.distributed.get_world_size()
-        return items[: len(items) // world * world][torch.distributed.get_rank()::world]
-    return items
-
-
 def run(args, cfg: LLaVAConfig, log=None) -> dict:
     log = log or logger.info
     require_packages("llava", {"transformers": "transformers", "PIL": "pillow", "matplotlib": "matplotlib"}, "hf")
@@ -188,7 +166,7 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
         raise ConfigError(f"model folder not found: {args.model}")
     if _needs_vlm(args.model):
         return _as_vlm(args, cfg, log)
-    device = _init_distributed(args.device)
+    device = init_from_env(args.device)
     seed_everything(cfg.seed)
     start = time.perf_counter()
     log(f"loading {args.model} ({cfg.dtype}) on {device}")
@@ -224,21 +202,8 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
                       bases_cache_dir=getattr(args, "bases_cache", None))
     log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
         f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
-    trained = model
-    if is_distributed():
-        if args.strategy == "fsdp2":  # shard every language-model layer, then the rest
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-            for name, module in model.named_modules():
-                if re.fullmatch(r".*language_model\.layers\.\d+", name):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            trained = DistributedDataParallel(model)
+    # the blocks of the language model are FSDP2's units
+    trained = data_parallel(model, args.strategy, device, re.compile(r".*language_model\.layers\.\d+"))
 
     def loss_fn(m, batch):
         """``loss(model, batch)``: the language-modelling loss on the answers of a collated batch."""
@@ -248,7 +213,7 @@ def run(args, cfg: LLaVAConfig, log=None) -> dict:
     try:
         for t in range(len(rows), len(tasks)):
             torch.manual_seed(cfg.seed + t)
-            examples = [data.training_example(s) for s in _shard(tasks[t]["train"])]
+            examples = [data.training_example(s) for s in rank_shard(tasks[t]["train"])]
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + t)).tolist()
             batches = [data.collate([examples[i] for i in order[k:k + cfg.batch_size]])
                        for k in range(0, len(order), cfg.batch_size)]
@@ -319,8 +284,7 @@ def _export(kl: KeepLoRA, folder: str | None, tokenizer, image_processor, log) -
         tokenizer.save_pretrained(folder)
         image_processor.save_pretrained(folder)
         log(f"exported the merged model to {folder} (save_pretrained)")
-    if is_distributed():
-        torch.distributed.barrier()
+    barrier()
 
 
 def _finish(run_state, names, rows, log) -> dict:

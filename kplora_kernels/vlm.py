@@ -34,8 +34,8 @@ from torch import nn
 from .config_file import ConfigError, load_settings, read_mapping, require_packages, result_settings, setting
 from .continual import METHODS, KeepLoRA, KeepLoRAConfig
 from .continual.runs import ResumableRun
-from .distributed import is_distributed, is_rank0
-from .llava import DTYPES, _init_distributed, _shard, normalize, read_tasks
+from .distributed import barrier, data_parallel, init_from_env, is_distributed, is_rank0, rank_shard
+from .llava import DTYPES, normalize, read_tasks
 from .training import (SCHEDULES, Scalars, add_run_arguments, autocast, check_tensorboard, make_scheduler, progress,
                        seed_everything, train_steps)
 from .training import log as logger
@@ -412,7 +412,7 @@ def run(args, cfg: VLMConfig, log=None, command: str = "vlm") -> dict:
         raise ConfigError(f"--export must be a folder, got the file {export}")
     if not os.path.isdir(args.model):
         raise ConfigError(f"model folder not found: {args.model}")
-    device = _init_distributed(args.device)
+    device = init_from_env(args.device)
     seed_everything(cfg.seed)
     start = time.perf_counter()
     log(f"loading {args.model} ({cfg.dtype}) on {device}")
@@ -442,22 +442,8 @@ def run(args, cfg: VLMConfig, log=None, command: str = "vlm") -> dict:
                       bases_cache_dir=getattr(args, "bases_cache", None))
     log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
         f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
-    trained = model
-    if is_distributed():
-        if args.strategy == "fsdp2":  # shard every language-model block, then the rest
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-            blocks = re.compile(re.escape(found["language"]) + r"\.\d+")
-            for name, module in model.named_modules():
-                if blocks.fullmatch(name):
-                    fully_shard(module, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        else:
-            from torch.nn.parallel import DistributedDataParallel
-
-            trained = DistributedDataParallel(model)
+    # the blocks of the language model are FSDP2's units
+    trained = data_parallel(model, args.strategy, device, re.compile(re.escape(found["language"]) + r"\.\d+"))
 
     def loss_fn(m, batch):
         """``loss(model, batch)``: the language-modelling loss on the answers of a processed batch."""
@@ -468,7 +454,7 @@ def run(args, cfg: VLMConfig, log=None, command: str = "vlm") -> dict:
     try:
         for t in range(len(rows), len(tasks)):
             torch.manual_seed(cfg.seed + t)
-            samples = _shard(tasks[t]["train"])
+            samples = rank_shard(tasks[t]["train"])
             order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed + t)).tolist()
             groups = [[samples[i] for i in order[k:k + cfg.batch_size]] for k in range(0, len(order), cfg.batch_size)]
             if not groups:
@@ -513,8 +499,7 @@ def _export(kl: KeepLoRA, folder: str | None, processor, log) -> None:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         log(f"exported the merged model to {folder} (save_pretrained)")
-    if is_distributed():
-        torch.distributed.barrier()
+    barrier()
 
 
 def _finish(run_state, names, rows, log) -> dict:

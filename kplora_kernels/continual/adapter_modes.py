@@ -19,11 +19,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed
 
+from ..distributed import project_sharded_, restore_sharded_, row_shard, sharded_snapshot
 from ..nn import register_projection_hooks
-from ..ops import (SubspaceAnchor, residual_project, residual_project_grouped_, subspace_anchor,
-                   subspace_restore_grouped_)
+from ..ops import SubspaceAnchor, residual_project_grouped_, subspace_anchor, subspace_restore_grouped_
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import KeepLoRA
@@ -71,82 +70,6 @@ class LoRAAdapter:
 
     def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
         pass
-
-
-# --- FSDP2: weights and gradients are row shards (Shard(0)) ------------------------------------------
-
-def _row_shard(t, name: str = "weight"):
-    """``(local rows, first row's global index, process group)`` of a DTensor sharded ``Shard(0)`` on a
-    1-D mesh (FSDP2's layout); raises ``NotImplementedError`` for any other layout."""
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
-        raise NotImplementedError(f"adapter='full' supports sharded weights only as FSDP2 row shards (Shard(0) on "
-                                  f"a 1-D mesh); {name} has placements {tuple(t.placements)} on a "
-                                  f"{t.device_mesh.ndim}-D mesh")
-    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    return t.to_local(), int(offset[0]), t.device_mesh.get_group()
-
-
-def _summed(t: torch.Tensor, group) -> torch.Tensor:
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
-    return t
-
-
-@torch.no_grad()
-def _sharded_snapshot(layer) -> dict[str, torch.Tensor]:
-    """The task-start reference of a row-sharded weight: this rank's rows of ``W₀V`` (row-local) and
-    the whole ``UᵀW₀`` (``k_out×in``, summed over the shards), or this rank's rows of ``W₀``."""
-    U, V, complement = FullAdapter._bases(layer)
-    if U is None and V is None:
-        return {}
-    W, off, group = _row_shard(layer.weight.detach())
-    if complement:
-        return {"W0": W.clone()}
-    work = torch.float64 if W.dtype == torch.float64 else torch.float32
-    snap = {"W0V": W.to(work) @ V.to(work)} if V is not None else {}
-    if U is not None:
-        snap["UtW0"] = _summed(U[off:off + W.shape[0]].to(work).mT @ W.to(work), group)
-    return snap
-
-
-@torch.no_grad()
-def _project_sharded_(G, U, V, complement: bool, scale: float) -> None:
-    """``G ← s·(I−UUᵀ)G(I−VVᵀ)`` for a row-sharded gradient: the ``V`` side on the local rows, then
-    ``UᵀG`` (``k_out×in``) summed over the shard group and subtracted through this rank's rows of U."""
-    G_l, off, group = _row_shard(G, "weight.grad")
-    residual_project_grouped_([G_l], None, [V], [scale], V_complement=[complement])
-    if U is not None:
-        U_l = U[off:off + G_l.shape[0]].to(G_l.dtype)
-        G_l.addmm_(U_l, _summed(U_l.mT @ G_l, group), alpha=-1.0)
-
-
-@torch.no_grad()
-def _restore_sharded_(W, U, V, complement: bool, snap: dict) -> None:
-    """:func:`~kplora_kernels.ops.subspace_restore_` for a row-sharded weight (one ``k_out×in``
-    all-reduce for the ``U`` side)."""
-    W_l, off, group = _row_shard(W)
-    work = torch.float64 if W_l.dtype == torch.float64 else torch.float32
-    Ww = W_l.to(work)
-    U_l = None if U is None else U[off:off + W_l.shape[0]].to(work)
-    if "W0" in snap:
-        H = Ww - snap["W0"].to(work)
-        H = residual_project(H, None, V.to(work), 1.0, V_complement=True) if V is not None else H
-        if U_l is not None:
-            H.addmm_(U_l, _summed(U_l.mT @ H, group), alpha=-1.0)
-        W_l.copy_(snap["W0"].to(work) + H)
-        return
-    new = Ww.clone()  # one local shard in the work dtype: the correction is read from the old values
-    if V is not None:
-        Vw = V.to(work)
-        new.addmm_(Ww @ Vw - snap["W0V"], Vw.mT, alpha=-1.0)  # − (W − W₀)V Vᵀ
-    if U_l is not None:
-        UtD = _summed(U_l.mT @ Ww, group) - snap["UtW0"]  # Uᵀ(W − W₀), whole k_out×in
-        if V is not None:
-            UtD.addmm_(UtD @ Vw, Vw.mT, alpha=-1.0)  # Uᵀ(W − W₀)(I − VVᵀ)
-        new.addmm_(U_l, UtD, alpha=-1.0)
-    W_l.copy_(new)
 
 
 class FullAdapter:
@@ -206,8 +129,9 @@ class FullAdapter:
     def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
         for name, layer in engine.layers.items():
             if hasattr(layer.weight, "device_mesh"):
-                _row_shard(layer.weight, name)  # raises for layouts other than FSDP2's Shard(0)
-        self.start = {name: (_sharded_snapshot(layer) if hasattr(layer.weight, "device_mesh") else self._snapshot(layer))
+                row_shard(layer.weight, name)  # raises for layouts other than FSDP2's Shard(0)
+        self.start = {name: (sharded_snapshot(layer.weight.detach(), *self._bases(layer))
+                            if hasattr(layer.weight, "device_mesh") else self._snapshot(layer))
                       for name, layer in engine.layers.items()}
         self._projected = False
 
@@ -224,7 +148,7 @@ class FullAdapter:
             if G is None or (U is None and V is None and layer.layer_scale == 1.0):
                 continue
             if hasattr(G, "device_mesh"):
-                _project_sharded_(G, U, V, complement, layer.layer_scale)
+                project_sharded_(G, U, V, complement, layer.layer_scale)
                 continue
             Gs.append(G)
             Us.append(U)
@@ -248,7 +172,7 @@ class FullAdapter:
                 continue
             U, V, complement = self._bases(layer)
             if hasattr(layer.weight, "device_mesh"):
-                _restore_sharded_(layer.weight.detach(), U, V, complement, snap)
+                restore_sharded_(layer.weight.detach(), U, V, complement, snap)
                 continue
             Ws.append(layer.weight.detach())
             Us.append(U)

@@ -18,9 +18,9 @@ import logging
 import os
 
 import torch
-import torch.distributed
 
-from ..distributed import broadcast_from, is_distributed
+from ..distributed import broadcast_from, global_rank, world_size
+from ..distributed import rank as this_rank
 from ..subspace import principal_subspace
 from ..training import progress as progress_bar
 
@@ -111,10 +111,7 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
         cache_dir = os.fspath(cache_dir)
         if os.path.exists(cache_dir) and not os.path.isdir(cache_dir):
             raise ValueError(f"cache_dir: expected a folder, got the file {cache_dir!r}")
-    world, rank = 1, 0
-    if is_distributed():
-        world = torch.distributed.get_world_size(process_group)
-        rank = torch.distributed.get_rank(process_group)
+    world, rank = world_size(process_group), this_rank(process_group)
     mine = [i for i in range(len(requests)) if i % world == rank]
     local, hits = {}, 0
     for i in progress_bar(mine, total=len(mine), desc=desc + (f" (rank 0 of {world})" if world > 1 else ""),
@@ -137,7 +134,7 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
         if world == 1:
             out[key] = local[i]
         else:
-            src = torch.distributed.get_global_rank(process_group, i % world) if process_group else i % world
+            src = global_rank(process_group, i % world)
             dtype = torch.float64 if W.dtype == torch.float64 else torch.float32  # principal_subspace's
             sent = None if i not in local else local[i].to(W.device)  # the collective runs on the weight's device
             out[key] = broadcast_from(sent, src, process_group, device=W.device, dtype=dtype)

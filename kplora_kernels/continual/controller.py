@@ -18,11 +18,10 @@ import re
 from contextlib import contextmanager
 
 import torch
-import torch.distributed
 from torch import nn
 
 from ..atomic import write_atomically
-from ..distributed import broadcast_from, is_distributed, is_rank0
+from ..distributed import barrier, broadcast_from_rank0, is_rank0
 from ..nn import FusedKeepLoRALinear
 from ..nn.linear import add_, assign_, full, low_rank_delta
 from ..schedules import layer_scales
@@ -41,14 +40,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "kplora-controller/2"
 READABLE_FORMATS = ("kplora-controller/1", FORMAT)
-
-
-def _from_rank0(t: torch.Tensor, group) -> torch.Tensor:
-    """Every rank gets rank 0's tensor (shapes may differ before: they are sent first), so that
-    bases and adapters are identical everywhere even if decompositions round differently."""
-    if not is_distributed():
-        return t
-    return broadcast_from(t, torch.distributed.get_global_rank(group, 0) if group else 0, group)
 
 
 class KeepLoRA:
@@ -138,7 +129,7 @@ class KeepLoRA:
                 V = bases.pop((name, "in"))[:, : layer.in_features - layer.rank].to(dev)
                 self._set_input_basis(layer, V, complement=False)
                 if cfg.eps_w_out:
-                    layer.set_bases(U=_from_rank0(bases.pop((name, "out")).to(dev, self._basis_dtype), process_group))
+                    layer.set_bases(U=broadcast_from_rank0(bases.pop((name, "out")).to(dev, self._basis_dtype), process_group))
                 self.placement.release(name, layer)  # one layer's bases on the device at a time
         self.task_index = 0
         self.task_open = False
@@ -189,7 +180,7 @@ class KeepLoRA:
 
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``t`` on every rank (``t`` itself without torch.distributed)."""
-        return _from_rank0(t, self.process_group)
+        return broadcast_from_rank0(t, self.process_group)
 
     def _set_input_basis(self, layer: FusedKeepLoRALinear, V: torch.Tensor, complement: bool) -> None:
         """Store ``V`` (with ``complement``: already its complement) in the cheaper form, switching to
@@ -198,7 +189,7 @@ class KeepLoRA:
         if not complement and V.shape[1] > layer.in_features / 2:
             V, complement = complement_basis(V), True
         # V is the caller's fresh result (a decomposition's, or rank 0's broadcast): the layer may own it
-        layer.set_bases(V=_from_rank0(V.to(self._basis_dtype), self.process_group), V_complement=complement, copy=False)
+        layer.set_bases(V=broadcast_from_rank0(V.to(self._basis_dtype), self.process_group), V_complement=complement, copy=False)
 
     # --- the task lifecycle ------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -473,8 +464,7 @@ class KeepLoRA:
                        "fingerprints": dict(self._pretrained_fingerprints)} if compact else {"form": "full"})
         if is_rank0():
             self._write(path, tensors, extra_meta)
-        if is_distributed():
-            torch.distributed.barrier(group=self.process_group)
+        barrier(self.process_group)
 
     def _write(self, path: str, tensors: dict, extra_meta: dict) -> None:
         from safetensors.torch import save_file

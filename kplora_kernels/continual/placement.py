@@ -28,9 +28,8 @@ import os
 from contextlib import contextmanager
 
 import torch
-import torch.distributed
 
-from ..distributed import is_distributed
+from ..distributed import rank as this_rank
 
 PLACEMENTS = ("device", "cpu", "mmap")
 _BASES = ("V", "U")
@@ -234,7 +233,7 @@ class BasisPlacement:
         views of the mapped file in their place."""
         from .bases import save_file_atomically
 
-        rank = torch.distributed.get_rank() if is_distributed() else 0  # one folder per rank: no two writers
+        rank = this_rank()  # one folder per rank: no two writers
         folder = os.path.join(self.folder, f"rank{rank}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{_file_stem(name)}.safetensors")

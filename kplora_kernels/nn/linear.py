@@ -15,6 +15,7 @@ from torch import nn
 
 from .._checks import check_basis, check_finite, check_tensor
 from .. import ops  # noqa: F401  (registers torch.ops.kplora.*)
+from ..distributed import add_, assign_, full  # noqa: F401  (re-exported: nn.linear.full etc.)
 from .hooks import GradientAccumulator, InputAccumulator
 
 
@@ -26,36 +27,6 @@ def _basis_value(name: str, value) -> torch.Tensor:
         raise TypeError(f"{name} must be a tensor (not an nn.Parameter: a basis is not trained), "
                         f"got {type(value).__name__}")
     return value.detach() if value.requires_grad else value  # the object itself: placements compare identity
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: gathered from its shards for a DTensor (FSDP2; a collective: every rank
-    must call it), the tensor itself otherwise."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-@torch.no_grad()
-def assign_(param: torch.Tensor, value: torch.Tensor) -> None:
-    """``param ← value`` for a whole ``value``, which a DTensor parameter keeps only its shard of
-    (``value`` must be the same on every rank)."""
-    value = value.to(dtype=param.dtype, device=param.device)
-    if hasattr(param, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(value, param.device_mesh, param.placements)
-    param.copy_(value)
-
-
-@torch.no_grad()
-def add_(param: torch.Tensor, delta: torch.Tensor) -> None:
-    """``param ← param + delta`` with the arithmetic of ``assign_(param, full(param).to(delta.dtype) +
-    delta)``: in place (no whole-weight temporary and copy) where ``param`` is a plain tensor of
-    ``delta``'s dtype and device, through that form otherwise (a DTensor, or a weight kept in another
-    dtype, which is rounded once)."""
-    if hasattr(param, "device_mesh") or param.dtype != delta.dtype or param.device != delta.device:
-        assign_(param, full(param).to(delta.dtype) + delta)
-    else:
-        param.add_(delta)
 
 
 def low_rank_delta(B: torch.Tensor, A: torch.Tensor, scaling: float, weight_dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,9 @@ protection on that side); a basis flagged ``*_complement`` spans the kept space 
 Registered with ``torch.library``: ``kplora::grouped_projection_``, ``kplora::subspace_anchor`` and
 ``kplora::constraint_restore_`` (lists of tensors, written in place; not differentiable: they act on
 gradients and weights outside autograd). Row shards (``U_reduce``, a Python callable that sums over
-the shard group between the two passes) run outside the registered ops, through the same backends.
+the shard group between the two passes) run outside the registered ops, through the same backends;
+this is the one row-shard projection and restore: FSDP2's full mode reaches it through
+:mod:`kplora_kernels.distributed` (``project_sharded_``, ``sharded_snapshot``, ``restore_sharded_``).
 """
 from __future__ import annotations
 
@@ -168,7 +170,7 @@ def residual_project_grouped_(Gs: Sequence[torch.Tensor], Us=None, Vs=None, scal
             raises ``ValueError`` with the reasons when it cannot run one).
         U_reduce: for row-sharded tensors (FSDP2 ``Shard(0)``: each rank holds rows of ``G`` and the
             same rows of ``U``): a callable that sums a list of ``k_out×in`` products ``UᵀG`` over
-            the shard group, in place (e.g. ``lambda Ps: [dist.all_reduce(P) for P in Ps]``) or by
+            the shard group, in place (:func:`kplora_kernels.distributed.shard_sum`) or by
             returning the sums. Every rank must call with the same entries in the same order. The
             ``V`` side is row-local. Shards of ``U`` are checked for shape only (their columns are
             orthonormal only together). Not with the C++ kernel (it runs both passes back to back).

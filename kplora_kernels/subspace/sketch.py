@@ -42,7 +42,7 @@ import math
 import torch
 
 from .._checks import check_basis, check_eps, check_tensor
-from ..distributed import is_distributed
+from ..distributed import all_reduce_sum_
 from ..ops import resolve_sketch_backend, sketch_update
 from .linalg import append_directions, gpm_count, gpm_expand_covariance, noise_floor, randomized_svd
 
@@ -204,10 +204,7 @@ def _given_basis(name: str, given, held, held_signature, device):
 
 
 def _all_reduce(tensors, group) -> None:
-    if not is_distributed():
-        return
-    for t in tensors:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
+    all_reduce_sum_(tensors, group)
 
 
 def _fused_usable(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> bool:
