@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_llava_arguments(sub.add_parser("llava", help="continual instruction tuning of a LLaVA model"))
     add_vlm_arguments(sub.add_parser("vlm", help="continual instruction tuning of any transformers vision-language "
                                                  "model, images and video"))
+    from .kernel_report import add_arguments as add_kernels_arguments
+
+    add_kernels_arguments(sub.add_parser("kernels", help="compile every Triton kernel for sm_80/86/89/90 (no GPU) "
+                                                        "and report shared memory, registers, stack, fits"))
     memory = sub.add_parser("memory", help="what the KeepLoRA++ state costs for an LLM config")
     memory.add_argument("--model-config", required=True,
                         help="llava-1.5-7b, llava-1.5-13b, llava-next-video-7b, qwen2.5-vl-7b or a config.json")
@@ -117,6 +121,10 @@ def main(argv=None) -> int:
             run_mtil(args)
         elif args.command == "demo":
             _demo(args)
+        elif args.command == "kernels":
+            from .kernel_report import run as run_kernels
+
+            return run_kernels(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except ConfigError as exc:  # a user error: one line, no traceback
         print(f"kplora: error: {exc}", file=sys.stderr)
