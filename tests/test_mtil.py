@@ -351,3 +351,29 @@ def test_mtil_dry_run_and_user_errors(data_root, tiny_model, tmp_path, capsys):
     args[args.index("--datasets") + 1] = "MNIST,ImageNet"
     assert main(args) == 2
     assert "unknown datasets" in capsys.readouterr().err
+
+
+def test_idx_reader_plain_gzip_and_bad_files(tmp_path):
+    """One IDX reader serves MNIST (plain or .gz) and the demo's Fashion-MNIST; a damaged file is named."""
+    import gzip
+
+    from kplora_kernels.data.idx import read_idx
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    idx(str(tmp_path / "plain" / "images-idx3-ubyte"), images)
+    raw = (tmp_path / "plain" / "images-idx3-ubyte").read_bytes()
+    (tmp_path / "images.gz").write_bytes(gzip.compress(raw))
+    for path in (tmp_path / "plain" / "images-idx3-ubyte", tmp_path / "images.gz"):
+        got = read_idx(str(path))
+        assert got.dtype == np.uint8 and np.array_equal(got, images)
+    wide = np.array([-5, 70000], dtype=">i4")  # type code 0x0C: big-endian int32
+    (tmp_path / "wide").write_bytes(bytes([0, 0, 0x0C, 1]) + (2).to_bytes(4, "big") + wide.tobytes())
+    assert read_idx(str(tmp_path / "wide")).tolist() == [-5, 70000]
+    (tmp_path / "short").write_bytes(raw[:-1])
+    with pytest.raises(ValueError, match=r"short: the IDX header announces shape \(2, 3, 4\)"):
+        read_idx(str(tmp_path / "short"))
+    (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match="png is not an IDX file"):
+        read_idx(str(tmp_path / "png"))
+    with pytest.raises(FileNotFoundError):
+        read_idx(str(tmp_path / "absent"))

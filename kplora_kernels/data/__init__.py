@@ -1,1 +1,1 @@
-"""Embedded data for the demo (no downloads)."""
+"""The commands' data: the demo's embedded digits (no downloads), the MTIL loaders and the IDX reader."""

@@ -6,12 +6,12 @@ its own class names, on digits (parity, magnitude, loops) or on clothing groups.
 """
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+
+from .idx import read_idx
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -46,21 +46,13 @@ def _digits():
     return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(d.target)
 
 
-def _read_idx(path):
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_available(root: str = FASHION_DIR) -> bool:
     return os.path.isfile(os.path.join(root, "train-images-idx3-ubyte.gz"))
 
 
 def _fashion(root: str, limit: int):
-    images = _read_idx(os.path.join(root, "train-images-idx3-ubyte.gz"))[:limit]
-    labels = _read_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"))[:limit]
+    images = read_idx(os.path.join(root, "train-images-idx3-ubyte.gz"))[:limit]
+    labels = read_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"))[:limit]
     x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 255.0
     x = torch.nn.functional.adaptive_avg_pool2d(x, 8)  # 28×28 → 8×8, like the digits
     return x, torch.tensor(labels, dtype=torch.long)

@@ -8,12 +8,13 @@ naming the path expected and what was found next to it. Datasets without an offi
 """
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
 from dataclasses import dataclass
 
 import numpy as np
+
+from .idx import read_idx
 
 ORDER_I = ["Aircraft", "Caltech101", "CIFAR100", "DTD", "EuroSAT", "Flowers", "Food", "MNIST", "OxfordPet",
            "StanfordCars", "SUN397"]
@@ -173,15 +174,6 @@ def food101(root):
     return Split("Food", [c.replace("_", " ") for c in classes], read("train"), read("test"))
 
 
-def _idx(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def mnist(root):
     base = _need(os.path.join(root, "MNIST", "raw"))
 
@@ -189,7 +181,7 @@ def mnist(root):
         def find(kind):
             plain = os.path.join(base, f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte")
             return plain if os.path.exists(plain) else _need(plain + ".gz")
-        return list(zip(_idx(find("images")), (int(v) for v in _idx(find("labels")))))
+        return list(zip(read_idx(find("images")), (int(v) for v in read_idx(find("labels")))))
     return Split("MNIST", [str(d) for d in range(10)], read("train"), read("t10k"))
 
 
