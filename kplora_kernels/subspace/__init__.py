@@ -1,7 +1,7 @@
 """Principal subspaces, GPM expansion, randomized SVD, and the streaming sketches built on them
 (``reference`` holds the per-batch-projected formulation of the sketches: the test oracle)."""
 from .linalg import LinearOperator, energy_rank, gpm_count, gpm_expand, principal_subspace, randomized_svd
-from .sketch import GradientSketch, InputSketch
+from .sketch import Expansion, GradientSketch, InputSketch
 
-__all__ = ["GradientSketch", "InputSketch", "LinearOperator", "energy_rank", "gpm_count", "gpm_expand",
+__all__ = ["Expansion", "GradientSketch", "InputSketch", "LinearOperator", "energy_rank", "gpm_count", "gpm_expand",
            "principal_subspace", "randomized_svd"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -190,23 +190,60 @@ def append_directions(V: torch.Tensor, new: torch.Tensor, complement: bool) -> t
     return torch.cat([V.to(out_dtype), new.to(out_dtype)], dim=1)
 
 
-def gpm_expand_covariance(C: torch.Tensor, V: torch.Tensor, eps: float, *, complement: bool = False,
-                          total: float | None = None, keep_free: int = 0, floor: float = 0.0,
-                          seed: int = 0) -> torch.Tensor:
-    """The GPM expansion from the exact input covariance ``C = Σ XᵀX`` (``dim×dim``, fp64 advised).
+class GPMStep(NamedTuple):
+    """One application of the GPM rule: the new ``basis`` (same form as the given one), how many
+    directions were ``appended``, and ``energy``: the fraction of the inputs' energy ``E`` lying in
+    the new basis's protected span, ``(captured + Σ_appended s_j²) / E`` (1.0 for ``E = 0``)."""
 
-    ``V`` (``dim×k``; ``k`` may be 0) is the protected basis, or with ``complement=True`` an
-    orthonormal basis of the residual space. The residual covariance ``P C P`` is never formed
-    unless the count approaches its size (see :func:`top_eigenpairs_for`); ``total`` defaults to
-    ``tr C``. Leaves at least ``keep_free`` residual dimensions. Returns the new basis (same form).
-    """
+    basis: torch.Tensor
+    appended: int
+    energy: float
+
+
+def gpm_append(V: torch.Tensor, evals: torch.Tensor, vectors: Callable[[int], torch.Tensor], *, total: float,
+               captured: float, eps: float, limit: int, floor: float = 0.0, complement: bool = False) -> GPMStep:
+    """The last two steps of the GPM recipe: count (:func:`gpm_count`) and append
+    (:func:`append_directions`). ``evals``: the leading residual eigenvalues ``s_j²`` (descending);
+    ``vectors(c)``: their first ``c`` orthonormal eigenvectors (``dim×c``, residual space), formed
+    only for the count appended; ``captured = E − ‖R‖²``. Returns a :class:`GPMStep`."""
+    count = gpm_count(total, captured, evals, eps, limit, floor)
+    gained = float(evals[:count].double().sum()) if count else 0.0
+    energy = (captured + gained) / total if total > 0 else 1.0
+    if count == 0:
+        return GPMStep(V.clone(), 0, energy)
+    return GPMStep(append_directions(V, vectors(count), complement), count, energy)
+
+
+def gpm_operator_step(apply: Callable[[torch.Tensor], torch.Tensor], dense: Callable[[], torch.Tensor], rows: int,
+                      V: torch.Tensor, *, total: float, residual: float, eps: float, limit: int, floor: float = 0.0,
+                      complement: bool = False, lift: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                      dtype=torch.float64, device="cpu", seed: int = 0) -> GPMStep:
+    """The whole GPM recipe on a PSD residual operator (``rows×rows``, ``apply(M) = C_R @ M``,
+    ``dense()`` its matrix): the energy the rule still needs (``eps·E − (E − ‖R‖²)``) → the top
+    eigenpairs that supply it (:func:`top_eigenpairs_for`) → the count → the appended basis.
+    ``lift(vecs, evals)`` maps the first ``c`` eigenvectors (``rows×c``) to orthonormal directions
+    of the input space (default: themselves). The one implementation behind
+    :func:`gpm_expand_covariance` and :func:`gpm_expand`."""
+    if total <= 0 or limit <= 0:
+        return GPMStep(V.clone(), 0, (total - residual) / total if total > 0 else 1.0)
+    need = eps * total - (total - residual)
+    evals, vecs = top_eigenpairs_for(apply, rows, need, limit, dense, dtype=dtype, device=device, seed=seed)
+    vectors = ((lambda c: vecs[:, :c]) if lift is None else (lambda c: lift(vecs[:, :c], evals[:c])))
+    return gpm_append(V, evals, vectors, total=total, captured=total - residual, eps=eps, limit=limit,
+                      floor=floor, complement=complement)
+
+
+def gpm_covariance_step(C: torch.Tensor, V: torch.Tensor, eps: float, *, complement: bool = False,
+                        total: float | None = None, keep_free: int = 0, floor: float = 0.0,
+                        seed: int = 0) -> GPMStep:
+    """:func:`gpm_expand_covariance` with the count appended and the energy reached (:class:`GPMStep`)."""
     dim = C.shape[0]
     Vd = V.to(C.dtype)
     total = float(C.diagonal().sum()) if total is None else total
     if complement:  # residual coordinates z ∈ R^{dim−k}: the operator Vᵀ C V
         residual_dims = Vd.shape[1]
         M = Vd.mT @ C @ Vd
-        apply, dense, lift = (lambda Z: M @ Z), (lambda: M), (lambda Z: Vd @ Z)
+        apply, dense, lift = (lambda Z: M @ Z), (lambda: M), (lambda Z, _: Vd @ Z)
         residual = float(M.diagonal().sum())
     else:
         residual_dims = dim - Vd.shape[1]
@@ -219,18 +256,26 @@ def gpm_expand_covariance(C: torch.Tensor, V: torch.Tensor, eps: float, *, compl
             P = C - Vd @ (Vd.mT @ C)
             return P - (P @ Vd) @ Vd.mT
 
-        lift = lambda Z: Z  # noqa: E731
+        lift = None
         residual = total - float((Vd * (C @ Vd)).sum())
-    limit = residual_dims - keep_free
-    if total <= 0 or limit <= 0:
-        return V.clone()
-    need = eps * total - (total - residual)
-    evals, vecs = top_eigenpairs_for(apply, M.shape[0] if complement else dim, need, limit, dense,
-                                     dtype=C.dtype, device=C.device, seed=seed)
-    count = gpm_count(total, total - residual, evals, eps, limit, floor)
-    if count == 0:
-        return V.clone()
-    return append_directions(V, lift(vecs[:, :count]), complement)
+    return gpm_operator_step(apply, dense, residual_dims if complement else dim, V, total=total,
+                             residual=residual, eps=eps, limit=residual_dims - keep_free, floor=floor,
+                             complement=complement, lift=lift, dtype=C.dtype, device=C.device, seed=seed)
+
+
+def gpm_expand_covariance(C: torch.Tensor, V: torch.Tensor, eps: float, *, complement: bool = False,
+                          total: float | None = None, keep_free: int = 0, floor: float = 0.0,
+                          seed: int = 0) -> torch.Tensor:
+    """The GPM expansion from the exact input covariance ``C = Σ XᵀX`` (``dim×dim``, fp64 advised).
+
+    ``V`` (``dim×k``; ``k`` may be 0) is the protected basis, or with ``complement=True`` an
+    orthonormal basis of the residual space. The residual covariance ``P C P`` is never formed
+    unless the count approaches its size (see :func:`top_eigenpairs_for`); ``total`` defaults to
+    ``tr C``. Leaves at least ``keep_free`` residual dimensions. Returns the new basis (same form);
+    :func:`gpm_covariance_step` also returns the count and the energy reached.
+    """
+    return gpm_covariance_step(C, V, eps, complement=complement, total=total, keep_free=keep_free,
+                               floor=floor, seed=seed).basis
 
 
 def gpm_expand(V: torch.Tensor | None, X: torch.Tensor, eps: float) -> torch.Tensor:
@@ -264,20 +309,14 @@ def gpm_expand(V: torch.Tensor | None, X: torch.Tensor, eps: float) -> torch.Ten
     total = float(Xs.pow(2).sum())
     floor = noise_floor(work)
     if Xs.shape[0] >= dim:
-        return gpm_expand_covariance(Xs.mT @ Xs, V, eps, total=total, floor=floor)
+        return gpm_covariance_step(Xs.mT @ Xs, V, eps, total=total, floor=floor).basis
     R = Xs - (Xs @ V) @ V.mT if V.shape[1] else Xs
     # fewer tokens than features: eigenpairs of the n×n Gram RRᵀ, right vectors Rᵀu/s
     K = R @ R.mT
-    residual = float(K.diagonal().sum())
-    limit = dim - V.shape[1]
-    need = eps * total - (total - residual)
-    evals, vecs = top_eigenpairs_for(lambda Z: K @ Z, K.shape[0], need, limit, lambda: K, dtype=work,
-                                     device=K.device)
-    count = gpm_count(total, total - residual, evals, eps, limit, floor)
-    if count == 0:
-        return V
-    new = (R.mT @ vecs[:, :count]) / evals[:count].sqrt()
-    return append_directions(V, new, False)
+    step = gpm_operator_step(lambda Z: K @ Z, lambda: K, K.shape[0], V, total=total,
+                             residual=float(K.diagonal().sum()), eps=eps, limit=dim - V.shape[1], floor=floor,
+                             lift=lambda U, s: (R.mT @ U) / s.sqrt(), dtype=work, device=K.device)
+    return step.basis
 
 
 # --- randomized SVD --------------------------------------------------------------------------------

@@ -38,15 +38,37 @@ every rank draws the same ones. Orientation: ``X`` is ``tokens×in``, ``dY`` is 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from .._checks import check_basis, check_eps, check_tensor
 from ..distributed import all_reduce_sum_
 from ..ops import resolve_sketch_backend, sketch_update
-from .linalg import append_directions, gpm_count, gpm_expand_covariance, noise_floor, randomized_svd
+from .linalg import gpm_append, gpm_covariance_step, noise_floor, randomized_svd
 
 DEFAULT_MEMORY_BUDGET = 64 * 2**20  # bytes per sketch
+
+
+class Expansion(NamedTuple):
+    """What :meth:`InputSketch.expand` did (its ``expansion`` attribute after the call).
+
+    ``appended``: directions appended to the basis. ``energy``: the fraction of the sketched inputs'
+    energy ``‖X‖²`` lying in the protected span of the returned basis (``(E − ‖R‖² + Σ_appended s_j²)
+    / E``, docs/design.md §1; 1.0 for inputs of zero energy). Covariance strategy: exact (to fp32
+    rounding). Randomized: the part already in ``span(V)`` is exact where ``exact_residual`` (else
+    the XNysTrace estimate), the appended part the Nyström eigenvalues, which never exceed the
+    energy those directions really capture (a lower bound). ``saturated``: the randomized sketch
+    appended every direction it can resolve (at most ``width``) while ``energy < eps`` and the
+    residual still has room; a further pass over the same inputs with a sketch built against the
+    returned basis captures more (it always appends ≥ 1 direction: ``saturated`` implies
+    ``appended ≥ 1``). Never set for the covariance strategy. ``width``: the randomized sketch's
+    width, None for the covariance strategy."""
+
+    appended: int
+    energy: float
+    saturated: bool
+    width: int | None
 
 
 def _gaussian(rows: int, cols: int, seed: int, device, dtype=torch.float64) -> torch.Tensor:
@@ -361,6 +383,7 @@ class InputSketch(_Guard):
         # ‖X‖² and (exact_residual) ‖X V‖², accumulated in fp64
         self.energy = torch.zeros(2 if self.exact_residual else 1, dtype=torch.float64, device=self.device)
         self.tokens = 0
+        self.expansion: Expansion | None = None  # set by each expand()
         self._init_guard(self.device)
 
     @property
@@ -555,7 +578,14 @@ class InputSketch(_Guard):
         and the returned basis span the residual space (the complement shrinks instead of ``V``
         growing). Returns ``dim×k'`` in fp32 (or V's dtype). Covariance strategy: only the appended
         eigenpairs are computed (growing subspace iteration, ``eigh`` when the count nears the
-        residual dimension). Raises ``ValueError`` when batches were refused or the state overflowed."""
+        residual dimension). Randomized strategy: at most ``width`` directions per call.
+
+        Sets ``self.expansion`` (:class:`Expansion`: the count appended, the energy fraction reached,
+        whether the sketch saturated). The GPM rule over inputs that need more directions than the
+        width is met by further passes: while ``expansion.saturated``, sketch the same inputs again
+        against the returned basis and expand once more; each pass measures what the previous ones
+        left, so the passes converge to the exact rule. Raises ``ValueError`` when batches were
+        refused or the state overflowed."""
         eps = check_eps("eps", eps)
         if V is not None:
             check_basis("V", V, self.dim, "dim")
@@ -573,7 +603,9 @@ class InputSketch(_Guard):
         residual_dims = base.shape[1] if V_complement else self.dim - base.shape[1]
         total = float(self.energy[0])
         limit = residual_dims - keep_free
-        if total == 0 or limit <= 0:
+        width = self.width if self.strategy == "randomized" else None
+        if total == 0:
+            self.expansion = Expansion(0, 1.0, False, width)
             return base.clone()
         floor = noise_floor(torch.float32)  # the state is accumulated in fp32
         if self.strategy == "covariance":
@@ -581,13 +613,17 @@ class InputSketch(_Guard):
             # (a 2048² eigh: about 4× slower in fp64 on 2 cores); small dims stay in fp64
             C = self.covariance()
             C = C.double() if self.dim < 1024 else C
-            return gpm_expand_covariance(C, base, eps, complement=V_complement, total=total,
-                                         keep_free=keep_free, floor=floor, seed=self.seed)
+            step = gpm_covariance_step(C, base, eps, complement=V_complement, total=total,
+                                       keep_free=keep_free, floor=floor, seed=self.seed)
+            self.expansion = Expansion(step.appended, step.energy, False, None)
+            return step.basis
         evals, vecs, residual = self._nystrom_spectrum(V)
-        count = gpm_count(total, total - residual, evals, eps, limit, floor)
-        if count == 0:
-            return base.clone()
-        return append_directions(base, vecs(count), V_complement)
+        step = gpm_append(base, evals, vecs, total=total, captured=total - residual, eps=eps, limit=limit,
+                          floor=floor, complement=V_complement)
+        # the sketch offered fewer directions than the rule wants: a further pass against the new basis
+        saturated = 0 < step.appended < limit and step.energy < eps
+        self.expansion = Expansion(step.appended, step.energy, saturated, width)
+        return step.basis
 
 
 def _nystrom(Y: torch.Tensor, Om: torch.Tensor, nu: float):
