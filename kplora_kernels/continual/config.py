@@ -73,6 +73,10 @@ class KeepLoRAConfig:
     basis has at most the sketch's width, the XNysTrace estimate beyond), ``"exact"`` (always; one
     more product per batch as wide as the stored basis, and that basis on the device during the
     pass) or ``"estimate"``; see :class:`~kplora_kernels.subspace.InputSketch`.
+    ``max_sketch_passes``: at a task end, the most data passes (1 to 64) that grow the input bases:
+    a randomized input sketch appends at most its width (``sketch_memory_budget / (4·in)`` columns)
+    per pass, so a task needing more new directions takes further passes over the residual; a layer
+    still short of ``eps_f`` after this many is logged as a warning (see ``KeepLoRA.end_task``).
     """
 
     method: str = "keeplora++"
@@ -95,6 +99,7 @@ class KeepLoRAConfig:
     target_modules: list | str | None = None
     dropout: float = 0.0
     residual_energy: str = "auto"
+    max_sketch_passes: int = 8
 
     def __post_init__(self):
         """Validate every field (types and ranges); raises ``TypeError``/``ValueError`` naming it."""
@@ -126,6 +131,8 @@ class KeepLoRAConfig:
             if _number(name, getattr(self, name), integer=True) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         _number("seed", self.seed, integer=True)
+        if not 1 <= _number("max_sketch_passes", self.max_sketch_passes, integer=True) <= 64:
+            raise ValueError(f"max_sketch_passes must be in [1, 64], got {self.max_sketch_passes}")
         self.alpha = _number("alpha", self.alpha)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")

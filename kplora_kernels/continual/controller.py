@@ -33,13 +33,32 @@ from .adapters import find_targets, merge_and_unload, replace_module, split_mult
 from .bases import principal_bases, weight_fingerprint
 from .config import KeepLoRAConfig
 from .placement import BasisPlacement
+from .report import BasisGrowth, TaskReport
 from .inputs import collect_inputs
 from .methods import make_method
 
 logger = logging.getLogger(__name__)
 
+
+def _protected_dims(layer) -> int:
+    """The dimension of the protected input subspace (``V`` or the complement of its stored form)."""
+    return layer.in_features - layer.V.shape[1] if layer.V_complement else layer.V.shape[1]
+
+
+def _expansion_record(sketch) -> tuple[float, bool, int | None]:
+    """``(energy, saturated, width)`` of ``sketch``'s last :meth:`~InputSketch.expand`: the fraction of
+    the task's input energy in the grown basis (NaN where the sketch does not report it), whether a
+    randomized sketch used up its width short of ``eps_f``, and that width (None: exact)."""
+    expansion = getattr(sketch, "expansion", None)
+    width = sketch.width if sketch.strategy == "randomized" else None
+    if expansion is None:
+        return math.nan, False, width
+    energy = math.nan if expansion.energy is None else float(expansion.energy)
+    return energy, bool(expansion.saturated), expansion.width if expansion.width is not None else width
+
 FORMAT = "kplora-controller/2"
 READABLE_FORMATS = ("kplora-controller/1", FORMAT)
+_PASS_SEED_STRIDE = 1_000_003  # seed offset of each further input-sketch pass of one task (a prime)
 
 
 class KeepLoRA:
@@ -236,22 +255,27 @@ class KeepLoRA:
         if empty:
             raise ValueError(f"{where}: the loader is empty (len(loader) == 0); pass the task's batches")
 
-    def collect_inputs(self, loader, forward_fn, fraction: float, desc: str) -> dict[str, InputSketch]:
-        """``{name: InputSketch}`` of each adapted linear's inputs over the first ``fraction`` of
-        ``loader`` (``forward_fn(model, batch)``, without gradients); layers that really receive the
-        same tensor share one exact sketch (see :mod:`.inputs`). Sketches are summed over ranks."""
+    def collect_inputs(self, loader, forward_fn, fraction: float, desc: str, *, layers: dict | None = None,
+                       sketch_pass: int = 0) -> dict[str, InputSketch]:
+        """``{name: InputSketch}`` of each adapted linear's inputs (of ``layers``, a sub-dict of
+        :attr:`layers`; all by default) over the first ``fraction`` of ``loader`` (``forward_fn(model,
+        batch)``, without gradients); layers that really receive the same tensor share one exact sketch
+        (see :mod:`.inputs`). Sketches are built against each layer's current ``V`` and summed over
+        ranks. ``sketch_pass`` (≥ 0) draws a fresh test matrix for a further pass over the same task."""
         cfg = self.config
+        layers = self.layers if layers is None else layers
+        seed = cfg.seed + self.task_index + _PASS_SEED_STRIDE * sketch_pass
 
         def exact(name):
-            return 4 * self.layers[name].in_features ** 2 <= cfg.sketch_memory_budget
+            return 4 * layers[name].in_features ** 2 <= cfg.sketch_memory_budget
 
         def make(name):
-            layer = self.layers[name]
+            layer = layers[name]
             return InputSketch(layer.in_features, layer.V, V_complement=layer.V_complement,
                                memory_budget=cfg.sketch_memory_budget, residual=cfg.residual_energy,
-                               seed=cfg.seed + self.task_index, device=layer.weight.device)
+                               seed=seed, device=layer.weight.device)
 
-        sketches = collect_inputs(self.layers, self.batches(loader, fraction, desc),
+        sketches = collect_inputs(layers, self.batches(loader, fraction, desc),
                                   lambda batch: forward_fn(self.model, batch), make, exact=exact)
         for sketch in {id(s): s for s in sketches.values()}.values():
             sketch.all_reduce(self.process_group)
@@ -279,7 +303,7 @@ class KeepLoRA:
         self.placement.offload(self.layers)
         self.task_open = True
 
-    def end_task(self, loader, forward_fn, fraction: float = 1.0) -> None:
+    def end_task(self, loader, forward_fn, fraction: float = 1.0) -> TaskReport:
         """Close the open task: merge the adapters into the weights, then, for methods that grow the
         protected input basis, expand each ``V`` by the GPM rule from the inputs the merged model sees
         on the first ``fraction`` of ``loader`` (``forward_fn(model, batch)`` runs a forward); the
@@ -290,6 +314,16 @@ class KeepLoRA:
         the state is exactly as before, the task still open). A failure of the data pass after the
         merge (an empty or non-finite batch) leaves the task open with its update merged and recorded
         once; calling ``end_task`` again with good data finishes it without merging twice.
+
+        A randomized input sketch (a layer too wide for the exact covariance within
+        ``sketch_memory_budget``) appends at most its width per data pass: layers whose sketch ran out
+        of width short of ``eps_f`` get further passes over the same batches (each sketching the residual
+        of the grown basis), at most ``max_sketch_passes`` in all; a layer still short then is logged as
+        a warning naming its width and the energy reached.
+
+        Returns a :class:`~kplora_kernels.continual.report.TaskReport`: the task's index, the number
+        of data passes that grew the bases, and per layer the directions appended and the fraction of
+        the task's input energy the grown basis holds.
 
         Raises ``RuntimeError`` when no task is open, ``ValueError`` for an empty loader (the task
         then stays open and ``end_task`` may be called again), ``FloatingPointError`` as above."""
@@ -309,12 +343,13 @@ class KeepLoRA:
             self._record_weights()
             # merged and recorded: a retry after a failing data pass (bad batches) resumes from here
             self._merged_open_task = True
-        if self.method.grows_input_basis:
-            self._expand_bases(loader, forward_fn, fraction)
+        passes, growth = self._expand_bases(loader, forward_fn, fraction) if self.method.grows_input_basis else (0, {})
         self.method.end_task(self)
+        report = TaskReport(task=self.task_index, passes=passes, layers=growth)
         self._merged_open_task = False
         self.task_index += 1
         self.task_open = False
+        return report
 
     @staticmethod
     @torch.no_grad()
@@ -356,27 +391,67 @@ class KeepLoRA:
                         "diverged: lower the learning rate, clip gradients, or resume from a checkpoint, then "
                         "train again and call end_task")
 
-    def _expand_bases(self, loader, forward_fn, fraction):
+    def _expand_bases(self, loader, forward_fn, fraction) -> tuple[int, dict]:
+        """Grow every layer's ``V`` by the GPM rule from the task's inputs to the merged model. A
+        randomized sketch appends at most its width per data pass; a layer whose sketch saturated
+        (``energy < eps_f`` with the width used up) gets another pass against its grown basis (the new
+        sketch sees the residual), until none is saturated or ``config.max_sketch_passes`` passes ran;
+        a layer still short after that is logged as a warning naming its width and the energy reached.
+        Returns ``(passes, {name: BasisGrowth})``."""
         cfg = self.config
-        sketches = self.collect_inputs(loader, forward_fn, fraction, "input subspace")
-        names = list(self.layers)
-        last = None  # (basis given, result) of the previous layer, kept only when this one may share them
-        for i, (name, layer) in enumerate(self.placement.stream(self.layers)):  # one layer's bases at a time
+        growth: dict[str, BasisGrowth] = {}
+        pending = list(self.layers)
+        passes = 0
+        while pending and passes < cfg.max_sketch_passes:
+            passes += 1
+            results = self._expand_pass(pending, loader, forward_fn, fraction, passes)
+            for name, (appended, energy, saturated, width) in results.items():
+                before = growth.get(name)
+                growth[name] = BasisGrowth(appended=appended + (before.appended if before else 0), energy=energy,
+                                           passes=passes, width=width, saturated=saturated)
+            pending = [name for name, (_, _, saturated, _) in results.items() if saturated]
+        for name in pending:  # the bound stopped them short of eps_f
+            g = growth[name]
+            logger.warning("end_task: layer %r still has input directions the randomized sketch (width %d) could "
+                           "not take in %d data pass(es): %.4f of the task's input energy is protected, below "
+                           "eps_f = %s; raise max_sketch_passes (now %d) or sketch_memory_budget (a wider sketch)",
+                           name, g.width, passes, g.energy, cfg.eps_f, cfg.max_sketch_passes)
+        return passes, growth
+
+    def _expand_pass(self, names: list, loader, forward_fn, fraction, number: int) -> dict:
+        """Data pass ``number`` (from 1) and the expansion of the layers ``names``; returns ``{name:
+        (appended, energy, saturated, width)}`` as rank 0 decided it (every rank runs the same passes)."""
+        cfg = self.config
+        layers = {name: self.layers[name] for name in names}
+        desc = "input subspace" if number == 1 else f"input subspace, pass {number}"
+        sketches = self.collect_inputs(loader, forward_fn, fraction, desc, layers=layers, sketch_pass=number - 1)
+        last = None  # (basis given, result, its record) of the previous layer, kept only when this one may share them
+        records, protected = {}, {}
+        for i, (name, layer) in enumerate(self.placement.stream(layers)):  # one layer's bases at a time
             sketch = sketches.pop(name)
+            protected[name] = _protected_dims(layer)
             if last is not None and last[0].device == layer.V.device and torch.equal(last[0], layer.V):
                 # the same input sketch (q, k, v of one block) and the same basis (e.g. InfLoRA, which
                 # protects no pre-trained subspace): the same expansion, decomposed once
-                V = last[1].clone()
+                V, record = last[1].clone(), last[2]
             else:
                 V = sketch.expand(layer.V, cfg.eps_f, V_complement=layer.V_complement, keep_free=layer.rank)
+                record = _expansion_record(sketch)
             # keep this layer's old and new basis only when the next one shares the sketch and could share
             # the basis (same shape and form): at most two more bases on the device, and only then
-            after = self.layers[names[i + 1]] if i + 1 < len(names) else None
+            after = layers[names[i + 1]] if i + 1 < len(names) else None
             shares = (after is not None and sketches.get(names[i + 1]) is sketch and sketch.strategy == "covariance"
                       and after.V.shape == layer.V.shape and after.V_complement == layer.V_complement
                       and after.rank == layer.rank and same_basis(basis_signature(after.V), basis_signature(layer.V)))
-            last = (layer.V, V) if shares else None  # shares: same sketch, form and rank, probe-equal basis
+            last = (layer.V, V, record) if shares else None  # shares: same sketch, form and rank, probe-equal basis
             self._set_input_basis(layer, V, layer.V_complement)
+            protected[name] = _protected_dims(layer) - protected[name]
+            records[name] = record
+        # rank 0's decisions (the bases are rank 0's): every rank runs the same passes
+        flags = torch.tensor([[float(r[1]), r[0]] for r in records.values()], dtype=torch.float64)
+        agreed = self.broadcast(flags.to(layers[names[0]].weight.device)).cpu()
+        return {name: (protected[name], float(agreed[i, 1]), bool(agreed[i, 0]), width)
+                for i, (name, (_, _, width)) in enumerate(records.items())}
 
     @contextmanager
     def task(self, loader, loss_fn, forward_fn=None, fraction: float = 1.0):

@@ -1,5 +1,52 @@
-"""Plots of accuracy matrices (matplotlib, imported only when a plot is drawn)."""
+"""What a task boundary reports (:class:`TaskReport`, returned by ``KeepLoRA.end_task``) and plots of
+accuracy matrices (matplotlib, imported only when a plot is drawn)."""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BasisGrowth:
+    """How one layer's protected input basis grew at a task end.
+
+    ``appended``: input directions added over all passes (0 or more). ``energy``: the fraction, in
+    [0, 1], of the task's input energy (``‖X‖_F²`` over the boundary's batches) inside the grown
+    basis, as the last sketch measured it (NaN where the sketch does not report it). ``passes``: data
+    passes this layer took part in (≥ 1). ``width``: the randomized sketch's width (columns), None for
+    an exact (covariance) sketch. ``saturated``: still short of ``eps_f`` when the pass bound
+    (``max_sketch_passes``) stopped it — the task's inputs are then under-protected (also logged)."""
+
+    appended: int
+    energy: float
+    passes: int
+    width: int | None
+    saturated: bool
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """What ``end_task`` did for task ``task`` (its index, from 0).
+
+    ``passes``: data passes over the boundary's batches that grew the input bases (0 when the method
+    grows none; more than 1 when a randomized sketch ran out of width and the residual was sketched
+    again). ``layers``: ``{layer name: BasisGrowth}`` (empty when no basis grows)."""
+
+    task: int
+    passes: int
+    layers: dict = field(default_factory=dict)
+
+    @property
+    def under_protected(self) -> list[str]:
+        """The layers whose grown basis holds less than ``eps_f`` of the task's input energy because
+        the pass bound was reached (see :class:`BasisGrowth`)."""
+        return [name for name, g in self.layers.items() if g.saturated]
+
+    @property
+    def min_energy(self) -> float:
+        """The smallest captured energy fraction over the layers that report one (NaN if none does)."""
+        known = [g.energy for g in self.layers.values() if not math.isnan(g.energy)]
+        return min(known) if known else math.nan
 
 
 def heatmap(path: str, title: str, accuracy, task_names: list, extra_columns: dict | None = None) -> None:
