@@ -14,7 +14,8 @@ Towers: a tower rule of the matcher (``visual``, ``text`` by default) names a ta
 it matches its path; the other targets form the tower ``"default"`` when they sit in one block
 stack, and one tower per stack otherwise, named by the stack's parent path (T5: ``encoder`` and
 ``decoder``). A tower whose targets sit in two stacks is refused (their depths cannot be
-compared): pass ``layer_index`` or a tower rule that separates them.
+compared), and so are several unnamed stacks when one lies inside a list (the stages of one tower
+built from differing stage classes, or towers?): pass ``layer_index`` or tower rules.
 """
 from __future__ import annotations
 
@@ -151,14 +152,21 @@ def find_targets(model: nn.Module, patterns=None, layer_index: dict | None = Non
             raise ValueError(f"cannot find the layer index of target {name!r}: no nn.ModuleList/nn.Sequential of "
                              "same-class blocks (below the model's root) holds it, so its depth in its tower is "
                              f"unknown; pass it in layer_index={{{name!r}: index}} or leave it out of the targets")
-    unnamed = sorted({s[0] for tower, s in found.values() if tower is None and s is not None})
+    unnamed = sorted({s[0] for name, (tower, s) in found.items()
+                      if tower is None and s is not None and name not in layer_index})
+    nested = [s for s in unnamed if any(p.isdigit() for p in s.split("."))]
+    if len(unnamed) > 1 and nested:  # stacks inside positions of a list: stages of one tower, not towers
+        raise ValueError(f"the targets sit in {len(unnamed)} block stacks {unnamed}, some inside a list of "
+                         f"differing modules ({nested}): one tower or several? Pass layer_index={{module path: "
+                         "block index} for these targets, or tower rules that name each tower "
+                         "(TargetMatcher(towers=...))")
     parents = {s: s.rpartition(".")[0] for s in unnamed}
     if len(set(parents.values())) < len(unnamed) or not all(parents.values()):
         parents = {s: s for s in unnamed}
     stack_tower = {s: "default" for s in unnamed} if len(unnamed) == 1 else parents
     towers = {}
     for name, (tower, stack) in found.items():
-        towers[name] = tower or (stack_tower[stack[0]] if stack is not None else "default")
+        towers[name] = tower or (stack_tower.get(stack[0], "default") if stack is not None else "default")
     depths: dict[str, int] = {}
     stacks: dict[str, dict[str, int]] = {}  # tower → {stack path: length} of its structurally indexed targets
     for name, (_, stack) in found.items():
