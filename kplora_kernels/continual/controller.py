@@ -46,15 +46,13 @@ def _protected_dims(layer) -> int:
 
 
 def _expansion_record(sketch) -> tuple[float, bool, int | None]:
-    """``(energy, saturated, width)`` of ``sketch``'s last :meth:`~InputSketch.expand`: the fraction of
-    the task's input energy in the grown basis (NaN where the sketch does not report it), whether a
-    randomized sketch used up its width short of ``eps_f``, and that width (None: exact)."""
-    expansion = getattr(sketch, "expansion", None)
-    width = sketch.width if sketch.strategy == "randomized" else None
-    if expansion is None:
-        return math.nan, False, width
-    energy = math.nan if expansion.energy is None else float(expansion.energy)
-    return energy, bool(expansion.saturated), expansion.width if expansion.width is not None else width
+    """``(energy, saturated, width)`` of ``sketch``'s last :meth:`~InputSketch.expand` (its
+    :class:`~kplora_kernels.subspace.Expansion`): the fraction of the task's input energy in the grown
+    basis, whether a randomized sketch used up its width short of ``eps_f``, and that width (None:
+    an exact sketch)."""
+    e = sketch.expansion
+    return float(e.energy), bool(e.saturated), e.width
+
 
 FORMAT = "kplora-controller/2"
 READABLE_FORMATS = ("kplora-controller/1", FORMAT)

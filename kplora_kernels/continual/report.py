@@ -12,7 +12,8 @@ class BasisGrowth:
 
     ``appended``: input directions added over all passes (0 or more). ``energy``: the fraction, in
     [0, 1], of the task's input energy (``‖X‖_F²`` over the boundary's batches) inside the grown
-    basis, as the last sketch measured it (NaN where the sketch does not report it). ``passes``: data
+    basis, as the last sketch measured it (exact for a covariance sketch; a randomized one counts its
+    appended directions by their Nyström eigenvalues, a lower bound). ``passes``: data
     passes this layer took part in (≥ 1). ``width``: the randomized sketch's width (columns), None for
     an exact (covariance) sketch. ``saturated``: still short of ``eps_f`` when the pass bound
     (``max_sketch_passes``) stopped it — the task's inputs are then under-protected (also logged)."""
@@ -44,9 +45,8 @@ class TaskReport:
 
     @property
     def min_energy(self) -> float:
-        """The smallest captured energy fraction over the layers that report one (NaN if none does)."""
-        known = [g.energy for g in self.layers.values() if not math.isnan(g.energy)]
-        return min(known) if known else math.nan
+        """The smallest captured energy fraction over the layers (NaN when no basis grew)."""
+        return min((g.energy for g in self.layers.values()), default=math.nan)
 
 
 def heatmap(path: str, title: str, accuracy, task_names: list, extra_columns: dict | None = None) -> None:
