@@ -16,10 +16,9 @@ from torch import nn
 from .._checks import check_basis, check_finite, check_tensor
 from .. import ops  # noqa: F401  (registers torch.ops.kplora.*)
 from ..distributed import add_, assign_, full  # noqa: F401  (re-exported: nn.linear.full etc.)
+from .function import _KeepLoRAFunction, low_rank_delta  # noqa: F401  (re-exported: nn.linear.low_rank_delta)
 from .hooks import GradientAccumulator, InputAccumulator
-
-
-_BASES = ("V", "U")
+from .state import _BASES, LayerState
 
 
 def _basis_value(name: str, value) -> torch.Tensor:
@@ -29,76 +28,7 @@ def _basis_value(name: str, value) -> torch.Tensor:
     return value.detach() if value.requires_grad else value  # the object itself: placements compare identity
 
 
-def low_rank_delta(B: torch.Tensor, A: torch.Tensor, scaling: float, weight_dtype: torch.dtype) -> torch.Tensor:
-    """``c · B A`` (``B`` ``out×r``, ``A`` ``r×in``) in fp32, fp64 for fp64 weights: the arithmetic of
-    every merge (:meth:`FusedKeepLoRALinear.merge_` and the replay of a compact checkpoint), which
-    keeps a replay bit-identical to the merges it repeats."""
-    work = torch.float64 if weight_dtype == torch.float64 else torch.float32
-    return (B.to(work) @ A.to(work)).mul_(scaling)
-
-
-class _KeepLoRAFunction(torch.autograd.Function):
-    """Forward and backward of the layer. ``x_d`` is the input after the adapter's dropout, or None
-    without dropout. Saves ``h = x_d Aᵀ`` (``tokens×r``) and the input only when a gradient or the
-    gradient accumulator needs it."""
-
-    @staticmethod
-    def forward(ctx, x, x_d, W, b, A, B, U, V, V_complement, c, grad_accumulator):
-        h = nn.functional.linear(x if x_d is None else x_d, A)
-        y = nn.functional.linear(x, W, b)
-        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.to(y.dtype).mT, alpha=c)  # no extra pass
-        keep_x = W.requires_grad or grad_accumulator is not None or (x_d is None and A.requires_grad)
-        keep_x_d = x_d is not None and A.requires_grad
-        ctx.save_for_backward(h, x if keep_x else None, x_d if keep_x_d else None, W, A, B, U, V)
-        ctx.c, ctx.grad_accumulator, ctx.has_dropout = c, grad_accumulator, x_d is not None
-        ctx.V_complement = V_complement
-        return y
-
-    @staticmethod
-    def backward(ctx, dY):
-        h, x, x_d, W, A, B, U, V = ctx.saved_tensors
-        c, dt = ctx.c, dY.dtype
-        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (..., n) → tokens×n
-        dY2 = flat(dY)
-        dYB = dY2 @ B.to(dt)  # tokens×r
-        dx = dx_d = dW = db = dA = dB = None
-        if ctx.needs_input_grad[0]:
-            dx = dY2 @ W.to(dt)
-            if not ctx.has_dropout:
-                dx.addmm_(dYB, A.to(dt), alpha=c)
-            dx = dx.view(*dY.shape[:-1], W.shape[1])
-        if ctx.has_dropout and ctx.needs_input_grad[1]:
-            dx_d = (c * dYB @ A.to(dt)).view(*dY.shape[:-1], A.shape[1])
-        if ctx.needs_input_grad[2]:
-            dW = dY2.mT @ flat(x).to(dt)
-        if ctx.needs_input_grad[3]:
-            db = dY2.sum(0)
-        # the bases were validated by set_bases: the registered projection ops run without re-checking.
-        # The products run in the gradient's dtype (bf16 under autocast); the projection runs in the
-        # bases' dtype (fp32 by default), so the gradient the optimizer sees (in the factor's dtype) has
-        # nothing left inside span(U)/span(V) beyond that dtype's rounding.
-        if ctx.needs_input_grad[5]:
-            dB = dY2.mT @ flat(h).to(dt)  # out×r
-            if U is None:
-                dB = c * dB
-            else:
-                pt = torch.promote_types(dB.dtype, U.dtype)
-                dB = torch.ops.kplora.residual_projection(dB.to(pt), U.to(pt), None, c, False, False, None)
-            dB = dB.to(B.dtype)
-        if ctx.needs_input_grad[4]:
-            dA = dYB.mT @ flat(x if x_d is None else x_d).to(dt)  # r×in
-            if V is None:
-                dA = c * dA
-            else:
-                pt = torch.promote_types(dA.dtype, V.dtype)
-                dA = torch.ops.kplora.row_projection(dA.to(pt), V.to(pt), c, ctx.V_complement, None)
-            dA = dA.to(A.dtype)
-        if ctx.grad_accumulator is not None:
-            ctx.grad_accumulator.update(dY2.detach(), flat(x).detach())
-        return dx, dx_d, dW, db, dA, dB, None, None, None, None, None
-
-
-class FusedKeepLoRALinear(nn.Module):
+class FusedKeepLoRALinear(LayerState):
     """A LoRA linear whose updates stay in the residual subspace of its protected bases.
 
     Parameters: ``weight`` (``out×in``) and ``bias`` (shared with the replaced linear, frozen),
@@ -453,108 +383,6 @@ class FusedKeepLoRALinear(nn.Module):
         linear.register_parameter("bias", self.bias)
         linear.train(self.training)
         return linear
-
-    # --- state ------------------------------------------------------------------------------------
-    _STATE_VERSION = 1.0
-
-    def get_extra_state(self) -> torch.Tensor:
-        """The non-tensor state as one fp64 CPU tensor ``[version, merged, rank, alpha, layer_scale,
-        V_complement]``: tensors only, so that any state-dict writer (safetensors, transformers'
-        ``save_pretrained``) can store it."""
-        return torch.tensor([self._STATE_VERSION, float(self.merged), float(self.rank), self.alpha,
-                             self.layer_scale, float(self.V_complement)], dtype=torch.float64)
-
-    @staticmethod
-    def _parse_extra_state(state) -> dict:
-        """The extra state as a dict, from the tensor form or the older dict form."""
-        if isinstance(state, dict):
-            missing = {"merged", "rank", "alpha", "layer_scale"} - set(state)
-            if missing:
-                raise ValueError(f"state_dict's _extra_state lacks the keys {sorted(missing)}")
-            return {"merged": bool(state["merged"]), "rank": state["rank"], "alpha": float(state["alpha"]),
-                    "layer_scale": float(state["layer_scale"]),
-                    "V_complement": bool(state.get("V_complement", False))}
-        if not isinstance(state, torch.Tensor) or state.dim() != 1 or state.numel() != 6:
-            raise ValueError("state_dict's _extra_state must be a 6-element tensor "
-                             "[version, merged, rank, alpha, layer_scale, V_complement] (or the older dict), "
-                             f"got {type(state).__name__} {tuple(state.shape) if isinstance(state, torch.Tensor) else ''}")
-        values = state.double().tolist()
-        if values[0] != FusedKeepLoRALinear._STATE_VERSION or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"state_dict's _extra_state {values} is not a version-1 state of finite values")
-        return {"merged": bool(values[1]), "rank": int(values[2]), "alpha": values[3], "layer_scale": values[4],
-                "V_complement": bool(values[5])}
-
-    def set_extra_state(self, state) -> None:
-        parsed = self._parse_extra_state(state)
-        if parsed["rank"] != self.rank:
-            raise ValueError(f"state_dict has rank {parsed['rank']}, this layer has rank {self.rank}")
-        self.merged, self.alpha, self.layer_scale = parsed["merged"], parsed["alpha"], parsed["layer_scale"]
-        self.V_complement = parsed["V_complement"]
-
-    def _check_state(self, state_dict: dict, prefix: str) -> None:
-        """Every value this layer would load from ``state_dict``, checked before anything is changed
-        (a ValueError naming the key), so that a failed load leaves the layer as it was."""
-        complement = self.V_complement
-        if prefix + "_extra_state" in state_dict:
-            parsed = self._parse_extra_state(state_dict[prefix + "_extra_state"])
-            if parsed["rank"] != self.rank:
-                raise ValueError(f"state_dict has rank {parsed['rank']}, this layer has rank {self.rank}")
-            complement = parsed["V_complement"]
-        shapes = {"weight": (self.out_features, self.in_features), "bias": (self.out_features,),
-                  "lora_A": (self.rank, self.in_features), "lora_B": (self.out_features, self.rank)}
-        for key, shape in shapes.items():
-            value = state_dict.get(prefix + key)
-            if value is None or (key == "bias" and self.bias is None):
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"state_dict[{prefix + key!r}] must be a tensor, got {type(value).__name__}")
-            if tuple(value.shape) != shape:
-                raise ValueError(f"state_dict[{prefix + key!r}] must have shape {shape}, got {tuple(value.shape)}")
-            if key.startswith("lora_"):
-                check_finite(f"state_dict[{prefix + key!r}]", value)
-        for key, dim, what in (("V", self.in_features, "in_features"), ("U", self.out_features, "out_features")):
-            value = state_dict.get(prefix + key)
-            if value is None:
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"state_dict[{prefix + key!r}] must be a tensor, got {type(value).__name__}")
-            check_basis(f"state_dict[{prefix + key!r}]", value, dim, what)
-            if key == "V":
-                room = value.shape[1] if complement else dim - value.shape[1]
-                if room < self.rank:
-                    raise ValueError(f"state_dict[{prefix + key!r}] leaves a residual space of {room} "
-                                     f"dimensions, fewer than rank = {self.rank}")
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key in _BASES:
-            destination[prefix + key] = getattr(self, key)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        self._check_state(state_dict, prefix)
-        if strict:  # report missing and unexpected keys without loading the others (all or nothing)
-            local = [n for n, p in self._parameters.items() if p is not None]
-            local += [n for n, b in self._buffers.items() if b is not None and n not in self._non_persistent_buffers_set]
-            local += [*_BASES, "_extra_state"]
-            missing = [prefix + n for n in local if prefix + n not in state_dict]
-            unexpected = [k for k in state_dict if k.startswith(prefix)
-                          and k[len(prefix):].split(".")[0] not in local and k[len(prefix):].split(".")[0]
-                          not in self._modules]
-            if missing or unexpected:
-                missing_keys.extend(missing)
-                unexpected_keys.extend(unexpected)
-                return
-        bases = {key: state_dict[prefix + key] for key in _BASES if prefix + key in state_dict}
-        if bases:  # not module state: the base class would report them as unexpected
-            state_dict = {k: v for k, v in state_dict.items() if k not in {prefix + key for key in _BASES}}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        with torch.no_grad():
-            for key, stored in bases.items():  # the bases grow from task to task: take the stored size
-                mine = getattr(self, key)
-                setattr(self, key, stored.detach().to(device=mine.device, dtype=mine.dtype, copy=True))
-
 
 def _check_optimizer(optimizer) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
