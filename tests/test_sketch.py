@@ -676,11 +676,11 @@ def test_block_triangular_covariance_is_the_whole_covariance(monkeypatch):
 def test_half_inputs_covariance_route_equals_the_upcast_products(dtype, monkeypatch):
     """Products of two half values are exact in fp32: the covariance on the half route (fp32-output
     half GEMMs on CUDA) is the upcast path's to fp32 summation order."""
-    from kplora_kernels.subspace import sketch as sketch_module
+    from kplora_kernels.subspace import half as half_module
 
     X = (planted(300, 1100, 6) * 0.5).to(dtype)  # dim ≥ TRIANGLE_MIN_DIM: several column blocks
     upcast = stream(InputSketch(1100, strategy="covariance"), X, batch=100)
-    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    monkeypatch.setattr(half_module, "_EMULATE_HALF", True)
     half = stream(InputSketch(1100, strategy="covariance"), X, batch=100)
     torch.testing.assert_close(half.covariance(), upcast.covariance(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(half.energy, upcast.energy)
@@ -691,12 +691,12 @@ def test_half_inputs_randomized_route_within_a_split_factor_of_fp32(monkeypatch)
     sketch's error against float64 stays far below a plain bf16 torch run's (``Xᵀ(X Ω̂_bf16)`` with
     bf16 outputs), and the exact residual energy within 1e-6 of ``‖X‖²`` (the split's 16 bits; the
     ``hi`` part alone is off by 2e-5 here); fp16 keeps the upcast path."""
-    from kplora_kernels.subspace import sketch as sketch_module
+    from kplora_kernels.subspace import half as half_module
 
     dim, width = 96, 24
     X = planted(400, dim, 8).to(torch.bfloat16)
     V0 = random_basis(dim, 10, torch.float32, seed=3)
-    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    monkeypatch.setattr(half_module, "_EMULATE_HALF", True)
     half = stream(InputSketch(dim, V0, strategy="randomized", width=width, seed=1), X, batch=100)
     assert half.exact_residual
     Xd, Om = X.double(), half.omega.double()
@@ -720,9 +720,9 @@ def test_half_route_factors_sit_on_the_split_grid(monkeypatch):
     """A sketch that may take the half route holds ``Ω̂`` and the energy's basis on the bf16 ``hi + lo``
     grid from the start: its fp32 form and its split hold the same values, so a stream that starts in
     fp32 and continues in bf16 (or a rank that saw only fp32) finalises with the same ``Ω̂``."""
-    from kplora_kernels.subspace import sketch as sketch_module
+    from kplora_kernels.subspace import half as half_module
 
-    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    monkeypatch.setattr(half_module, "_EMULATE_HALF", True)
     V0 = random_basis(64, 6, torch.float32, seed=2)
     X = planted(120, 64, 5)
     mixed = InputSketch(64, V0, strategy="randomized", width=16)
@@ -730,9 +730,9 @@ def test_half_route_factors_sit_on_the_split_grid(monkeypatch):
     mixed.update(X[:60])  # fp32 first
     mixed.update(X[60:].to(torch.bfloat16))  # then bf16: the split is taken
     assert mixed._omega._fp32 is None and torch.equal(mixed.omega, before)
-    hi, lo = sketch_module._split(before)
+    hi, lo = half_module._split(before)
     assert torch.equal(hi.float() + lo.float(), before)  # re-splitting the grid value is lossless
-    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", False)
+    monkeypatch.setattr(half_module, "_EMULATE_HALF", False)
     plain = InputSketch(64, V0, strategy="randomized", width=16)  # a CPU sketch: fp32 Ω̂ as formed
     assert not torch.equal(plain.omega, before) and (plain.omega - before).abs().max() <= 2 ** -16 * before.abs().max()
 
@@ -740,18 +740,18 @@ def test_half_route_factors_sit_on_the_split_grid(monkeypatch):
 @pytest.mark.parametrize("dtype,routed", [(torch.bfloat16, True), (torch.float16, False)], ids=["bf16", "fp16"])
 def test_half_route_leaves_fp16_out_under_fp16_accumulation(dtype, routed, monkeypatch):
     """With ``allow_fp16_accumulation`` cuBLAS gives no fp32 output for fp16 inputs: fp16 stays off."""
-    from kplora_kernels.subspace import sketch as sketch_module
+    from kplora_kernels.subspace import half as half_module
 
-    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    monkeypatch.setattr(half_module, "_EMULATE_HALF", True)
     X = torch.zeros(2, 4, dtype=dtype)
-    assert sketch_module._half_route(X)
+    assert half_module._half_route(X)
     matmul = torch.backends.cuda.matmul  # a module whose flags are properties: set and restore by hand
     if not hasattr(matmul, "allow_fp16_accumulation"):
         pytest.skip("this torch has no allow_fp16_accumulation: nothing to route around")
     saved = matmul.allow_fp16_accumulation
     try:
         matmul.allow_fp16_accumulation = True
-        assert sketch_module._half_route(X) == routed
+        assert half_module._half_route(X) == routed
     finally:
         matmul.allow_fp16_accumulation = saved
 
@@ -760,9 +760,9 @@ def test_half_route_leaves_fp16_out_under_fp16_accumulation(dtype, routed, monke
 def test_half_route_refuses_a_non_finite_batch_without_a_trace(deferred, monkeypatch):
     """Both refusal contracts on the half route: at once (CPU), and through ``torch.where`` with the
     device counter read at finalisation (an accelerator's, forced here as in the tests above)."""
-    from kplora_kernels.subspace import sketch as sketch_module
+    from kplora_kernels.subspace import half as half_module
 
-    monkeypatch.setattr(sketch_module, "_EMULATE_HALF", True)
+    monkeypatch.setattr(half_module, "_EMULATE_HALF", True)
     X = planted(100, 48, 4).to(torch.bfloat16)
     V0 = random_basis(48, 4, torch.float32)
     for strategy in ("covariance", "randomized"):

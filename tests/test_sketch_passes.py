@@ -116,3 +116,17 @@ def test_expansion_of_zero_inputs_and_of_a_full_basis():
     full = random_basis(16, 16, torch.float32)
     assert cov.expand(full, 0.9).shape == (16, 16)
     assert cov.expansion.appended == 0 and abs(cov.expansion.energy - 1.0) <= 1e-5
+
+
+def test_one_sizing_rule_sizes_the_sketch_and_the_planner():
+    """The sketch's auto strategy and width and the planner's byte count follow one rule."""
+    from kplora_kernels.subspace.sizing import input_sketch_bytes, input_sketch_width, input_strategy
+
+    assert input_sketch_width(11008, 64 * 2**20) == 1024  # LLaMA-7B's down_proj
+    assert input_sketch_width(300, 4 * 300 * 32) == 32 and input_sketch_width(300, 1) == 1
+    for dim, budget in [(64, 64 * 64 * 4), (64, 64 * 64 * 4 - 1), (300, 4 * 300 * 32), (3000, 4 * 3000 * 50)]:
+        sketch = InputSketch(dim, memory_budget=budget)
+        assert sketch.strategy == input_strategy(dim, budget)
+        assert sketch.memory_bytes == input_sketch_bytes(dim, 0, budget)
+        if sketch.strategy == "randomized":
+            assert sketch.width == input_sketch_width(dim, budget)
