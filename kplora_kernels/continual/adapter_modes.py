@@ -13,19 +13,18 @@ The gradient projection runs in the optimizer's pre-step hook, once per step, no
 backward: with gradient accumulation, projecting after every backward would apply ``s_l`` once per
 micro-batch to the earlier ones. Code that reads the gradients before the step (gradient clipping)
 calls :meth:`KeepLoRA.project_gradients_` first; the hook then skips that step's projection.
+
+A mode sees the engine only through an :class:`~.context.EngineContext` (and, where it asks, the
+method).
 """
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..distributed import project_sharded_, restore_sharded_, row_shard, sharded_snapshot
 from ..nn import register_projection_hooks
 from ..ops import SubspaceAnchor, residual_project_grouped_, subspace_anchor, subspace_restore_grouped_
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .controller import KeepLoRA
+from .context import EngineContext
 
 
 class _Handles:
@@ -48,27 +47,28 @@ class LoRAAdapter:
 
     name = "lora"
 
-    def wrap(self, engine: "KeepLoRA", layer) -> None:
-        layer.lora_A.requires_grad_(engine.method.trains_A)
+    def wrap(self, layer, method) -> None:
+        """Fix what trains in ``layer`` for the whole run: ``B``, and ``A`` when ``method.trains_A``."""
+        layer.lora_A.requires_grad_(method.trains_A)
         layer.lora_B.requires_grad_(True)
 
-    def trainable(self, engine: "KeepLoRA") -> list:
-        return [p for layer in engine.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
+    def trainable(self, ctx: EngineContext) -> list:
+        return [p for layer in ctx.layers.values() for p in (layer.lora_A, layer.lora_B) if p.requires_grad]
 
-    def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
-        engine.method.init_adapters(engine, loader, loss_fn, fraction)
+    def begin_task(self, ctx: EngineContext, method, loader, loss_fn, fraction: float) -> None:
+        method.init_adapters(ctx, loader, loss_fn, fraction)
 
-    def end_task(self, engine: "KeepLoRA") -> None:
-        for layer in engine.layers.values():
+    def end_task(self, ctx: EngineContext) -> None:
+        for layer in ctx.layers.values():
             layer.absorb_()  # B = 0 afterwards: absorbing twice (a retried end_task) adds nothing
 
-    def register_hooks(self, engine: "KeepLoRA", optimizer):
-        return register_projection_hooks(engine.model, optimizer)
+    def register_hooks(self, ctx: EngineContext, optimizer):
+        return register_projection_hooks(ctx.model, optimizer)
 
-    def state_tensors(self, engine: "KeepLoRA") -> dict:
+    def state_tensors(self, ctx: EngineContext) -> dict:
         return {}
 
-    def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
+    def load_state_tensors(self, ctx: EngineContext, tensors: dict, task_open: bool) -> None:
         pass
 
 
@@ -92,7 +92,8 @@ class FullAdapter:
         # no optimizer.step, hence no post-step hook) never leaves the next one unprojected
         self._projected = False
 
-    def wrap(self, engine: "KeepLoRA", layer) -> None:
+    def wrap(self, layer, method) -> None:
+        """The target weight trains (from wrap on, whatever the method); its adapter never does."""
         layer.lora_A.requires_grad_(False)
         layer.lora_B.requires_grad_(False)
         # trainable from wrap on (DDP, FSDP2 and the Trainer build their state from it); between
@@ -105,8 +106,8 @@ class FullAdapter:
         if torch.is_grad_enabled():
             self._projected = False
 
-    def trainable(self, engine: "KeepLoRA") -> list:
-        return [layer.weight for layer in engine.layers.values()]
+    def trainable(self, ctx: EngineContext) -> list:
+        return [layer.weight for layer in ctx.layers.values()]
 
     @staticmethod
     def _bases(layer):
@@ -126,23 +127,23 @@ class FullAdapter:
         anchor = subspace_anchor(W, U, V)
         return {k: t for k, t in anchor._asdict().items() if t is not None}
 
-    def begin_task(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
-        for name, layer in engine.layers.items():
+    def begin_task(self, ctx: EngineContext, method, loader, loss_fn, fraction: float) -> None:
+        for name, layer in ctx.layers.items():
             if hasattr(layer.weight, "device_mesh"):
                 row_shard(layer.weight, name)  # raises for layouts other than FSDP2's Shard(0)
         self.start = {name: (sharded_snapshot(layer.weight.detach(), *self._bases(layer))
                             if hasattr(layer.weight, "device_mesh") else self._snapshot(layer))
-                      for name, layer in engine.layers.items()}
+                      for name, layer in ctx.layers.items()}
         self._projected = False
 
     @torch.no_grad()
-    def project_gradients_(self, engine: "KeepLoRA") -> None:
+    def project_gradients_(self, ctx: EngineContext) -> None:
         """``G ← s_l·(I−UUᵀ)G(I−VVᵀ)`` in place for every target weight's gradient, all in one grouped
         call (:func:`~kplora_kernels.ops.residual_project_grouped_`); once per optimizer step."""
         if self._projected:
             return
         Gs, Us, Vs, scales, complements = [], [], [], [], []
-        for layer in engine.layers.values():
+        for layer in ctx.layers.values():
             G = layer.weight.grad
             U, V, complement = self._bases(layer)
             if G is None or (U is None and V is None and layer.layer_scale == 1.0):
@@ -160,13 +161,13 @@ class FullAdapter:
         self._projected = True
 
     @torch.no_grad()
-    def restore_(self, engine: "KeepLoRA") -> None:
+    def restore_(self, ctx: EngineContext) -> None:
         """``W ← W₀ + (I−UUᵀ)(W − W₀)(I−VVᵀ)`` for every target weight
         (:func:`~kplora_kernels.ops.subspace_restore_grouped_`): ``(W − W₀)V = 0`` and ``Uᵀ(W − W₀) = 0``
         again after an optimizer step (a rank-(k_in + k_out) correction from the thin anchor)."""
         self._projected = False
         Ws, Us, Vs, W0s, anchors, complements = [], [], [], [], [], []
-        for name, layer in engine.layers.items():
+        for name, layer in ctx.layers.items():
             snap = self.start[name]
             if not snap:
                 continue
@@ -183,28 +184,28 @@ class FullAdapter:
         if Ws:
             subspace_restore_grouped_(Ws, Us, Vs, W0s=W0s, anchors=anchors, V_complement=complements)
 
-    def end_task(self, engine: "KeepLoRA") -> None:
-        for layer in engine.layers.values():
+    def end_task(self, ctx: EngineContext) -> None:
+        for layer in ctx.layers.values():
             layer.weight.grad = None
         self.start = {}
 
-    def register_hooks(self, engine: "KeepLoRA", optimizer):
-        pre = optimizer.register_step_pre_hook(lambda *_: self.project_gradients_(engine))
-        post = optimizer.register_step_post_hook(lambda *_: self.restore_(engine))
+    def register_hooks(self, ctx: EngineContext, optimizer):
+        pre = optimizer.register_step_pre_hook(lambda *_: self.project_gradients_(ctx))
+        post = optimizer.register_step_post_hook(lambda *_: self.restore_(ctx))
         return _Handles(pre, post)
 
-    def state_tensors(self, engine: "KeepLoRA") -> dict:
-        if self.start and any(hasattr(layer.weight, "device_mesh") for layer in engine.layers.values()):
+    def state_tensors(self, ctx: EngineContext) -> dict:
+        if self.start and any(hasattr(layer.weight, "device_mesh") for layer in ctx.layers.values()):
             raise NotImplementedError("saving an open task of adapter='full' with FSDP2-sharded weights is not "
                                       "implemented (each rank holds its own rows of the task-start reference); "
                                       "save after end_task")
         return {f"full_start.{name}.{key}": t for name, snap in self.start.items() for key, t in snap.items()}
 
-    def load_state_tensors(self, engine: "KeepLoRA", tensors: dict, task_open: bool) -> None:
+    def load_state_tensors(self, ctx: EngineContext, tensors: dict, task_open: bool) -> None:
         self.start = {}
         if not task_open:
             return
-        for name, layer in engine.layers.items():
+        for name, layer in ctx.layers.items():
             prefix = f"full_start.{name}."
             self.start[name] = {k[len(prefix):]: t.to(layer.weight.device).clone() for k, t in tensors.items()
                                 if k.startswith(prefix)}

@@ -21,6 +21,7 @@ import torch
 
 from ..distributed import broadcast_from, global_rank, world_size
 from ..distributed import rank as this_rank
+from ..nn.linear import full
 from ..subspace import principal_subspace
 from ..training import progress as progress_bar
 
@@ -141,3 +142,30 @@ def principal_bases(requests, *, cache_dir: str | None = None, process_group=Non
             out[key] = out[key].to(W.device if device is None else device)
             local.pop(i, None)
     return out
+
+
+def protect_pretrained(ctx, targets, fingerprints: dict, cache_dir: str | None = None) -> None:
+    """Set every layer's protected bases from its pre-trained weight: ``V`` (``in×k_in``, at most
+    ``in − rank`` columns, stored in the cheaper form) at ``config.eps_for(tower)`` and, with
+    ``config.eps_w_out``, ``U`` (``out×k_out``). ``ctx`` is the engine's
+    :class:`~kplora_kernels.continual.context.EngineContext`, ``targets`` its found targets (``name``,
+    ``tower``), ``fingerprints`` ``{name: weight_fingerprint}`` of the weights as wrapped. The bases are
+    computed on the host when the placement keeps them there (never every layer's bases on the
+    device) and each layer is released to its placement right after it is set."""
+    cfg = ctx.config
+    requests = []
+    for t in targets:
+        W = full(ctx.layers[t.name].weight.detach())
+        requests.append(((t.name, "in"), W, cfg.eps_for(t.tower), "in", fingerprints[t.name]))
+        if cfg.eps_w_out:
+            requests.append(((t.name, "out"), W, cfg.eps_w_out, "out", fingerprints[t.name]))
+    off = ctx.placement.mode != "device"
+    bases = principal_bases(requests, cache_dir=cache_dir, process_group=ctx.process_group,
+                            progress=ctx.progress, device="cpu" if off else None)
+    for name, layer in ctx.layers.items():
+        dev = layer.weight.device
+        V = bases.pop((name, "in"))[:, : layer.in_features - layer.rank].to(dev)
+        ctx.set_input_basis(layer, V, complement=False)
+        if cfg.eps_w_out:
+            layer.set_bases(U=ctx.broadcast(bases.pop((name, "out")).to(dev, ctx.basis_dtype)))
+        ctx.placement.release(name, layer)  # one layer's bases on the device at a time

@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
 
-METHODS = ("keeplora++", "keeplora", "lora", "lora-fa", "inflora", "olora")
-FULL_METHODS = ("keeplora++", "keeplora", "lora")  # methods that accept adapter="full"
+from .methods import FULL_METHODS, REGISTRY, check_config  # noqa: F401  (FULL_METHODS: re-exported)
+from .values import at_least, eps, number
+
+METHODS = tuple(REGISTRY)  # keeplora++, keeplora, lora, lora-fa, inflora, olora
 ADAPTERS = ("lora", "full")
-
-
-def _number(name: str, value, *, integer: bool = False) -> float | int:
-    """``value`` as an int/float; bools, strings and non-finite numbers are refused."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value if integer else float(value)
 
 
 def _patterns(name: str, value) -> list:
@@ -110,45 +100,25 @@ class KeepLoRAConfig:
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-        if self.adapter == "full" and self.method not in FULL_METHODS:
-            raise ValueError(f"adapter='full' works with method in {FULL_METHODS}, got method={self.method!r}")
         if isinstance(self.eps_w, bool) or not isinstance(self.eps_w, (int, float, dict)):
             raise TypeError(f"eps_w must be a number or a dict {{tower: number}}, got {type(self.eps_w).__name__} "
                             f"{self.eps_w!r}")
         if not isinstance(self.eps_w, dict):
             self.eps_w = {"default": self.eps_w}
-        self.eps_w = {k: _number(f"eps_w[{k!r}]", v) for k, v in self.eps_w.items()}
+        self.eps_w = {k: eps(f"eps_w[{k!r}]", v) for k, v in self.eps_w.items()}
         if not all(isinstance(k, str) for k in self.eps_w):
             raise TypeError(f"eps_w keys must be tower names (str), got {list(self.eps_w)}")
-        self.eps_f = _number("eps_f", self.eps_f)
-        if self.eps_w_out is not None:
-            self.eps_w_out = _number("eps_w_out", self.eps_w_out)
-        for name, eps in [*((f"eps_w[{k!r}]", v) for k, v in self.eps_w.items()), ("eps_f", self.eps_f),
-                          *([("eps_w_out", self.eps_w_out)] if self.eps_w_out is not None else [])]:
-            if not 0.0 < eps <= 1.0:
-                raise ValueError(f"{name} must be in (0, 1], got {eps}")
+        self.eps_f = eps("eps_f", self.eps_f)
         for name in ("rank", "sketch_memory_budget"):
-            if _number(name, getattr(self, name), integer=True) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        _number("seed", self.seed, integer=True)
-        if not 1 <= _number("max_sketch_passes", self.max_sketch_passes, integer=True) <= 64:
+            at_least(name, getattr(self, name), 1, integer=True)
+        number("seed", self.seed, integer=True)
+        if not 1 <= number("max_sketch_passes", self.max_sketch_passes, integer=True) <= 64:
             raise ValueError(f"max_sketch_passes must be in [1, 64], got {self.max_sketch_passes}")
-        self.alpha = _number("alpha", self.alpha)
+        self.alpha = number("alpha", self.alpha)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
-        self.gamma = _number("gamma", self.gamma)
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        for name in ("olora_lambda1", "olora_lambda2"):
-            setattr(self, name, _number(name, getattr(self, name)))
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        if self.eps_w_out is not None and self.method not in ("keeplora++", "keeplora"):
-            raise ValueError(f"eps_w_out (output-side protection) applies to keeplora++/keeplora only, got "
-                             f"method={self.method!r} with eps_w_out={self.eps_w_out}")
-        if self.method != "olora" and (self.olora_lambda1, self.olora_lambda2) != (0.5, 0.0):
-            raise ValueError(f"olora_lambda1/olora_lambda2 apply to method='olora' only, got method={self.method!r} "
-                             f"with ({self.olora_lambda1}, {self.olora_lambda2})")
+        self.gamma = eps("gamma", self.gamma)  # a fraction in (0, 1], as an energy threshold
+        check_config(self, {f.name: f.default for f in dataclasses.fields(self)})  # the methods' own options
         self.targets = _patterns("targets", self.targets)
         if self.target_modules is not None:
             from .adapters import peft_matcher
@@ -163,7 +133,7 @@ class KeepLoRAConfig:
                 self.target_modules = list(self.target_modules)
             if isinstance(self.target_modules, list) and not self.target_modules:
                 raise ValueError("target_modules must name at least one module, got []")
-        self.dropout = _number("dropout", self.dropout)
+        self.dropout = number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:

@@ -7,7 +7,9 @@ what it records at a task end, and whether the protected input basis grows from 
 The engine runs every method through the same ``begin_task`` → train → ``end_task`` lifecycle, the
 same fused layer and the same checkpoints. How the weight itself is trained (a LoRA adapter merged
 at each task end, or the whole weight with its gradient projected) is the engine's ``adapter``
-strategy (:mod:`.adapter_modes`), orthogonal to the method.
+strategy (:mod:`.adapter_modes`), orthogonal to the method. A method sees the engine only through
+an :class:`~.context.EngineContext` (the layers, the config, the task index, the process group, the
+placement, the task's batches, one input pass, the broadcast).
 
 Methods (``KeepLoRAConfig.method``):
 
@@ -28,16 +30,15 @@ Methods (``KeepLoRAConfig.method``):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..nn.linear import full
 from ..subspace import GradientSketch
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .controller import KeepLoRA
+from .context import EngineContext
+from .values import at_least, eps
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -53,43 +54,52 @@ class Method:
     layer_scaling: ClassVar[bool] = False  # s_l on the layers of layer_scaling_towers
     grows_input_basis: ClassVar[bool] = False  # V expanded by GPM from the task's inputs at its end
     trains_A: ClassVar[bool] = False
-    supports_full: ClassVar[bool] = False  # meaningful with adapter="full"
+    supports_full: ClassVar[bool] = False  # accepts adapter="full" (checked by check_config)
+    # the config fields only this method (and its subclasses) reads: name → what it is; another
+    # method's config must leave them at their defaults
+    options: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config):
         self.config = config
 
+    @classmethod
+    def check_options(cls, config) -> None:
+        """Check (and normalise in place) the values of :attr:`options` on ``config``; raises
+        ``TypeError``/``ValueError`` naming the field. Runs for every method's options, whichever
+        method the config chooses, so a bad value is named even where it would be refused as foreign."""
+
     # --- task start (adapter="lora" only) ------------------------------------------------------------
-    def init_adapters(self, engine: "KeepLoRA", loader, loss_fn, fraction: float) -> None:
-        """Set every layer's ``A`` (``r×in``) and ``B = 0`` for task ``engine.task_index``."""
+    def init_adapters(self, ctx: EngineContext, loader, loss_fn, fraction: float) -> None:
+        """Set every layer's ``A`` (``r×in``) and ``B = 0`` for task ``ctx.task_index``."""
         raise NotImplementedError
 
     # --- training --------------------------------------------------------------------------------------
-    def regularization(self, engine: "KeepLoRA") -> torch.Tensor:
+    def regularization(self, ctx: EngineContext) -> torch.Tensor:
         """The method's extra loss for the current task (a scalar tensor; 0 when it has none)."""
-        device = next(iter(engine.layers.values())).weight.device
+        device = next(iter(ctx.layers.values())).weight.device
         return torch.zeros((), device=device)
 
     # --- task end -----------------------------------------------------------------------------------
-    def end_task(self, engine: "KeepLoRA") -> None:
+    def end_task(self, ctx: EngineContext) -> None:
         """Record what the method keeps of the finished task (after the adapters are merged)."""
 
     # --- checkpoints --------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor], engine: "KeepLoRA") -> None:
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], ctx: EngineContext) -> None:
         pass
 
 
-def _peft_init(engine: "KeepLoRA") -> None:
+def _peft_init(ctx: EngineContext) -> None:
     """peft's ``LoraLayer`` initialisation for every layer, drawn in peft's order from the task's seed."""
-    gen = _generator(engine.config.seed + engine.task_index)
-    for layer in engine.layers.values():
+    gen = _generator(ctx.config.seed + ctx.task_index)
+    for layer in ctx.layers.values():
         A = torch.empty(layer.rank, layer.in_features)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)  # nn.Linear(in, r) of update_layer
         nn.init.kaiming_uniform_(torch.empty(layer.out_features, layer.rank), a=math.sqrt(5), generator=gen)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)  # reset_lora_parameters
-        layer.reset_adapter(engine.broadcast(A.to(layer.weight.device)))
+        layer.reset_adapter(ctx.broadcast(A.to(layer.weight.device)))
 
 
 class KeepLoRAMethod(Method):
@@ -97,34 +107,40 @@ class KeepLoRAMethod(Method):
 
     name = "keeplora"
     protects_pretrained = grows_input_basis = supports_full = True
+    options = {"eps_w_out": "output-side protection"}
 
-    def init_adapters(self, engine, loader, loss_fn, fraction):
+    @classmethod
+    def check_options(cls, config):
+        if config.eps_w_out is not None:
+            config.eps_w_out = eps("eps_w_out", config.eps_w_out)
+
+    def init_adapters(self, ctx, loader, loss_fn, fraction):
         cfg, sketches = self.config, {}
-        for name, layer in engine.layers.items():
+        for name, layer in ctx.layers.items():
             sketches[name] = GradientSketch(layer.out_features, layer.in_features, layer.rank,
                                             U=layer.U if layer.U.shape[1] else None, V=layer.V,
                                             V_complement=layer.V_complement,
                                             memory_budget=cfg.sketch_memory_budget,
-                                            seed=cfg.seed + engine.task_index, device=layer.weight.device)
+                                            seed=cfg.seed + ctx.task_index, device=layer.weight.device)
             layer.grad_accumulator = sketches[name]
         count = 0
         try:
-            for batch in engine.batches(loader, fraction, "task gradient"):
-                loss_fn(engine.model, batch).backward()
+            for batch in ctx.batches(loader, fraction, "task gradient"):
+                loss_fn(ctx.model, batch).backward()
                 count += 1
         finally:
-            for layer in engine.layers.values():
+            for layer in ctx.layers.values():
                 layer.grad_accumulator = None
-            for p in engine.trainable_parameters():
+            for p in ctx.trainable():
                 p.grad = None  # the estimation pass is not a training step
         if count == 0:
             raise ValueError("begin_task: the loader yielded no batch, so the task gradient is unknown "
                              "(pass a non-empty loader)")
-        for name, layer in engine.placement.stream(engine.layers):  # its bases on the device, the next on the way
+        for name, layer in ctx.placement.stream(ctx.layers):  # its bases on the device, the next on the way
             sketch = sketches.pop(name)
-            sketch.all_reduce(engine.process_group)  # a no-op without torch.distributed
+            sketch.all_reduce(ctx.process_group)  # a no-op without torch.distributed
             A = sketch.adapter_init(U=layer.U if layer.U.shape[1] else None, V=layer.V)
-            layer.reset_adapter(engine.broadcast(A.to(layer.weight.device)))
+            layer.reset_adapter(ctx.broadcast(A.to(layer.weight.device)))
 
 
 class KeepLoRAPlusPlus(KeepLoRAMethod):
@@ -142,8 +158,8 @@ class LoRA(Method):
     name = "lora"
     trains_A = supports_full = True
 
-    def init_adapters(self, engine, loader, loss_fn, fraction):
-        _peft_init(engine)
+    def init_adapters(self, ctx, loader, loss_fn, fraction):
+        _peft_init(ctx)
 
 
 class LoRAFA(Method):
@@ -151,11 +167,11 @@ class LoRAFA(Method):
 
     name = "lora-fa"
 
-    def init_adapters(self, engine, loader, loss_fn, fraction):
-        gen = _generator(self.config.seed + engine.task_index)
-        for layer in engine.layers.values():
+    def init_adapters(self, ctx, loader, loss_fn, fraction):
+        gen = _generator(self.config.seed + ctx.task_index)
+        for layer in ctx.layers.values():
             A = torch.linalg.qr(torch.randn(layer.in_features, layer.rank, generator=gen))[0].mT
-            layer.reset_adapter(engine.broadcast(A.contiguous().to(layer.weight.device)))
+            layer.reset_adapter(ctx.broadcast(A.contiguous().to(layer.weight.device)))
 
 
 def residual_directions(layer, vectors: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -197,15 +213,15 @@ class InfLoRA(Method):
     grows_input_basis = True
     SCALE = 1 / math.sqrt(3)
 
-    def init_adapters(self, engine, loader, loss_fn, fraction):
-        sketches = engine.collect_inputs(loader, loss_fn, fraction, "task inputs")
-        for name, layer in engine.placement.stream(engine.layers):  # its bases on the device, the next on the way
+    def init_adapters(self, ctx, loader, loss_fn, fraction):
+        sketches = ctx.collect_inputs(loader, loss_fn, fraction, "task inputs")
+        for name, layer in ctx.placement.stream(ctx.layers):  # its bases on the device, the next on the way
             sketch = sketches.pop(name)
             V = layer.V if (layer.V.shape[1] or layer.V_complement) else None
             # a few more than r: residual_directions drops any that rounding left inside span(V)
             vecs = sketch.top_residual_directions(2 * layer.rank, V, layer.V_complement)
-            A = residual_directions(layer, vecs, layer.rank, self.config.seed + engine.task_index)
-            layer.reset_adapter(engine.broadcast((self.SCALE * A).to(layer.weight.dtype)))
+            A = residual_directions(layer, vecs, layer.rank, self.config.seed + ctx.task_index)
+            layer.reset_adapter(ctx.broadcast((self.SCALE * A).to(layer.weight.dtype)))
 
 
 def olora_penalty(previous: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, lambda1: float,
@@ -237,24 +253,31 @@ class OLoRA(Method):
 
     name = "olora"
     trains_A = True
+    options = {"olora_lambda1": "the weight of the orthogonality loss",
+               "olora_lambda2": "the weight of the L2 loss on the adapters"}
+
+    @classmethod
+    def check_options(cls, config):
+        for name in cls.options:
+            setattr(config, name, at_least(name, getattr(config, name), 0))
 
     def __init__(self, config):
         super().__init__(config)
         self.previous: dict[str, torch.Tensor] = {}  # name → (t·r)×in, fp32
 
-    def init_adapters(self, engine, loader, loss_fn, fraction):
-        _peft_init(engine)
+    def init_adapters(self, ctx, loader, loss_fn, fraction):
+        _peft_init(ctx)
 
-    def regularization(self, engine):
+    def regularization(self, ctx):
         cfg = self.config
-        total = super().regularization(engine)
-        for name, layer in engine.layers.items():
+        total = super().regularization(ctx)
+        for name, layer in ctx.layers.items():
             total = total + olora_penalty(self.previous.get(name), full(layer.lora_A), full(layer.lora_B),
                                           cfg.olora_lambda1, cfg.olora_lambda2).to(total.device)
         return total
 
-    def end_task(self, engine):
-        for name, layer in engine.layers.items():
+    def end_task(self, ctx):
+        for name, layer in ctx.layers.items():
             A = full(layer.lora_A.detach()).float()
             prev = self.previous.get(name)
             self.previous[name] = A.clone() if prev is None else torch.cat([prev, A.to(prev.device)])
@@ -262,9 +285,9 @@ class OLoRA(Method):
     def state_tensors(self):
         return {f"olora_previous.{name}": A for name, A in self.previous.items()}
 
-    def load_state_tensors(self, tensors, engine):
+    def load_state_tensors(self, tensors, ctx):
         self.previous = {}
-        for name, layer in engine.layers.items():
+        for name, layer in ctx.layers.items():
             A = tensors.get(f"olora_previous.{name}")
             if A is not None:
                 self.previous[name] = A.to(layer.weight.device).clone()  # fresh aligned memory: BLAS rounds by alignment
@@ -272,6 +295,29 @@ class OLoRA(Method):
 
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (KeepLoRAPlusPlus, KeepLoRAMethod, LoRA, LoRAFA,
                                                                InfLoRA, OLoRA)}
+
+
+FULL_METHODS = tuple(name for name, cls in REGISTRY.items() if cls.supports_full)
+
+
+def check_config(config, defaults: dict) -> None:
+    """The method-specific rules of ``config`` (a ``KeepLoRAConfig`` whose ``method`` and ``adapter``
+    are already known names): every method's options are checked (:meth:`Method.check_options`); an
+    option of another method must keep its default (``defaults``: field → default); ``adapter="full"``
+    needs a method whose ``supports_full`` is true. Raises ``TypeError``/``ValueError`` naming the field."""
+    chosen = REGISTRY[config.method]
+    for cls in {cls.check_options.__func__: cls for cls in REGISTRY.values()}.values():
+        cls.check_options(config)
+    for option in dict.fromkeys(o for cls in REGISTRY.values() for o in cls.options):
+        if option in chosen.options or getattr(config, option) == defaults[option]:
+            continue
+        owners = [n for n, cls in REGISTRY.items() if option in cls.options]
+        what = next(cls.options[option] for cls in REGISTRY.values() if option in cls.options)
+        owned = f"method={owners[0]!r}" if len(owners) == 1 else "/".join(owners)
+        raise ValueError(f"{option} ({what}) applies to {owned} only, got method={config.method!r} with "
+                         f"{option}={getattr(config, option)!r}")
+    if config.adapter == "full" and not chosen.supports_full:
+        raise ValueError(f"adapter='full' works with method in {FULL_METHODS}, got method={config.method!r}")
 
 
 def make_method(config) -> Method:
