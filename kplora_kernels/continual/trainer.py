@@ -159,8 +159,9 @@ class KeepLoRACallback(TrainerCallback):
             self._hook.remove()
             self._hook = None
         kl = self.keeplora
-        kl.end_task(train_dataloader, self.forward_fn, fraction=self.fraction)
-        logger.info("KeepLoRA: task %d ended (adapters merged, protected subspaces expanded)", kl.task_index - 1)
+        report = kl.end_task(train_dataloader, self.forward_fn, fraction=self.fraction)
+        logger.info("KeepLoRA: task %d ended (adapters merged, protected subspaces expanded in %d data pass(es), "
+                    "least captured input energy %.4f)", report.task, report.passes, report.min_energy)
         if self.save_state:
             os.makedirs(args.output_dir, exist_ok=True)
             kl.save(os.path.join(args.output_dir, STATE_FILE))
