@@ -14,9 +14,17 @@ import re
 import subprocess
 import tempfile
 
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in
-DTYPES = {"fp32": 0, "fp16": 1, "bf16": 2}
-STACK_LIMIT = {"fp32": 1024, "fp16": 0, "bf16": 0}  # bytes of local memory per thread
+from .ops.triton_configs import DTYPE_NAMES, RANK_BUCKETS, SHARED_LIMIT, SKETCH_CASES, STACK_LIMIT
+
+DTYPES = {name: code for code, name in DTYPE_NAMES.items()}
+TK, ST = "kplora_kernels.ops.triton_kernels", "kplora_kernels.ops.sketch_triton"
+KERNEL_NAMES = {"rows": f"{TK}:_rows_kernel", "cols": f"{TK}:_cols_kernel", "epilogue": f"{TK}:_epilogue_kernel",
+                "sketch": f"{ST}:_sketch_update_kernel"}
+# unit strides of the contiguous operands the launchers pass: Triton specialises an int 1 as a constant
+_UNIT = {"rows": ("stride_gn", "stride_on", "stride_vk", "stride_qk", "stride_uk", "stride_pn", "stride_wj"),
+         "cols": ("stride_gn", "stride_uk", "stride_pn"),
+         "epilogue": ("stride_gn", "stride_on", "stride_lk", "stride_rn"),
+         "sketch": ("s_ad", "s_bd", "s_m1k", "s_m2l", "s_c1k", "s_c2l")}
 
 
 def _cuobjdump() -> str:
@@ -38,52 +46,82 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
 
 
 def _signature(fn, pointers: dict, constexprs: dict) -> dict:
-    """Triton type strings for the arguments of ``fn``: ``pointers`` name → type, the rest i32."""
-    return {n: ("constexpr" if n in constexprs else pointers.get(n, "i32")) for n in fn.arg_names}
+    """Triton type strings of the non-constexpr arguments of ``fn``: ``pointers`` name → type, the rest i32."""
+    return {n: pointers.get(n, "i32") for n in fn.arg_names if n not in constexprs}
 
 
 def cases():
-    """(kernel name, jit fn, case, pointer types, constexprs without the dtype, configs)."""
-    from .ops import sketch_triton as st
-    from .ops import triton_kernels as tk
+    """``(kind, case, constexprs without dtype or config)`` for every shape class the launchers use:
+    the rank buckets up to ``FUSED_MAX_K`` one- and two-sided (two-sided pads both bases to one
+    bucket), the restore's offsets at the widest bucket, the column pass per bucket, the epilogue
+    (keep, complement, fp32 factors), and the sketch widths of :data:`SKETCH_CASES`."""
+    for kvp in RANK_BUCKETS:
+        yield "rows", f"one-sided KV<={kvp}", dict(KVP=kvp, KUP=16, HAS_Q0=False, HAS_U=False)
+        yield "rows", f"two-sided K<={kvp}", dict(KVP=kvp, KUP=kvp, HAS_Q0=False, HAS_U=True)
+    top = RANK_BUCKETS[-1]
+    yield "rows", f"restore one-sided KV<={top}", dict(KVP=top, KUP=16, HAS_Q0=True, HAS_U=False)
+    yield "rows", f"restore two-sided K<={top}", dict(KVP=top, KUP=top, HAS_Q0=True, HAS_U=True)
+    for kup in RANK_BUCKETS:
+        yield "cols", f"pass 1 KU<={kup}", dict(KUP=kup, HAS_P0=False)
+    yield "cols", f"restore pass 1 KU<={top}", dict(KUP=top, HAS_P0=True)
+    yield "epilogue", "general", dict(KEEP=True)
+    yield "epilogue", "complement", dict(KEEP=False)
+    yield "epilogue", "general fp32 factors", dict(KEEP=True, LT=0)
+    for kp, lp in SKETCH_CASES:
+        yield "sketch", f"sketch K<={kp}" + (f" L<={lp}" if lp else " one-sided"), dict(TWO=bool(lp), KP=kp, LP=lp or 16)
 
-    rows_ptr = {n: "*i64" for n in ("Gp", "Op", "Vp", "Q0p", "Up", "Pp", "Wp")} | {"S": "*fp32"}
-    for kvp, kup in ((16, 0), (64, 0), (128, 0), (16, 128), (128, 128)):
-        case = f"rows KVP={kvp} KUP={max(kup, 16)}" + (" two-sided" if kup else "")
-        ce = dict(KVP=kvp, KUP=max(kup, 16), HAS_Q0=False, HAS_U=bool(kup), UPCAST=False)
-        yield "kplora_kernels.ops.triton_kernels:_rows_kernel_fn", tk.KERNELS["rows"].fn, case, rows_ptr, ce, \
-            tk._configs("rows")
-    cols_ptr = {n: "*i64" for n in ("Gp", "Op", "Up", "P0p")}
-    for kup in (16, 64, 128):
-        yield "kplora_kernels.ops.triton_kernels:_cols_kernel_fn", tk.KERNELS["cols"].fn, f"cols KUP={kup}", \
-            cols_ptr, dict(KUP=kup, HAS_P0=False, UPCAST=False), tk._configs("cols")
-    epi_ptr = {n: "*i64" for n in ("Gp", "Op", "Lp", "Rp")} | {"S": "*fp32"}
-    yield "kplora_kernels.ops.triton_kernels:_epilogue_kernel_fn", tk.KERNELS["epilogue"].fn, "epilogue", \
-        epi_ptr, dict(KEEP=True), tk._configs("epilogue")
-    sk_ptr = {"M1": None, "M2": None, "A": None, "B": None, "ACC1": "*fp32", "ACC2": "*fp32", "PROBE": "*fp32"}
-    for kp in (32, 64, 128):
-        yield "kplora_kernels.ops.sketch_triton:_sketch_update_kernel", st._sketch_update_kernel.fn, \
-            f"sketch KP={kp} LP={2 * kp} two", sk_ptr, dict(TWO=True, UPCAST=False, KP=kp, LP=2 * kp), None
+
+def _pointers(kind: str, dtype: str) -> dict:
+    if kind == "sketch":
+        return {n: f"*{dtype}" for n in ("A", "B", "M1", "M2")} | {n: "*fp32" for n in ("ACC1", "ACC2", "PROBE")}
+    arrays = {"rows": ("Gp", "Op", "Vp", "Q0p", "Up", "Pp", "Wp"), "cols": ("Gp", "Op", "Up", "P0p"),
+              "epilogue": ("Gp", "Op", "Lp", "Rp")}[kind]
+    return {n: "*i64" for n in arrays} | ({"S": "*fp32"} if kind != "cols" else {})
+
+
+def launches(kind: str, arch: int, dtype: str, ce: dict):
+    """``(constexprs, num_warps, num_stages)`` of every config the launcher may run for this case on
+    this arch class: the table after its pruning (:mod:`kplora_kernels.ops.triton_configs`)."""
+    from .ops import triton_configs as tc
+
+    code = DTYPES[dtype]
+    unit = dict.fromkeys(_UNIT[kind], 1)
+    if kind == "sketch":
+        c = tc.sketch_config(arch, dtype, ce["KP"], ce["LP"] if ce["TWO"] else 0)
+        yield ce | unit | dict(UPCAST=False, IEEE=dtype == "fp32", WIDE2=dtype == "fp16", BLOCK_T=c["BLOCK_T"],
+                               BLOCK_D=c["BLOCK_D"]), c["num_warps"], c["num_stages"]
+        return
+    base = dict(DT=code, IEEE=dtype == "fp32") | ce | unit
+    if kind in ("rows", "cols"):
+        base["UPCAST"] = False
+    if kind == "epilogue":
+        base = dict(LT=code) | base | dict(KB=256)
+        if base["LT"] == code and "LT" in ce:  # fp32 factors are a half-precision case only
+            return
+    for c in tc.configs(kind, arch, dtype, **tc.widths(kind, base)):
+        yield base | c.kwargs, c.num_warps, c.num_stages
+
+
+def jit_function(kernel: str):
+    """The ``@triton.jit`` function named ``"module:function"``."""
+    import importlib
+
+    mod, name = kernel.split(":")
+    return getattr(importlib.import_module(mod), name)
 
 
 def compile_entry(kernel: str, arch: int, dtype: str, case: str, signature: dict, constexprs: dict,
                   num_warps: int, num_stages: int) -> dict:
-    """Compile one entry and measure it; ``kernel`` is ``"module:function"`` (a ``@triton.jit`` or
-    its plain function). Raises whatever ``triton.compile`` raises on a kernel that does not build."""
-    import importlib
-
+    """Compile one entry with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)`` and measure it;
+    ``kernel`` is ``"module:function"``, ``signature`` the non-constexpr arguments' Triton types.
+    Raises whatever ``triton.compile`` raises on a kernel that does not build."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    mod, name = kernel.split(":")
-    fn = getattr(importlib.import_module(mod), name)
-    if not isinstance(fn, triton.runtime.jit.JITFunction):
-        from .ops import triton_kernels as tk
-
-        fn = {tk._rows_kernel_fn: tk.KERNELS["rows"].fn, tk._cols_kernel_fn: tk.KERNELS["cols"].fn,
-              tk._epilogue_kernel_fn: tk.KERNELS["epilogue"].fn}[fn]
-    k = triton.compile(ASTSource(fn, dict(signature), dict(constexprs)), target=GPUTarget("cuda", arch, 32),
+    fn = jit_function(kernel)
+    full = {n: (signature[n] if n in signature else "constexpr") for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, full, dict(constexprs)), target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
     reg, stack = resource_usage(k.asm["cubin"])
     shared = int(k.metadata.shared)
@@ -93,53 +131,80 @@ def compile_entry(kernel: str, arch: int, dtype: str, case: str, signature: dict
                 fits=shared <= SHARED_LIMIT[arch] and stack <= STACK_LIMIT[dtype])
 
 
-def report(arches=None, dtypes=None):
-    """Every entry for the arches and dtype names given (default all), as dicts (see module doc)."""
-    from .ops import sketch_triton as st
-
-    tname = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+def plan(arches=None, dtypes=None, kinds=None, case_contains=None) -> list[dict]:
+    """The entries to compile (arguments of :func:`compile_entry`) for the arches, dtype names,
+    kernel kinds (``rows``, ``cols``, ``epilogue``, ``sketch``) and case substring given (None: all)."""
     out = []
     for arch in arches or sorted(SHARED_LIMIT):
         for dtype in dtypes or list(DTYPES):
-            code = DTYPES[dtype]
-            for kernel, fn, case, ptrs, ce, configs in cases():
-                ptrs = {n: (t or f"*{tname[dtype]}") for n, t in ptrs.items()}
-                if configs is None:  # the sketch kernel: its fixed heuristic blocks
-                    h = st.heuristics(64)
-                    ce = ce | dict(IEEE=dtype == "fp32", WIDE2=dtype == "fp16", BLOCK_T=h["BLOCK_T"],
-                                   BLOCK_D=h["BLOCK_D"])
-                    runs = [(ce, h["num_warps"], 3)]
-                else:
-                    base = ce | dict(DT=code, IEEE=dtype == "fp32")
-                    if "epilogue" in case:
-                        base["LT"] = code
-                    runs = [(base | c.kwargs, c.num_warps, c.num_stages) for c in configs]
-                for cex, w, s in runs:
-                    sig = _signature(fn, ptrs, cex)
-                    out.append(compile_entry(kernel, arch, dtype, case, sig, cex, w, s))
+            for kind, case, ce in cases():
+                if (kinds and kind not in kinds) or (case_contains and case_contains not in case):
+                    continue
+                fn = jit_function(KERNEL_NAMES[kind])
+                for cex, w, st in launches(kind, arch, dtype, ce):
+                    out.append(dict(kernel=KERNEL_NAMES[kind], arch=arch, dtype=dtype, case=case,
+                                    signature=_signature(fn, _pointers(kind, dtype), cex), constexprs=cex,
+                                    num_warps=w, num_stages=st))
     return out
 
 
+def _compile_kw(kw):
+    return compile_entry(**kw)
+
+
+def report(arches=None, dtypes=None, kinds=None, case_contains=None, jobs=1) -> list[dict]:
+    """Every entry of :func:`plan`, compiled and measured (see the module doc), in plan order;
+    ``jobs`` > 1 compiles in that many processes."""
+    todo = plan(arches, dtypes, kinds, case_contains)
+    if jobs <= 1:
+        return [compile_entry(**kw) for kw in todo]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_kw, todo))
+
+
+def _config(e) -> str:
+    c = e["constexprs"]
+    return (f"{c.get('BLOCK_M', c.get('BLOCK_T'))}x{c.get('BLOCK_N', c.get('BLOCK_D'))} "
+            f"w{e['num_warps']} s{e['num_stages']}")
+
+
+def summary(entries) -> list[str]:
+    """Lines: entries and fits in all, then per arch the largest shared memory and stack."""
+    lines = [f"{len(entries)} entries, {sum(e['fits'] for e in entries)} fit, "
+             f"max stack {max((e['stack_bytes'] for e in entries), default=0)} B"]
+    for arch in sorted({e["arch"] for e in entries}):
+        mine = [e for e in entries if e["arch"] == arch]
+        top = max(mine, key=lambda e: e["shared_bytes"])
+        lines.append(f"sm_{arch}: {len(mine)} entries, {sum(e['fits'] for e in mine)} fit, max shared "
+                     f"{top['shared_bytes']} B of {SHARED_LIMIT[arch]} ({top['kernel'].split(':')[1]} {top['dtype']} "
+                     f"{top['case']}), max stack {max(e['stack_bytes'] for e in mine)} B")
+    return lines
+
+
 def run(args) -> int:
-    entries = report([int(a) for a in args.arch] if args.arch else None, args.dtype or None)
-    print(f"{'kernel':<22}{'arch':>5} {'dtype':<5} {'case':<28}{'config':<28}{'shared':>8}{'reg':>5}"
+    """``kplora kernels``: print the table (and write ``--json``); exit status 1 when an entry does not fit."""
+    entries = report([int(a) for a in args.arch] if args.arch else None, args.dtype or None,
+                     args.kernel or None, args.case, args.jobs or os.cpu_count() or 1)
+    print(f"{'kernel':<22}{'arch':>5} {'dtype':<5} {'case':<28}{'config':<16}{'shared':>8}{'reg':>5}"
           f"{'stack':>7} fits")
     for e in entries:
-        c = e["constexprs"]
-        cfg = (f"{c.get('BLOCK_M', c.get('BLOCK_T'))}x{c.get('BLOCK_N', c.get('BLOCK_D'))} "
-               f"w{e['num_warps']} s{e['num_stages']}")
-        print(f"{e['kernel'].split(':')[1]:<22}{e['arch']:>5} {e['dtype']:<5} {e['case']:<28}{cfg:<28}"
+        print(f"{e['kernel'].split(':')[1]:<22}{e['arch']:>5} {e['dtype']:<5} {e['case']:<28}{_config(e):<16}"
               f"{e['shared_bytes']:>8}{e['registers']:>5}{e['stack_bytes']:>7} {e['fits']}")
-    print(f"{len(entries)} entries, {sum(e['fits'] for e in entries)} fit, "
-          f"max stack {max((e['stack_bytes'] for e in entries), default=0)} B")
+    print("\n".join(summary(entries)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(entries, f, indent=1)
-    return 0
+    return 0 if all(e["fits"] for e in entries) else 1
 
 
 def add_arguments(p) -> None:
     p.add_argument("--json", help="write the entries as a JSON list to this path")
     p.add_argument("--arch", action="append", choices=[str(a) for a in SHARED_LIMIT], help="only this arch")
     p.add_argument("--dtype", action="append", choices=list(DTYPES), help="only this dtype")
+    p.add_argument("--kernel", action="append", choices=list(KERNEL_NAMES), help="only this kernel")
+    p.add_argument("--case", help="only cases whose name contains this text")
+    p.add_argument("--jobs", type=int, help="compile in this many processes (default: the CPU count)")
     p.set_defaults(func=run)

@@ -1,6 +1,7 @@
 """The Triton projection kernels (under TRITON_INTERPRET=1 on CPU, or on CUDA): every path in
 fp32/fp16/bf16 against the float64 oracle, in place, launches per group, in-place safety under
-multi-config autotuning, int64 offsets, and the dispatcher's reasons.
+multi-config autotuning (trials on scratch outputs, keys bucketed), one host list per launch, bases
+cast once per version, int64 offsets, and the dispatcher's reasons.
 
 Tolerance (docs/design.md §3): the kernel's error against float64 is at most 4× the same-dtype
 torch reference's own error plus two roundings of the largest term.
@@ -94,6 +95,9 @@ class LaunchCounter:
                 counter.launches.append(name)
                 return kernel[grid]
 
+            def __getattr__(self, attr):  # the launcher reads the autotuner's configs and keys
+                return getattr(kernel, attr)
+
         return Wrapped()
 
 
@@ -157,17 +161,72 @@ def test_new_row_counts_do_not_retune(monkeypatch):
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="emulates the autotuner under the interpreter")
-def test_without_the_restore_hooks_autotuning_corrupts_in_place(monkeypatch):
-    """The control that makes the test above meaningful: without the save/restore hooks the trials
-    project the buffer several times."""
-    monkeypatch.setattr(triton_kernels, "_save_outputs", lambda nargs, reset_only=False: None)
-    monkeypatch.setattr(triton_kernels, "_restore_outputs", lambda nargs, exception: None)
+def test_without_the_scratch_redirection_autotuning_corrupts_in_place(monkeypatch):
+    """The control that makes the test above meaningful: tuning on the caller's buffer projects it
+    once per trial."""
+    monkeypatch.setattr(triton_kernels, "_needs_scratch", lambda *args: False)
     monkeypatch.setattr(triton_kernels, "KERNELS", triton_kernels.build_kernels(multi_configs(), stub_bench([])))
     G, U, V = case(40, 48, None, 5, torch.float32)
     H = G.clone()
     ops.residual_project(H, U, V, 0.5, out=H, backend="triton")
     expected = reference.residual_project(G, U, V, 0.5)
     assert (H - expected).abs().max() > 0.1 * expected.abs().max()
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="emulates the autotuner under the interpreter")
+def test_epilogue_tunes_once_per_rank_bucket(monkeypatch):
+    """The general path's K = k_out + k_in grows per task and differs per layer: keyed on K rounded up
+    to a power of two, K = 35 and K = 40 share one tuning, K = 70 tunes again."""
+    calls = []
+    monkeypatch.setattr(triton_kernels, "KERNELS", triton_kernels.build_kernels(multi_configs(), stub_bench(calls)))
+    monkeypatch.setattr(triton_kernels, "FUSED_MAX_K", 16)
+    counts = []
+    for k_in in (32, 37, 67):
+        G, U, V = case(24, 80, 3, k_in, torch.float32, seed=k_in)
+        H = G.clone()
+        ops.residual_project(H, U, V, 0.5, out=H, backend="triton")
+        check(H, G, U, V, 0.5)
+        counts.append(len(calls))
+    assert counts == [3, 3, 6]
+
+
+def test_one_host_list_per_two_sided_launch(monkeypatch):
+    """Every pointer array and the scales of a launch travel in one packed buffer: a two-sided
+    projection of a group (column pass, then row kernel) turns one host list into a tensor."""
+    Gs = [case(20, 24, 3, 5, torch.float32, seed=s)[0] for s in range(3)]
+    _, U, V = case(20, 24, 3, 5, torch.float32)
+    before = [G.clone() for G in Gs]
+    made, real = [], torch.tensor
+
+    def counting(data, *args, **kwargs):
+        if isinstance(data, (list, tuple)):
+            made.append(len(data))
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counting)
+    ops.residual_project_grouped_(Gs, [U] * 3, [V] * 3, [0.5, 0.6, 0.7], backend="triton")
+    monkeypatch.undo()
+    assert len(made) == 1, f"{len(made)} host lists became tensors"
+    for G, G0, s in zip(Gs, before, (0.5, 0.6, 0.7)):
+        check(G, G0, U, V, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_bases_are_cast_once_per_version(dtype):
+    """fp32 bases with a bf16 gradient: the compute-dtype copy is made once and reused; an in-place
+    write to the basis (a new version) makes a fresh copy, so the result follows the new values."""
+    from kplora_kernels.ops import cast_cache
+
+    G, _, _ = case(24, 40, None, None, dtype)
+    V = random_basis(40, 6, torch.float32).to(DEVICE).contiguous()
+    first = cast_cache.as_compute(V, dtype)
+    check(ops.residual_project(G, None, V, 0.5, backend="triton"), G, None, V, 0.5)
+    assert cast_cache.as_compute(V, dtype) is first, "the cast copy is reused while V is unchanged"
+    with torch.no_grad():
+        V.copy_(random_basis(40, 6, torch.float32, seed=9).to(DEVICE))
+    assert cast_cache.as_compute(V, dtype) is not first
+    check(ops.residual_project(G, None, V, 0.5, backend="triton"), G, None, V, 0.5)
+    assert cast_cache.as_compute(V, torch.float32) is V
 
 
 def large_stride_view(rows, cols, row_stride, dtype=torch.float16):

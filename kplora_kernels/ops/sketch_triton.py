@@ -17,8 +17,9 @@ Precision: fp32 inputs multiply in IEEE fp32 (as torch's fp32 GEMM); bf16/fp16 i
 their own dtype on tensor cores with fp32 accumulation (``M1``/``M2`` and, for bf16, ``P``/``Q`` are
 rounded to the input dtype, as a torch bf16 GEMM would; fp16 keeps ``P``/``Q`` in fp32, its range
 being too small); under the interpreter everything is upcast to fp32
-before ``tl.dot`` (docs/design.md §3). Block sizes come from a heuristic on the feature widths (no
-autotuning, and nothing keyed on the token count, which changes every batch).
+before ``tl.dot`` (docs/design.md §3). Block sizes come from the arch class's table on the sketch
+widths (:func:`.triton_configs.sketch_config`, checked by ``kplora kernels``; no autotuning, nothing
+keyed on the token count, which changes every batch).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_kernels import _dot, _load_dot, _offsets, _pow2
+from . import triton_configs as tc
+from .triton_kernels import _dot, _load_dot, _offsets
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,11 +109,12 @@ def usable(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> bool:
             and 1 <= K <= MAX_K and L <= MAX_L)
 
 
-def heuristics(width: int) -> dict:
-    """Block sizes by the narrower feature width (nothing keyed on the token count)."""
-    if INTERPRET:
-        return {"BLOCK_T": 16, "BLOCK_D": 16 if width < 32 else 32, "num_warps": 4}
-    return {"BLOCK_T": 32, "BLOCK_D": 64 if width >= 64 else 32, "num_warps": 4}
+def launch_config(A: torch.Tensor, K: int, L: int) -> dict:
+    """Block sizes, warps and stages for inputs like ``A`` and sketch widths ``K``/``L`` (``L`` 0:
+    one-sided): :func:`.triton_configs.sketch_config` for the device's arch class (nothing keyed on
+    the token count). Under the interpreter: small blocks."""
+    arch = tc.arch_class(A.device) if A.is_cuda else 90
+    return tc.sketch_config(arch, tc.DTYPE_NAMES[DTYPES.index(A.dtype)], tc.pow2(K), tc.pow2(L) if L else 0)
 
 
 def sketch_update(A: torch.Tensor, B: torch.Tensor, M1: torch.Tensor, M2: torch.Tensor | None = None):
@@ -136,7 +139,7 @@ def sketch_update(A: torch.Tensor, B: torch.Tensor, M1: torch.Tensor, M2: torch.
     acc1 = torch.zeros(DA, K, device=A.device, dtype=torch.float32)
     acc2 = torch.zeros(DB, max(L, 1), device=A.device, dtype=torch.float32) if M2 is not None else acc1
     probe = torch.zeros((), device=A.device, dtype=torch.float32)
-    meta = heuristics(min(DA, DB))
+    meta = launch_config(A, K, L)
     grid = (triton.cdiv(T, meta["BLOCK_T"]),)
     if T > 0:
         _sketch_update_kernel[grid](
@@ -145,6 +148,6 @@ def sketch_update(A: torch.Tensor, B: torch.Tensor, M1: torch.Tensor, M2: torch.
             M2c.stride(0), M2c.stride(1), acc1.stride(0), acc1.stride(1), acc2.stride(0), acc2.stride(1),
             TWO=M2 is not None, UPCAST=INTERPRET, IEEE=(A.dtype == torch.float32 and not INTERPRET),
             WIDE2=A.dtype == torch.float16,
-            BLOCK_T=meta["BLOCK_T"], BLOCK_D=meta["BLOCK_D"], KP=_pow2(K), LP=_pow2(max(L, 1)),
-            num_warps=meta["num_warps"])
+            BLOCK_T=meta["BLOCK_T"], BLOCK_D=meta["BLOCK_D"], KP=tc.pow2(K), LP=tc.pow2(max(L, 1)),
+            num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     return acc1, (acc2 if M2 is not None else None), probe

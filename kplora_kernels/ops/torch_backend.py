@@ -4,7 +4,8 @@ take (see :func:`kplora_kernels.ops.not_supported_reasons`).
 
 Orientation: ``G`` is ``out×in``; ``U`` is ``out×k_out``, ``V`` is ``in×k_in`` with orthonormal
 columns. A basis flagged as a complement spans the *kept* space, so the projector on that side is
-``B Bᵀ`` rather than ``I − B Bᵀ``.
+``B Bᵀ`` rather than ``I − B Bᵀ``. Bases are cast to the compute dtype once per version
+(:mod:`.cast_cache`), not per call.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import itertools
 
 import torch
 
+from .cast_cache import as_compute
 from .validation import nonempty, same_view
 
 
@@ -30,10 +32,10 @@ def residual_project(G, U, V, scale: float, U_complement: bool = False, V_comple
     H = G
     fresh = False  # whether H is a new tensor (an empty non-complement basis leaves G as it is)
     if V is not None:
-        H = _project_right(H, V.to(G.dtype), V_complement)
+        H = _project_right(H, as_compute(V, G.dtype), V_complement)
         fresh = fresh or V_complement or V.shape[1] > 0
     if U is not None:
-        H = _project_right(H.mT, U.to(G.dtype), U_complement).mT
+        H = _project_right(H.mT, as_compute(U, G.dtype), U_complement).mT
         fresh = fresh or U_complement or U.shape[1] > 0
     if scale != 1.0:
         return H * scale
@@ -60,8 +62,8 @@ def thin_factors(G: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | None
     if (GV0 is not None or UtG0 is not None or UtD is not None) and G.dtype in (torch.float16, torch.bfloat16):
         wd = torch.float32
     Gw = G.to(wd)
-    U = None if U is None else U.to(wd)
-    V = None if V is None else V.to(wd)
+    U = None if U is None else as_compute(U, wd)  # once per basis version (cast_cache)
+    V = None if V is None else as_compute(V, wd)
 
     def right(H, B):  # H (I − BBᵀ) as H − (HB)Bᵀ
         return H - (H @ B) @ B.mT
@@ -130,7 +132,7 @@ def subspace_anchor(W0: torch.Tensor, U: torch.Tensor | None, V: torch.Tensor | 
 def left_product(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """``Uᵀ G`` (``k_out×in``), float32 for half precision."""
     wd = torch.float32 if G.dtype in (torch.float16, torch.bfloat16) else G.dtype
-    return U.to(wd).mT @ G.to(wd)
+    return as_compute(U, wd).mT @ G.to(wd)
 
 
 def sketch_update(A: torch.Tensor, B: torch.Tensor, M1: torch.Tensor, M2: torch.Tensor | None = None):

@@ -14,55 +14,33 @@ are the same thing to the kernels, one launch per group, no Python loop of launc
   rank above :data:`FUSED_MAX_K`, where the product is compute-bound and cuBLAS forms ``L``).
 
 Offsets are int64 (a matrix of ≥ 2³¹ elements, or a row stride times a row index past 2³¹, is
-addressed correctly). The autotune keys hold the column count and the ranks, not the row count (a
-new token count does not re-tune). In-place launches are safe under autotuning: while configs are
-benchmarked, the outputs of the group are saved before and restored after each trial.
+addressed correctly). The autotune keys hold the column count and the padded ranks (the epilogue's
+``K`` rounded up to a power of two), not the row count: a new token count, layer rank or task does
+not re-tune. The candidates come from :mod:`.triton_configs`, pruned per arch class to those that fit.
+
+Per launch the host builds one int64 buffer (every pointer array and the scales; pinned, copied
+``non_blocking``): no stream sync. Bases are cast to the compute dtype once per version
+(:mod:`.cast_cache`). An in-place launch whose key has not been tuned yet first runs the autotuner
+with the outputs redirected to a scratch buffer, so no trial touches the caller's data.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from . import triton_configs as tc
+from .cast_cache import as_compute
 from .reference import thin_factors
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_K = 128  # ranks up to this run through the fused kernels; above, cuBLAS + epilogue
 _DT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-# --- in-place safety under autotuning -----------------------------------------------------------
-
-_INPLACE_OUTPUTS: dict[int, list] = {}  # data_ptr of a launch's output-pointer array -> its outputs
-_SAVED: dict[int, list] = {}
-
-
-def _save_outputs(nargs, reset_only=False):
-    if reset_only:
-        return
-    key = nargs["Op"].data_ptr()
-    if key in _INPLACE_OUTPUTS:
-        _SAVED[key] = [t.clone() for t in _INPLACE_OUTPUTS[key]]
-
-
-def _restore_outputs(nargs, exception):
-    for t, saved in zip(_INPLACE_OUTPUTS.get(nargs["Op"].data_ptr(), []), _SAVED.pop(nargs["Op"].data_ptr(), [])):
-        t.copy_(saved)
-
-
-def _configs(kind: str):
-    if INTERPRET:  # the interpreter takes one config and no benchmarking (docs/design.md §3)
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})]
-    if kind == "rows":
-        shapes = [(16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 8, 3), (16, 256, 4, 3)]
-    elif kind == "cols":
-        shapes = [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4)]
-    else:
-        shapes = [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 3), (128, 256, 8, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in shapes]
 
 
 @triton.jit
@@ -134,20 +112,28 @@ def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, Wp, S, M, N, KV, KU,
         p_ptr = _ptr(tl.load(Pp + b), 0)
         w_ptr = _ptr(tl.load(Wp + b), 0)
         u = tl.load(u_ptr + _offsets(rm, rku, stride_um, stride_uk), mask=mask_m[:, None] & mask_ku[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0)
         w = tl.load(w_ptr + _offsets(rku, rkv, stride_wk, stride_wj), mask=mask_ku[:, None] & mask_kv[None, :], other=0.0)
-        q -= _dot(u, w, IEEE)
-    # sweep 2: s·(G_blk − Q Vᵀ [− U_blk P]), the same rows again (from L2)
+        if IEEE:
+            u = u.to(tl.float32)
+        q -= _dot(u, w.to(u.dtype), IEEE)
+    # sweep 2: s·(G_blk − Q Vᵀ [− U_blk P]), the same rows again (from L2). For bf16/fp16 the
+    # operands are rounded to the input dtype (as torch's half GEMMs round Q and P): fp32 operand
+    # tiles of KVP/KUP = 128 replicated per warp would spill registers.
+    if IEEE:
+        qd = q
+    else:
+        qd = q.to(v_ptr.dtype.element_ty)
     for n0 in range(0, N, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         mask = mask_m[:, None] & mask_n[None, :]
         vt = tl.load(v_ptr + _offsets(rkv, rn, stride_vk, stride_vn), mask=mask_kv[:, None] & mask_n[None, :],
-                     other=0.0).to(tl.float32)
-        corr = _dot(q, vt, IEEE)
+                     other=0.0)
+        corr = _dot(qd, vt.to(qd.dtype), IEEE)
         if HAS_U:
             p = tl.load(p_ptr + _offsets(rku, rn, stride_pk, stride_pn), mask=mask_ku[:, None] & mask_n[None, :], other=0.0)
-            corr += _dot(u, p, IEEE)
+            corr += _dot(u, p.to(u.dtype), IEEE)
         g = tl.load(g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask=mask, other=0.0)
         result = scale * (g.to(tl.float32) - corr)
         tl.store(o_ptr + _offsets(rm, rn, stride_om, stride_on), result.to(o_ptr.dtype.element_ty), mask=mask)
@@ -180,9 +166,10 @@ def _cols_kernel_fn(Gp, Op, Up, P0p, M, N, KU, stride_gm, stride_gn, stride_um, 
 
 def _epilogue_kernel_fn(Gp, Op, Lp, Rp, S, M, N, K, stride_gm, stride_gn, stride_om, stride_on,
                         stride_lm, stride_lk, stride_rk, stride_rn,
-                        DT: tl.constexpr, LT: tl.constexpr, KEEP: tl.constexpr, IEEE: tl.constexpr,
+                        DT: tl.constexpr, LT: tl.constexpr, KEEP: tl.constexpr, IEEE: tl.constexpr, KB: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``O = s·(KEEP·G − L R)`` per tile; K tiled by BLOCK_K; L, R of element code LT."""
+    """``O = s·(KEEP·G − L R)`` per tile; K tiled by BLOCK_K; L, R of element code LT. ``KB``: K rounded
+    up to a power of two, the autotune key (unused in the body)."""
     b = tl.program_id(2)
     g_ptr = _ptr(tl.load(Gp + b), DT)
     o_ptr = _ptr(tl.load(Op + b), DT)
@@ -208,18 +195,28 @@ def _epilogue_kernel_fn(Gp, Op, Lp, Rp, S, M, N, K, stride_gm, stride_gn, stride
     tl.store(o_ptr + _offsets(rm, rn, stride_om, stride_on), result.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+_rows_kernel = triton.jit(_rows_kernel_fn)
+_cols_kernel = triton.jit(_cols_kernel_fn)
+_epilogue_kernel = triton.jit(_epilogue_kernel_fn)
+AUTOTUNE_KEYS = {"rows": ["N", "KVP", "KUP", "HAS_U", "HAS_Q0", "DT"], "cols": ["N", "KUP", "DT"],
+                 "epilogue": ["N", "KB", "KEEP", "DT", "LT"]}
+
+
 def build_kernels(configs=None, do_bench=None):
-    """The three autotuned kernels; ``configs`` (a dict kind → list of ``triton.Config``) and
+    """The three autotuned kernels over :func:`.triton_configs.all_candidates`, pruned per launch to
+    the arch class's table; ``configs`` (a dict kind → list of ``triton.Config``, not pruned) and
     ``do_bench`` replace the defaults (tests emulate multi-config autotuning with a stub)."""
     configs = configs or {}
 
-    def tuned(fn, kind, key):
-        return triton.autotune(configs=configs.get(kind) or _configs(kind), key=key, pre_hook=_save_outputs,
-                               post_hook=_restore_outputs, do_bench=do_bench)(triton.jit(fn))
+    def tuned(fn, kind):
+        prune = None if kind in configs else {"early_config_prune": tc.early_prune(kind)}
+        kernel = triton.autotune(configs=configs.get(kind) or tc.all_candidates(kind), key=AUTOTUNE_KEYS[kind],
+                                 prune_configs_by=prune, do_bench=do_bench)(fn)
+        kernel.kplora_tuned = set()  # keys already tuned (on scratch outputs, see _launch)
+        return kernel
 
-    return {"rows": tuned(_rows_kernel_fn, "rows", ["N", "KVP", "KUP", "HAS_U", "HAS_Q0", "DT"]),
-            "cols": tuned(_cols_kernel_fn, "cols", ["N", "KUP", "DT"]),
-            "epilogue": tuned(_epilogue_kernel_fn, "epilogue", ["N", "K", "KEEP", "DT", "LT"])}
+    return {"rows": tuned(_rows_kernel, "rows"), "cols": tuned(_cols_kernel, "cols"),
+            "epilogue": tuned(_epilogue_kernel, "epilogue")}
 
 
 KERNELS = build_kernels()
@@ -227,24 +224,70 @@ KERNELS = build_kernels()
 
 # --- launchers ----------------------------------------------------------------------------------
 
-def _pointers(tensors, device):
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+class _Pack:
+    """Every pointer array and the scale vector of one launch in one int64 buffer: one host list
+    becomes one tensor (pinned on CUDA, copied ``non_blocking``: no stream sync). Segments start on
+    16-byte boundaries (Triton specialises pointer arguments on that alignment)."""
+
+    def __init__(self):
+        self.words: list[int] = []
+        self.buffer = None
+
+    def _start(self) -> int:
+        if len(self.words) % 2:
+            self.words.append(0)
+        return len(self.words)
+
+    def pointers(self, items) -> tuple:
+        start = self._start()
+        self.words.extend(t if isinstance(t, int) else t.data_ptr() for t in items)
+        return start, len(self.words) - start, torch.int64
+
+    def floats(self, values) -> tuple:
+        start, n = self._start(), len(values)
+        even = [float(v) for v in values] + [0.0] * (n % 2)
+        self.words.extend(struct.unpack(f"<{len(even) // 2}q", struct.pack(f"<{len(even)}f", *even)))
+        return start, n, torch.float32
+
+    def upload(self, device) -> None:
+        cuda = device.type == "cuda"
+        host = torch.tensor(self.words, dtype=torch.int64, pin_memory=cuda)
+        self.buffer = host.to(device, non_blocking=True) if cuda else host
+
+    def __getitem__(self, segment) -> torch.Tensor:
+        start, n, dtype = segment
+        if dtype == torch.int64:
+            return self.buffer[start:start + n]
+        return self.buffer[start:start + (n + 1) // 2].view(torch.float32)[:n]
 
 
-def _pow2(k: int) -> int:
-    return max(16, triton.next_power_of_2(max(k, 1)))
+def _launch(kernel, grid, args, kwargs, scratch=None) -> None:
+    """``kernel[grid](*args, **kwargs)``. ``scratch``: ``(index of the output-pointer argument,
+    pointer array to a scratch buffer)`` for an in-place launch whose autotune key is new: the
+    autotuner then benchmarks with the outputs redirected there, and the real launch finds the key
+    tuned (no trial writes the caller's data)."""
+    if scratch is not None:
+        index, pointers = scratch
+        tuning_args = list(args)
+        tuning_args[index] = pointers
+        kernel[grid](*tuning_args, **kwargs)
+        kernel.kplora_tuned.add(_tune_key(kernel, args, kwargs))
+    kernel[grid](*args, **kwargs)
 
 
-def _launch(kernel, grid, Op, outputs, in_place, *args, **kwargs):
-    """Launch with the outputs registered for save/restore while the autotuner benchmarks configs."""
-    key = Op.data_ptr()
-    if in_place:
-        _INPLACE_OUTPUTS[key] = outputs
-    try:
-        kernel[grid](*args, **kwargs)
-    finally:
-        _INPLACE_OUTPUTS.pop(key, None)
-        _SAVED.pop(key, None)
+def _tune_key(kernel, args, kwargs) -> tuple:
+    named = dict(zip(kernel.arg_names, args)) | kwargs
+    return tuple(named[k] for k in kernel.keys) + (args[0].device,)
+
+
+def _needs_scratch(kernel, args, kwargs, in_place) -> bool:
+    return in_place and len(kernel.configs) > 1 and _tune_key(kernel, args, kwargs) not in kernel.kplora_tuned
+
+
+def _scratch_for(pack, out, nb):
+    """A scratch buffer with ``out``'s shape and strides and a pointer segment naming it ``nb`` times."""
+    buffer = torch.empty_strided(out.shape, out.stride(), dtype=out.dtype, device=out.device)
+    return buffer, pack.pointers([buffer] * nb)
 
 
 def group_key(G, out, U, V, uc, vc, GV0, UtG0, UtD=None):
@@ -264,56 +307,26 @@ def project_group(entries) -> None:
 
 
 def _project_group(entries) -> None:
-    """Run entries ``(G, out, U, V, scale, U_complement, V_complement, GV0, UtG0)`` that share a
-    :func:`group_key`: writes ``s·(I−UUᵀ)(G − G0)(I−VVᵀ)`` into each ``out`` (``out`` may be ``G``;
-    ``G0`` as offsets ``GV0 = G0V``, ``UtG0 = UᵀG0``, for the restore with ``s = 1``). Empty bases are
-    None here unless complement. 2-D, fp32/fp16/bf16."""
+    """Run entries ``(G, out, U, V, scale, U_complement, V_complement, GV0, UtG0[, UtD])`` that share
+    a :func:`group_key`: writes ``s·(I−UUᵀ)(G − G0)(I−VVᵀ)`` into each ``out`` (``out`` may be ``G``;
+    ``G0`` as offsets ``GV0 = G0V``, ``UtG0 = UᵀG0``, for the restore with ``s = 1``; ``UtD`` a given
+    ``Uᵀ(G − G0)``). Empty bases are None here unless complement. 2-D, fp32/fp16/bf16."""
     entries = [tuple(e) + (None,) * (10 - len(e)) for e in entries]
     G, out, U, V, _, uc, vc, GV0, UtG0, UtD = entries[0]
     M, N = G.shape
     if M == 0 or N == 0:
         return
-    dev, dt = G.device, G.dtype
+    dev, dt, nb = G.device, G.dtype, len(entries)
     code = _DT_CODES[dt]
+    ieee = dt == torch.float32 or INTERPRET
     in_place = any(e[1].data_ptr() == e[0].data_ptr() for e in entries)
-    Gp, Op = _pointers([e[0] for e in entries], dev), _pointers([e[1] for e in entries], dev)
-    outs = [e[1] for e in entries]
-    S = torch.tensor([float(e[4]) for e in entries], dtype=torch.float32, device=dev)
-    nb = len(entries)
+    pack = _Pack()
+    g_seg, o_seg = pack.pointers([e[0] for e in entries]), pack.pointers([e[1] for e in entries])
+    s_seg = pack.floats([e[4] for e in entries])
     kU = 0 if U is None else U.shape[1]
     kV = 0 if V is None else V.shape[1]
-    ieee = dt == torch.float32
-    fused = not (uc or vc) and kV > 0 and kV <= FUSED_MAX_K and kU <= FUSED_MAX_K
-    if fused:
-        Vs = [e[3].to(dt).contiguous() for e in entries]
-        Q0s = [e[7].float().contiguous() for e in entries] if GV0 is not None else None
-        Us = Ps = Ws = None
-        if kU and UtD is not None:  # Uᵀ(G − G0) given (summed over row shards by the caller)
-            Us = [e[2].to(dt).contiguous() for e in entries]
-            Ps = [e[9].float().contiguous() for e in entries]
-            Ws = [P @ Vb.float() for P, Vb in zip(Ps, Vs)]
-        elif kU:
-            Us = [e[2].to(dt).contiguous() for e in entries]
-            Ps = [torch.empty(kU, N, dtype=torch.float32, device=dev) for _ in entries]
-            P0s = [e[8].float().contiguous() for e in entries] if UtG0 is not None else None
-            Pp = _pointers(Ps, dev)
-            kernel = KERNELS["cols"]
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), nb)  # noqa: E731
-            kernel[grid](Gp, Pp, _pointers(Us, dev), _pointers(P0s, dev) if P0s else Gp, M, N, kU,
-                         G.stride(0), G.stride(1), Us[0].stride(0), Us[0].stride(1),
-                         *(P0s[0].stride() if P0s else (0, 0)),
-                         DT=code, KUP=_pow2(kU), HAS_P0=P0s is not None, UPCAST=INTERPRET, IEEE=ieee or INTERPRET)
-            Ws = [P @ Vb.float() for P, Vb in zip(Ps, Vs)]  # P V, k_out×k_in
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nb)  # noqa: E731
-        _launch(KERNELS["rows"], grid, Op, outs, in_place,
-                Gp, Op, _pointers(Vs, dev), _pointers(Q0s, dev) if Q0s else Gp,
-                _pointers(Us, dev) if Us else Gp, _pointers(Ps, dev) if Ps else Gp,
-                _pointers(Ws, dev) if Ws else Gp, S, M, N, kV, kU,
-                G.stride(0), G.stride(1), out.stride(0), out.stride(1), Vs[0].stride(0), Vs[0].stride(1),
-                *(Q0s[0].stride() if Q0s else (0, 0)), *(Us[0].stride() if Us else (0, 0)),
-                *(Ps[0].stride() if Ps else (0, 0)), *(Ws[0].stride() if Ws else (0, 0)),
-                DT=code, KVP=_pow2(kV), KUP=_pow2(kU), HAS_Q0=Q0s is not None, HAS_U=bool(kU),
-                UPCAST=INTERPRET, IEEE=ieee or INTERPRET)
+    if not (uc or vc) and 0 < kV <= FUSED_MAX_K and kU <= FUSED_MAX_K:
+        _fused(entries, pack, g_seg, o_seg, s_seg, M, N, kU, kV, code, ieee, in_place)
         return
     # general: thin factors from torch (cuBLAS), then one epilogue launch for the group
     factors = [thin_factors(e[0], e[2], e[3], U_complement=e[5], V_complement=e[6], GV0=e[7], UtG0=e[8],
@@ -325,17 +338,64 @@ def _project_group(entries) -> None:
     K = Ls[0].shape[1]
     if K == 0:  # nothing to subtract: keep a valid address for the (never executed) loads
         Ls = Rs = [e[0] for e in entries]
+    l_seg, r_seg = pack.pointers(Ls), pack.pointers(Rs)
+    kernel = KERNELS["epilogue"]
+    args = [None, None, None, None, None, M, N, K, G.stride(0), G.stride(1), out.stride(0), out.stride(1),
+            *(Ls[0].stride() if K else (0, 0)), *(Rs[0].stride() if K else (0, 0))]
+    kwargs = dict(DT=code, LT=_DT_CODES[Ls[0].dtype], KEEP=bool(keep), IEEE=ieee, KB=tc.pow2(K))
+    scratch = _scratch_for(pack, out, nb) if _needs_scratch(kernel, [G] + args[1:], kwargs, in_place) else None
+    pack.upload(dev)
+    args[:5] = pack[g_seg], pack[o_seg], pack[l_seg], pack[r_seg], pack[s_seg]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), nb)  # noqa: E731
-    _launch(KERNELS["epilogue"], grid, Op, outs, in_place,
-            Gp, Op, _pointers(Ls, dev), _pointers(Rs, dev), S, M, N, K,
-            G.stride(0), G.stride(1), out.stride(0), out.stride(1),
-            *(Ls[0].stride() if K else (0, 0)), *(Rs[0].stride() if K else (0, 0)),
-            DT=code, LT=_DT_CODES[Ls[0].dtype], KEEP=bool(keep), IEEE=ieee or INTERPRET)
+    _launch(kernel, grid, args, kwargs, scratch and (1, pack[scratch[1]]))
+
+
+def _fused(entries, pack, g_seg, o_seg, s_seg, M, N, kU, kV, code, ieee, in_place) -> None:
+    """The fused path (ranks ≤ FUSED_MAX_K, no complement): the column pass for ``P = Uᵀ(G − G0)``
+    when two-sided, ``W = P V`` by torch, then the row kernel. One packed upload for both launches."""
+    G, out = entries[0][0], entries[0][1]
+    dev, dt, nb = G.device, G.dtype, len(entries)
+    Vs = [as_compute(e[3], dt) for e in entries]
+    Q0s = [e[7].float().contiguous() for e in entries] if entries[0][7] is not None else None
+    Us = Ps = P0s = W = None
+    if kU:
+        Us = [as_compute(e[2], dt) for e in entries]
+        W = torch.empty(nb, kU, kV, dtype=torch.float32, device=dev)
+        if entries[0][9] is not None:  # Uᵀ(G − G0) given (summed over row shards by the caller)
+            Ps = [e[9].float().contiguous() for e in entries]
+        else:
+            Ps = list(torch.empty(nb, kU, N, dtype=torch.float32, device=dev))
+            P0s = [e[8].float().contiguous() for e in entries] if entries[0][8] is not None else None
+    segs = {name: pack.pointers(ts) for name, ts in (("V", Vs), ("Q0", Q0s), ("U", Us), ("P", Ps), ("P0", P0s),
+                                                     ("W", None if W is None else list(W))) if ts is not None}
+    kwargs = dict(DT=code, KVP=tc.pow2(max(kV, kU)), KUP=tc.pow2(max(kV, kU)) if kU else 16,
+                  HAS_Q0=Q0s is not None, HAS_U=bool(kU), UPCAST=INTERPRET, IEEE=ieee)
+    strides = [*(Q0s[0].stride() if Q0s else (0, 0)), *(Us[0].stride() if Us else (0, 0)),
+               *(Ps[0].stride() if Ps else (0, 0)), *(W[0].stride() if kU else (0, 0))]
+    args = [G, None, None, None, None, None, None, None, M, N, kV, kU, G.stride(0), G.stride(1), out.stride(0),
+            out.stride(1), Vs[0].stride(0), Vs[0].stride(1), *strides]
+    kernel = KERNELS["rows"]
+    scratch = _scratch_for(pack, out, nb) if _needs_scratch(kernel, args, kwargs, in_place) else None
+    pack.upload(dev)
+    gp = pack[g_seg]
+    ptr = lambda name: pack[segs[name]] if name in segs else gp  # noqa: E731
+    if kU and entries[0][9] is None:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), nb)  # noqa: E731
+        KERNELS["cols"][grid](gp, ptr("P"), ptr("U"), ptr("P0"), M, N, kU, G.stride(0), G.stride(1),
+                              Us[0].stride(0), Us[0].stride(1), *(P0s[0].stride() if P0s else (0, 0)),
+                              DT=code, KUP=tc.pow2(kU), HAS_P0=P0s is not None, UPCAST=INTERPRET, IEEE=ieee)
+    if kU:
+        for P, e, Wi in zip(Ps, entries, W):  # P V, k_out×k_in, fp32
+            torch.matmul(P, as_compute(e[3], torch.float32), out=Wi)
+    args[:8] = gp, pack[o_seg], ptr("V"), ptr("Q0"), ptr("U"), ptr("P"), ptr("W"), pack[s_seg]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nb)  # noqa: E731
+    _launch(kernel, grid, args, kwargs, scratch and (1, pack[scratch[1]]))
 
 
 def left_products(Gs, Us) -> list:
     """``[Uᵢᵀ Gᵢ]`` in float32 (``k_out×in``) by the column-pass kernel, one launch per group of
-    equal shapes (pass 1 of a two-sided projection whose products are summed between the passes)."""
+    equal shapes and chunk of ``FUSED_MAX_K`` columns of U (pass 1 of a two-sided projection whose
+    products are summed between the passes); one packed upload per group."""
     results = [None] * len(Gs)
     groups: dict = {}
     for i, (G, U) in enumerate(zip(Gs, Us)):
@@ -344,29 +404,26 @@ def left_products(Gs, Us) -> list:
         G, kU = Gs[idx[0]], Us[idx[0]].shape[1]
         M, N = G.shape
         dev = G.device
-        U_list = [Us[i].to(G.dtype).contiguous() for i in idx]
-        P_list = [torch.zeros(kU, N, dtype=torch.float32, device=dev) for _ in idx]
-        for i, P in zip(idx, P_list):
-            results[i] = P
+        U_list = [as_compute(Us[i], G.dtype) for i in idx]
+        P_all = torch.zeros(len(idx), kU, N, dtype=torch.float32, device=dev)
+        for j, i in enumerate(idx):
+            results[i] = P_all[j]
         if M == 0 or N == 0 or kU == 0:
             continue
+        pack = _Pack()
+        g_seg = pack.pointers([Gs[i] for i in idx])
+        chunks = [(c, min(FUSED_MAX_K, kU - c)) for c in range(0, kU, FUSED_MAX_K)]  # the accumulator is k×BLOCK_N
+        segs = [(pack.pointers([P[c:] for P in P_all]), pack.pointers([U_[:, c:c + kc] for U_ in U_list]))
+                for c, kc in chunks]
+        pack.upload(dev)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), len(idx))  # noqa: E731
-        Gp = _pointers([Gs[i] for i in idx], dev)
-        for c in range(0, kU, FUSED_MAX_K):  # chunks of U's columns: the accumulator is k×BLOCK_N
-            kc = min(FUSED_MAX_K, kU - c)
-            U_c = [U_[:, c:c + kc] for U_ in U_list]
-            with torch.cuda.device(dev) if G.is_cuda else _nullcontext():
-                KERNELS["cols"][grid](Gp, _pointers([P[c:] for P in P_list], dev), _pointers(U_c, dev), Gp, M, N,
-                                      kc, G.stride(0), G.stride(1), U_c[0].stride(0), U_c[0].stride(1), 0, 0,
-                                      DT=_DT_CODES[G.dtype], KUP=_pow2(kc), HAS_P0=False, UPCAST=INTERPRET,
+        with torch.cuda.device(dev) if G.is_cuda else contextlib.nullcontext():
+            for (c, kc), (p_seg, u_seg) in zip(chunks, segs):
+                KERNELS["cols"][grid](pack[g_seg], pack[p_seg], pack[u_seg], pack[g_seg], M, N, kc, G.stride(0),
+                                      G.stride(1), U_list[0].stride(0), U_list[0].stride(1), 0, 0,
+                                      DT=_DT_CODES[G.dtype], KUP=tc.pow2(kc), HAS_P0=False, UPCAST=INTERPRET,
                                       IEEE=G.dtype == torch.float32 or INTERPRET)
     return results
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def project(G, U, V, scale, out, *, U_complement=False, V_complement=False, GV0=None, UtG0=None) -> None:
@@ -376,8 +433,6 @@ def project(G, U, V, scale, out, *, U_complement=False, V_complement=False, GV0=
         return
     U = U if U_complement or U is None or U.shape[1] else None
     V = V if V_complement or V is None or V.shape[1] else None
-    import itertools
-
     index = list(itertools.product(*map(range, G.shape[:-2])))  # leading dims: entries of one launch
     project_group([(G[i], out[i], U, V, scale, U_complement, V_complement, GV0, UtG0) for i in index])
 

@@ -1,0 +1,145 @@
+"""Which launch configurations the Triton kernels may use on which GPU: the one table that the
+launchers prune with and that ``kplora kernels`` (:mod:`kplora_kernels.kernel_report`) compiles.
+
+A GPU is reduced to its *arch class* (:func:`arch_class`): 80 (A100, 166,912 B of opt-in shared
+memory per block), 86/89 (RTX 3090/4090, L40: 101,376 B) or 90 (H100/H200: 232,448 B). Per kernel,
+dtype and shape class the candidates are filtered by a shared-memory model (bytes of the tiles the
+software pipeline keeps in flight plus the operands staged for ``tl.dot``) against the class's
+limit. The model is validated, not trusted: the report compiles every surviving config for every
+class with Triton's compiler and checks the real shared memory, and that bf16/fp16 kernels spill
+nothing and fp32 ones at most 1 KiB per thread (register tiles chosen small enough for that).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in
+STACK_LIMIT = {"fp32": 1024, "fp16": 0, "bf16": 0}  # bytes of local memory per thread
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+DTYPE_NAMES = {0: "fp32", 1: "fp16", 2: "bf16"}  # the kernels' element codes
+MAX_CONFIGS = 2  # autotuned per launch key: the first that fit, in the table's order of preference
+RANK_BUCKETS = (16, 32, 64, 128)  # padded basis widths of the fused kernels (up to FUSED_MAX_K)
+SKETCH_CASES = ((16, 0), (32, 0), (64, 0), (128, 0), (16, 64), (32, 128), (64, 256), (128, 256))  # (KP, LP) of the sketch kernel; LP = 0: one-sided
+
+
+def arch_class(device=None) -> int:
+    """The arch class of a CUDA device: the known class with the largest shared-memory limit that
+    the device's own opt-in limit reaches (a newer GPU is treated as the class it matches)."""
+    import torch
+
+    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    fitting = [a for a in (90, 80, 86) if SHARED_LIMIT[a] <= limit]
+    if not fitting:
+        raise RuntimeError(f"this GPU offers {limit} B of shared memory per block; the Triton kernels are "
+                           f"configured for at least {SHARED_LIMIT[86]} B (sm_80 and newer)")
+    return fitting[0]
+
+
+def pow2(k: int) -> int:
+    """The padded width (≥ 16, a power of two) a kernel keeps for ``k`` basis/sketch columns."""
+    return max(16, triton.next_power_of_2(max(k, 1)))
+
+
+# --- candidates and the shared-memory model ------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is the epilogue's k step (32).
+_ROWS = {"fp32": [(16, 32, 4, 2), (32, 32, 4, 2)], "half": [(16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 2)]}
+_COLS = {"fp32": [(32, 32, 4, 2), (64, 32, 4, 2)], "half": [(64, 64, 4, 3), (32, 64, 4, 2)]}
+_EPILOGUE = {"fp32": [(64, 64, 4, 2), (32, 64, 4, 2)], "half": [(128, 128, 8, 3), (64, 128, 4, 3)]}
+_SKETCH_T = 32  # token tile of the sketch kernel
+
+
+def _model_rows(cfg, e, kvp, kup):
+    bm, bn, _, s = cfg
+    loop1 = s * (bm * bn + bn * kvp) * e
+    loop2 = s * (bm * bn + kvp * bn) * e + (s * kup * bn * 4 if kup else 0) + bm * kvp * e
+    fixed = (kup * kvp + bm * kup) * 4 if kup else 0  # U_blk (P V) before sweep 2, staged in fp32
+    return max(loop1, loop2, fixed)  # the phases reuse one another's buffers
+
+
+def _model_cols(cfg, e, kup):
+    bm, bn, _, s = cfg
+    return s * (kup * bm + bm * bn) * e
+
+
+def _model_epilogue(cfg, e):
+    bm, bn, _, s = cfg
+    return s * (bm + bn) * 32 * 4  # L and R tiles are upcast to fp32 before the dot
+
+
+def _select(candidates, model, limit, fp32):
+    """Candidates whose modelled shared memory fits ``limit``; a table without any is a bug."""
+    fitting = [c for c in candidates if model(c) <= limit][:MAX_CONFIGS]
+    if not fitting:
+        raise RuntimeError(f"no {'fp32' if fp32 else 'half'} launch configuration fits {limit} B of shared memory")
+    return fitting
+
+
+def configs(kind: str, arch: int, dtype: str, KVP: int = 16, KUP: int = 0) -> list:
+    """The ``triton.Config`` list a launcher autotunes over for ``kind`` (``"rows"``, ``"cols"``,
+    ``"epilogue"``) on arch class ``arch`` in ``dtype`` (``"fp32"|"fp16"|"bf16"``); ``KVP``/``KUP``
+    the padded basis widths (``KUP`` 0 for one-sided rows). Under the interpreter: one config."""
+    if INTERPRET:  # the interpreter takes one config and no benchmarking (docs/design.md §3)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})]
+    fp32 = dtype == "fp32"
+    e = ELEMENT_BYTES[dtype]
+    limit = SHARED_LIMIT[arch]
+    table = {"rows": _ROWS, "cols": _COLS, "epilogue": _EPILOGUE}[kind]["fp32" if fp32 else "half"]
+    model = {"rows": lambda c: _model_rows(c, e, KVP, KUP), "cols": lambda c: _model_cols(c, e, KUP),
+             "epilogue": lambda c: _model_epilogue(c, e)}[kind]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _select(table, model, limit, fp32)]
+
+
+def sketch_config(arch: int, dtype: str, KP: int, LP: int) -> dict:
+    """Block sizes of the sketch kernel for sketch widths ``KP``/``LP`` (padded; ``LP`` 0 one-sided):
+    ``BLOCK_T`` tokens per program, ``BLOCK_D`` features per step, warps and stages, chosen so the
+    staged tiles (``BLOCK_T×BLOCK_D`` of the inputs, ``BLOCK_D×KP`` and ``BLOCK_D×LP`` of the test
+    matrices, fp32 for fp32 inputs) fit the arch class's shared memory."""
+    if INTERPRET:
+        return {"BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
+    e = ELEMENT_BYTES[dtype]
+    width = max(KP, min(4 * KP, 256) if LP else 0)  # the widest L of this K's class: l = 2k + 1 ≤ 4·KP
+    for bd, stages in ((64, 2), (32, 2), (32, 1), (16, 1)):
+        staged = stages * (_SKETCH_T * bd + bd * width) * e + _SKETCH_T * width * e
+        if staged <= SHARED_LIMIT[arch]:
+            return {"BLOCK_T": _SKETCH_T, "BLOCK_D": bd, "num_warps": 4, "num_stages": stages}
+    raise RuntimeError(f"no sketch configuration fits arch {arch} for KP={KP}, LP={LP}")
+
+
+def early_prune(kind: str):
+    """An ``early_config_prune`` for ``triton.autotune``: keeps the candidates of :func:`configs` for
+    the launching device's arch class, the launch's dtype and its padded widths."""
+    def prune(candidates, named_args, **kwargs):
+        arch = arch_class(named_args["Gp"].device)
+        allowed = {_shape(c) for c in configs(kind, arch, DTYPE_NAMES[kwargs["DT"]], **widths(kind, kwargs))}
+        kept = [c for c in candidates if _shape(c) in allowed]
+        if not kept:  # all_candidates() holds every table entry: an empty set means the tables disagree
+            raise RuntimeError(f"{kind}: none of the autotuner's configs is in the table for arch {arch}")
+        return kept
+    return prune
+
+
+def widths(kind: str, constexprs: dict) -> dict:
+    """The padded widths of a launch (its constexprs) that :func:`configs` takes for ``kind``."""
+    if kind == "rows":
+        return {"KVP": constexprs["KVP"], "KUP": constexprs["KUP"] if constexprs["HAS_U"] else 0}
+    if kind == "cols":
+        return {"KUP": constexprs["KUP"]}
+    return {}
+
+
+def _shape(c) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def all_candidates(kind: str) -> list:
+    """Every config any arch class may launch for ``kind`` (what the autotuner is built with)."""
+    if INTERPRET:
+        return configs(kind, 90, "fp32")
+    shapes = dict.fromkeys(c for family in {"rows": _ROWS, "cols": _COLS, "epilogue": _EPILOGUE}[kind].values()
+                           for c in family)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in shapes]
