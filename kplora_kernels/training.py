@@ -1,7 +1,7 @@
-"""What the training commands (``kplora demo``, ``mtil``, ``llava``) share: messages through
-:mod:`logging` (rank 0 only under torch.distributed), tqdm bars (silent when not a terminal and
-on other ranks), learning-rate schedules with warmup, gradient accumulation, bf16 autocast on
-CUDA, seeding, and TensorBoard scalars (``--log-dir``)."""
+"""What the training commands (``kplora demo``, ``mtil``, ``llava``, ``vlm``) and the controller
+share: messages through :mod:`logging` (rank 0 only under torch.distributed), tqdm bars (silent
+when not a terminal and on other ranks), learning-rate schedules with warmup, gradient
+accumulation, bf16 autocast on CUDA, seeding, and TensorBoard scalars (``--log-dir``)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .config_file import ConfigError, describe_settings
+from .config_file import ConfigError
 from .distributed import is_rank0
 
 log = logging.getLogger("kplora_kernels")
@@ -42,23 +42,6 @@ class _Stdout(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
-
-
-def add_run_arguments(parser, settings, *, output: str, device_help: str) -> None:
-    """The options every resumable task-sequence command shares (``kplora mtil``, ``kplora llava``):
-    ``--config`` (its keys, those of the dataclass ``settings``, listed in the epilog), ``--output``
-    (default ``output``), ``--log-dir``, ``--device`` (``device_help``) and ``--bases-cache``."""
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "settings of --config (JSON or YAML; key = default: meaning [allowed]):\n" + describe_settings(settings)
-    parser.add_argument("--config", help="JSON or YAML with any of the settings below")
-    parser.add_argument("--output", default=output, help="results, checkpoint and progress (resumable)")
-    parser.add_argument("--log-dir", help="write TensorBoard scalars here (loss, lr, accuracy matrix)")
-    parser.add_argument("--device", help=device_help)
-    parser.add_argument("--bases-cache", metavar="DIR",
-                        help="cache the principal subspaces of the pre-trained weights here (safetensors keyed by "
-                             "each weight's fingerprint): a second run on the same model skips the decompositions")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

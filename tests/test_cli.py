@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kplora_kernels.cli import main
-from kplora_kernels.demo import DemoConfig
+from kplora_kernels.commands.demo import DemoConfig
 
 REDUCED = {"stage0_steps": 20, "task_steps": 8, "batch_size": 32, "max_tasks": 2, "width": 32, "rank": 4}
 
@@ -135,9 +135,9 @@ def test_demo_data_do_not_depend_on_what_is_installed(tmp_path):
 
 def test_help_lists_every_config_key_and_version(capsys):
     from kplora_kernels import __version__
-    from kplora_kernels.demo import DemoConfig
-    from kplora_kernels.llava import LLaVAConfig
-    from kplora_kernels.mtil import MTILConfig
+    from kplora_kernels.commands.demo import DemoConfig
+    from kplora_kernels.commands.llava import LLaVAConfig
+    from kplora_kernels.commands.mtil import MTILConfig
 
     for command, cls in (("demo", DemoConfig), ("mtil", MTILConfig), ("llava", LLaVAConfig)):
         with pytest.raises(SystemExit) as exit_:
@@ -153,7 +153,7 @@ def test_help_lists_every_config_key_and_version(capsys):
 
 def test_stage0_cache_key_follows_settings_and_code(tmp_path, monkeypatch):
     """A stage 0 cached by another version of the demo's code is not reused silently."""
-    from kplora_kernels import demo
+    from kplora_kernels.commands import demo
 
     source = tmp_path / "code.py"
     source.write_text("x = 1\n")

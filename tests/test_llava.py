@@ -9,7 +9,7 @@ import torch
 
 from helpers import assert_same_checkpoint, crash_during, free_port
 from kplora_kernels.cli import main
-from kplora_kernels.llava import normalize
+from kplora_kernels.commands.chat import normalize
 
 WORDS = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER:", "ASSISTANT:", "what", "color", "shape", "is", "it",
          "red", "blue", "round", "square", "?"]
@@ -74,7 +74,7 @@ def llava_args(llava_dir, task_list, out, config):
 def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
-    from kplora_kernels import llava
+    from kplora_kernels.commands import chat
 
     config = tmp_path / "small.json"
     config.write_text(json.dumps(SMALL))
@@ -91,7 +91,7 @@ def test_llava_two_tasks_end_to_end_and_resume(llava_dir, task_list, tmp_path, m
 
     crashed = tmp_path / "crashed"
     args = llava_args(llava_dir, task_list, crashed, str(config)) + cache  # the bases read back: same results
-    crash_during(monkeypatch, llava, "evaluate", 2, lambda: main(args))  # 2 = one task's evaluations
+    crash_during(monkeypatch, chat, "evaluate", 2, lambda: main(args))  # 2 = one task's evaluations
     capsys.readouterr()
     assert main(args) == 0
     assert "resuming after task 1 (color)" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from torch import nn
 
 from helpers import random_basis
 from kplora_kernels.cli import main
-from kplora_kernels.memory import linear_shapes, linear_state, report
+from kplora_kernels.commands.memory_plan import linear_shapes, linear_state, report
 from kplora_kernels.nn import FusedKeepLoRALinear
 from kplora_kernels.subspace import GradientSketch, InputSketch
 
@@ -162,7 +162,7 @@ def test_activation_estimate_matches_autograd_saved_tensors(gradient_sketch):
     state per layer, measured as the difference between a 4- and a 2-layer model (shared tensors such
     as RoPE's tables and the logits cancel). Tolerance 2 %: the formula counts each saved tensor, a
     transformers release that saves one more small tensor (a per-token scalar) stays within it."""
-    from kplora_kernels.memory import activation_bytes, layer_saved_bytes
+    from kplora_kernels.commands.memory_plan import activation_bytes, layer_saved_bytes
 
     tokens, rank = 48, 4
     cfg = {**SMALL_LM, "num_hidden_layers": 1}
@@ -174,7 +174,7 @@ def test_activation_estimate_matches_autograd_saved_tensors(gradient_sketch):
 
 
 def test_model_params_match_a_llama():
-    from kplora_kernels.memory import model_params
+    from kplora_kernels.commands.memory_plan import model_params
 
     model = _tiny_llama(3)
     assert model_params({**SMALL_LM, "num_hidden_layers": 3}) == sum(p.numel() for p in model.parameters())
@@ -184,7 +184,7 @@ def test_model_params_match_a_llama():
 def test_default_budget_sketches_at_7b_match_the_library(name):
     """At LLaVA-1.5-7B's shapes and the default budget: the thin gradient sketch and the input sketch
     (exact covariance for in = 4096, randomized for 11008) allocate what the plan counts."""
-    from kplora_kernels.memory import text_config
+    from kplora_kernels.commands.memory import text_config
 
     out, in_ = {n: (o, i) for n, o, i in linear_shapes(text_config("llava-1.5-7b"))}[name]
     predicted = linear_state(name, out, in_, 32, 0.5, param_bytes=2, basis_bytes=4)
@@ -196,7 +196,7 @@ def test_default_budget_sketches_at_7b_match_the_library(name):
 
 
 def test_plan_peaks_and_placements():
-    from kplora_kernels.memory import plan
+    from kplora_kernels.commands.memory_plan import plan
 
     cfg = {**SMALL, "vocab_size": 100}
     p = plan(cfg, rank=4, seq_len=16, micro_batch=2, tasks=3, resident_layers=1, device_memory=10**12)
@@ -233,7 +233,7 @@ def test_plan_peaks_and_placements():
 @pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("24000MiB", 24000 * 2**20),
                                            ("1.5 gib", int(1.5 * 2**30)), ("512B", 512)])
 def test_parse_size(text, expected):
-    from kplora_kernels.memory import parse_size
+    from kplora_kernels.commands.memory import parse_size
 
     assert parse_size(text) == expected
 
@@ -297,7 +297,8 @@ def test_memory_reads_the_linears_of_the_built_model(tmp_path, capsys, family):
     VLM's text_config: the plan's shapes and parameter count equal those of the model transformers builds."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from kplora_kernels.memory import model_params, text_config
+    from kplora_kernels.commands.memory import text_config
+    from kplora_kernels.commands.memory_plan import model_params
 
     raw = {"qwen3-head_dim": {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24, "vocab_size": 100},

@@ -209,7 +209,7 @@ def mtil_args(data_root, tiny_model, out, config_path, *extra):
 
 
 def test_mtil_command_runs_and_resumes(data_root, tiny_model, tmp_path, monkeypatch, capsys):
-    from kplora_kernels import mtil as command
+    from kplora_kernels.commands import mtil as command
 
     config_path = tmp_path / "small.json"
     config_path.write_text(json.dumps(SMALL))
@@ -294,7 +294,7 @@ def test_mtil_log_dir_writes_tensorboard_scalars(data_root, tiny_model, tmp_path
 
 
 def test_training_settings_are_checked_before_anything_loads(data_root, tiny_model, tmp_path, capsys, monkeypatch):
-    from kplora_kernels import mtil as command
+    from kplora_kernels.commands import mtil as command
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("data or model loaded before the settings were checked")

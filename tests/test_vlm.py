@@ -173,7 +173,7 @@ def test_image_then_video_sequence_resume_and_export(vlm_dir, task_list, tmp_pat
     controller state; --export reloads with AutoModelForImageTextToText alone, with the same logits."""
     from safetensors.torch import load_file
 
-    from kplora_kernels import vlm
+    from kplora_kernels.commands import chat
 
     config = tmp_path / "small.json"
     config.write_text(json.dumps(SMALL))
@@ -190,7 +190,7 @@ def test_image_then_video_sequence_resume_and_export(vlm_dir, task_list, tmp_pat
 
     crashed = tmp_path / "crashed"
     args = vlm_args(vlm_dir, task_list, crashed, config)
-    crash_during(monkeypatch, vlm, "evaluate", 2, lambda: main(args))  # 2 = one task's evaluations
+    crash_during(monkeypatch, chat, "evaluate", 2, lambda: main(args))  # 2 = one task's evaluations
     capsys.readouterr()
     assert main(args) == 0
     assert "resuming after task 1 (color)" in capsys.readouterr().out
@@ -207,7 +207,7 @@ def assert_export_equals_wrapped(model_dir, export, checkpoint, task_list):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from kplora_kernels.continual import KeepLoRA
-    from kplora_kernels.vlm import ChatData
+    from kplora_kernels.commands.vlm_data import ChatData
 
     stock, info = AutoModelForImageTextToText.from_pretrained(str(export), output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -229,7 +229,7 @@ def test_labels_are_the_answers_and_frames_follow_the_settings(vlm_dir, task_lis
     and the boundary passes' --boundary-video-frames."""
     from transformers import AutoProcessor
 
-    from kplora_kernels.vlm import ChatData
+    from kplora_kernels.commands.vlm_data import ChatData
 
     tasks, media = task_list
     processor = AutoProcessor.from_pretrained(vlm_dir)
@@ -251,7 +251,7 @@ def test_labels_are_the_answers_and_frames_follow_the_settings(vlm_dir, task_lis
 
 
 def test_video_frame_sampling(tmp_path):
-    from kplora_kernels.vlm import read_video
+    from kplora_kernels.commands.vlm_data import read_video
 
     frames = [np.full((32, 32, 3), 20 * f, np.uint8) for f in range(10)]
     write_video(tmp_path / "v.mp4", frames, fps=5)
@@ -292,7 +292,7 @@ def test_targets_discovered_per_family(vlm_dir):
     train_vision, the projector (LLaVA's multi_modal_projector, Qwen's merger) found for plain training."""
     from transformers import AutoModelForImageTextToText
 
-    from kplora_kernels.vlm import discover_targets
+    from kplora_kernels.commands.targets import discover_targets
 
     model = AutoModelForImageTextToText.from_pretrained(vlm_dir)
     found = discover_targets(model)
@@ -309,7 +309,8 @@ def test_user_errors_are_clear(tmp_path, monkeypatch):
     from torch import nn
 
     from kplora_kernels.config_file import ConfigError
-    from kplora_kernels.vlm import ChatData, discover_targets, read_video
+    from kplora_kernels.commands.targets import discover_targets
+    from kplora_kernels.commands.vlm_data import ChatData, read_video
 
     class VisionOnly(nn.Module):
         def __init__(self):

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config_file import ConfigError, load_settings, require_packages, result_settings, setting
-from .continual import METHODS, KeepLoRA, preset, zero_shot
-from .continual.runs import ResumableRun
-from .data import mtil as datasets
-from .training import (SCHEDULES, Scalars, add_run_arguments, autocast, check_tensorboard, make_scheduler, progress,
-                       seed_everything, train_steps)
-from .training import log as logger
+from ..config_file import ConfigError, load_settings, require_packages, result_settings, setting
+from ..continual import METHODS, KeepLoRA, preset, zero_shot
+from ..data import mtil as datasets
+from ..training import SCHEDULES, autocast, check_tensorboard, progress, seed_everything
+from ..training import log as logger
+from .common import add_run_arguments, fit_task, run_sequence
 
 
 @dataclass
@@ -89,6 +88,8 @@ class Benchmark:
             except FileNotFoundError as exc:
                 missing.append(f"{name}: {exc}")
                 continue
+            except ValueError as exc:  # a file in place that cannot be read (a damaged MNIST IDX file)
+                raise ConfigError(f"{name}: {exc}") from None
             self.log(f"{name}: {len(split.classnames)} classes, {len(split.train)} train / {len(split.test)} test")
             splits.append(split)
         if missing:
@@ -162,61 +163,37 @@ class Benchmark:
         if export is not None and not os.path.isdir(os.path.dirname(os.path.abspath(export))):
             raise ConfigError(f"--export {export}: its folder does not exist")
         splits = self.load_data()
-        start = time.perf_counter()
+        started = time.perf_counter()
         log(f"loading {args.model} ({args.pretrained}) on {self.device}")
         model, preprocess_train, preprocess_val = self.load_model()
         log(f"model {args.model} ({args.pretrained}) on {self.device}; order {args.order}: {', '.join(self.names)}")
         if args.dry_run:
             log("dry run: settings, data and weights are in place")
             return None
-        run = ResumableRun(args.output, self.identity())
-        previous = run.previous()
         seed_everything(cfg.seed)
-        if previous:
-            kl = KeepLoRA.from_checkpoint(model, run.checkpoint)
-            rows, throughput = previous["rows"], previous["images_per_second"]
-            if len(rows) == len(splits):
-                log(f"already complete: {args.output} holds all {len(rows)} tasks; writing the results again")
-                self.export(kl)
-                return self.report(run, rows, throughput)
-            log(f"resuming after task {len(rows)} ({self.names[len(rows) - 1]})")
-        else:
-            rows, throughput = [], []
+
+        def wrap() -> KeepLoRA:
             config = preset("clip", method=cfg.method, rank=cfg.rank, alpha=cfg.alpha, eps_f=cfg.eps_f,
                             seed=cfg.seed, eps_w={"visual": cfg.eps_w_visual, "text": cfg.eps_w_text,
                                                   "default": cfg.eps_w_visual})
             log(f"wrapping the model ({cfg.method}: principal subspaces of every adapted weight)")
-            kl = KeepLoRA(model, config, bases_cache_dir=getattr(args, "bases_cache", None))
-        log(f"ready in {time.perf_counter() - start:.0f} s: {len(kl.layers)} adapted linears, "
-            f"{sum(p.numel() for p in kl.trainable_parameters())} trainable parameters")
-        scalars = Scalars(args.log_dir)
-        try:
-            for t in range(len(rows), len(splits)):
-                self.train_task(t, splits, kl, model, preprocess_train, rows, throughput, scalars)
-                rows.append([self.evaluate(model, s, preprocess_val) for s in splits])
-                scalars.accuracy_row(self.names, rows[-1], t)
-                run.record(kl, rows, images_per_second=throughput)
-                log(f"task {t} ({splits[t].name}): {throughput[-1]:.1f} images/s; accuracy " +
-                    ", ".join(f"{n} {a:.3f}" for n, a in zip(self.names, rows[-1])))
-            self.export(kl)
-            result = self.report(run, rows, throughput)
-            for key in ("transfer", "average", "last", "bwt"):
-                if result[key] == result[key]:
-                    scalars.add(f"metrics/{key}", result[key], len(rows) - 1)
-        finally:
-            scalars.close()
-        return result
+            return KeepLoRA(model, config, bases_cache_dir=getattr(args, "bases_cache", None))
 
-    def train_task(self, t, splits, kl, model, preprocess_train, rows, throughput, scalars):
-        cfg, split = self.config, splits[t]
+        def train(t, kl, scalars, state):
+            images_per_second = self.train_task(t, splits[t], kl, model, preprocess_train, scalars)
+            state["images_per_second"].append(images_per_second)
+            return f"{images_per_second:.1f} images/s"
+        return run_sequence(output=args.output, identity=self.identity(), names=self.names, model=model, wrap=wrap,
+                            train=train, evaluate=lambda j: self.evaluate(model, splits[j], preprocess_val),
+                            export=self.export, report=self.report, log=log, log_dir=args.log_dir, started=started,
+                            records={"images_per_second": []})
+
+    def train_task(self, t, split, kl, model, preprocess_train, scalars) -> float:
+        """Train task ``t`` on ``split``; returns the training images per second."""
+        cfg = self.config
         torch.manual_seed(cfg.seed + t)  # augmentations draw from it: a resumed run matches
         loss = self.loss_fn(self.class_tokens(split))
         train = self.loader(split.train, preprocess_train, train=True, seed=cfg.seed + t)
-        model.train()
-        kl.begin_task(train, loss, fraction=min(1.0, cfg.gradient_batches / max(len(train), 1)))
-        opt = torch.optim.AdamW(kl.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        kl.register_projection_hook(opt)
-        schedule = make_scheduler(opt, cfg.lr_schedule, cfg.iterations, cfg.warmup_fraction)
         total = cfg.iterations * cfg.gradient_accumulation
         seen = {"images": 0}
 
@@ -224,14 +201,12 @@ class Benchmark:
             for batch in batches:
                 seen["images"] += len(batch[1])
                 yield batch
-        start = time.perf_counter()
-        # kl.regularization(): a method's extra loss (O-LoRA's orthogonality penalty), 0 for the others;
-        # not part of `loss`, which begin_task also uses to estimate the task gradient
-        train_steps(lambda batch: loss(model, batch) + kl.regularization(), counted(itertools.islice(_epochs(train), total)), total, opt,
-                    accumulation=cfg.gradient_accumulation, scheduler=schedule, amp=cfg.amp, device=self.device,
-                    desc=f"task {t} ({split.name})", scalars=scalars, step_offset=t * cfg.iterations)
-        throughput.append(seen["images"] / max(time.perf_counter() - start, 1e-9))
-        kl.end_task(train, loss, fraction=min(1.0, cfg.subspace_batches / max(len(train), 1)))
+        fraction = lambda batches: min(1.0, batches / max(len(train), 1))  # noqa: E731
+        result = fit_task(kl, model, loss, counted(itertools.islice(_epochs(train), total)), total, cfg,
+                          start=(train, fraction(cfg.gradient_batches)), end=(train, fraction(cfg.subspace_batches)),
+                          device=self.device, desc=f"task {t} ({split.name})", scalars=scalars,
+                          step_offset=t * cfg.iterations)
+        return seen["images"] / max(result["seconds"], 1e-9)
 
     def export(self, kl: KeepLoRA) -> None:
         """``--export FILE``: the stock open_clip state dict of the model after the last task
@@ -250,8 +225,8 @@ class Benchmark:
             torch.save(state, path)
         self.log(f"exported the merged open_clip state dict to {path}")
 
-    def report(self, run, rows, throughput):
-        log = self.log
+    def report(self, run, rows, state):
+        log, throughput = self.log, state["images_per_second"]
         log("\n" + f"{'':<14}" + "".join(f"{n[:9]:>10}" for n in self.names))
         for name, row in zip(self.names, rows):
             log(f"{'after ' + name[:8]:<14}" + "".join(f"{100 * a:>10.1f}" for a in row))

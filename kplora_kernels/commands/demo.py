@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .atomic import write_atomically
-from .config_file import ConfigError, load_settings, setting
-from .continual import KeepLoRA, metrics, preset, zero_shot
-from .continual.report import heatmap
-from .data.demo_tasks import FASHION_DIR, build_domains
-from .training import log as logger
-from .training import train_steps
+from ..atomic import write_atomically
+from ..config_file import ConfigError, describe_settings, load_settings, require_packages, setting
+from ..continual import KeepLoRA, metrics, preset, zero_shot
+from ..continual.report import heatmap
+from ..data.demo_tasks import FASHION_DIR, build_domains
+from ..training import log as logger
+from ..training import train_steps
 
 
 @dataclass
@@ -60,7 +60,7 @@ class DemoConfig:
 
     def check(self) -> None:
         """Rules that tie keys together (types and ranges are checked by :func:`load_settings`)."""
-        from .continual.config import METHODS
+        from ..continual.config import METHODS
 
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
@@ -116,8 +116,8 @@ def zero_shot_accuracy(model, task: Task) -> float:
 
 def _stage0_sources() -> list[str]:
     """The files whose code determines stage 0: this module, the training loop and the demo data."""
-    from .data import demo_tasks
-    from . import training
+    from .. import training
+    from ..data import demo_tasks
 
     return [__file__, training.__file__, demo_tasks.__file__]
 
@@ -234,3 +234,28 @@ def run(cfg: DemoConfig, output: str, cache_dir: str, log=None) -> dict:
     count = f"{len(results)} heatmap{'' if len(results) == 1 else 's'}"
     log(f"wrote {output}/results.json and {count} (tasks and the base domain); {elapsed:.0f} s in all")
     return report
+
+
+def default_cache_dir() -> str:
+    """Where the stage-0 model is cached: ``$XDG_CACHE_HOME/kplora_kernels`` (default ``~/.cache``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "kplora_kernels")
+
+
+def add_arguments(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "settings of --config (JSON or YAML; key = default: meaning [allowed]):\n" + describe_settings(DemoConfig)
+    parser.add_argument("--config", help="a JSON or YAML file with any of the settings below")
+    parser.add_argument("--output", default="demo_output", help="where results go (default: demo_output)")
+    parser.add_argument("--cache-dir", default=None, help=f"where the stage-0 model is cached (default: {default_cache_dir()})")
+    parser.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+
+
+def main(args) -> dict:
+    """``kplora demo``: the settings and packages checked, then :func:`run`."""
+    config = DemoConfig.from_file(args.config, seed=args.seed)
+    require_packages("demo", {"sklearn": "scikit-learn", "open_clip": "open_clip_torch",
+                              "matplotlib": "matplotlib"}, "demo")
+    return run(config, args.output, args.cache_dir or default_cache_dir())
