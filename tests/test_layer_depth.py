@@ -171,3 +171,22 @@ def test_layer_report_shows_tower_index_depth_and_scale():
         layer_report(["encoder.block.0"])
     with raises(TypeError, "towers", "str"):
         layer_report(targets, schedule="linear", towers="encoder")
+
+
+def test_controller_scales_t5_by_its_block_stacks_and_reports_the_mapping(capsys):
+    """Through KeepLoRA: the default towers (["default"]) name none of T5's towers, so nothing would be
+    scaled: refused, naming the towers; with the towers named each layer gets the scale of its block in
+    its own stack, also when only some blocks are targeted (the depth is the stack's, not the targets')."""
+    from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
+
+    with raises(ValueError, "layer_scaling_towers", "'decoder'", "'encoder'"):
+        KeepLoRA(tiny_t5(), KeepLoRAConfig(target_modules=["q", "v"], rank=2, eps_w={"default": 0.5}), progress=False)
+    # the targets of one stack form the "default" tower
+    cfg = KeepLoRAConfig(target_modules=r"encoder\.block\.[01]\..*\.q", rank=2, eps_w={"default": 0.5})
+    kl = KeepLoRA(tiny_t5(), cfg, progress=False)
+    scales = {name: layer.layer_scale for name, layer in kl.layers.items()}
+    assert scales == pytest.approx({"encoder.block.0.layer.0.SelfAttention.q": 0.2,  # 3 blocks: 0.2, 0.6, 1.0
+                                    "encoder.block.1.layer.0.SelfAttention.q": 0.6})
+    kl.print_trainable_parameters(layers=True)
+    out = capsys.readouterr().out
+    assert "trainable params:" in out and "encoder.block.1.layer.0.SelfAttention.q" in out and "0.6000" in out

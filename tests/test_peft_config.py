@@ -54,10 +54,31 @@ def test_from_peft_adapts_the_modules_peft_adapts(target_modules):
         assert isinstance(layer.dropout, nn.Dropout) and layer.dropout.p == 0.1
 
 
+@pytest.mark.parametrize("exclude_modules", [["layers.0.q_proj"], r"layers\.1\..*"])
+def test_from_peft_excludes_the_modules_peft_excludes(exclude_modules):
+    lora_config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], exclude_modules=exclude_modules)
+    cfg = KeepLoRAConfig.from_peft(lora_config, method="lora", eps_w={"default": 0.5})
+    assert cfg.exclude_modules is not None
+    kl = KeepLoRA(Tiny(), cfg, progress=False)
+    assert set(kl.layers) == peft_targets(lora_config) and len(kl.layers) < 4
+
+
+def test_a_checkpoint_of_other_targets_is_refused(tmp_path):
+    base = dict(method="lora", eps_w={"default": 0.5}, target_modules=["q_proj", "v_proj"])
+    kl = KeepLoRA(Tiny(), KeepLoRAConfig(**base), progress=False)
+    path = str(tmp_path / "c.safetensors")
+    kl.save(path)
+    same = KeepLoRA(Tiny(), KeepLoRAConfig(**{**base, "target_modules": ["v_proj", "q_proj", "q_proj"]}), progress=False)
+    same.load(path)  # the same spec written otherwise: the same modules
+    other = KeepLoRA(Tiny(), KeepLoRAConfig(**base, exclude_modules=["layers.1.v_proj"]), progress=False)
+    with raises(ValueError, "checkpoint"):
+        other.load(path)
+
+
 def test_from_peft_refuses_options_it_cannot_honour():
     base = dict(r=4, target_modules=["q_proj"])
     for option, value in [("use_dora", True), ("use_rslora", True), ("bias", "all"), ("layers_to_transform", [0]),
-                          ("exclude_modules", ["mlp"]), ("modules_to_save", ["mlp"]),
+                          ("modules_to_save", ["mlp"]),
                           ("init_lora_weights", "gaussian"), ("rank_pattern", {"q_proj": 8}),
                           ("alpha_pattern", {"q_proj": 8}), ("fan_in_fan_out", True)]:
         with raises(ValueError, f"LoraConfig.{option}=", "cannot be honoured"):

@@ -22,12 +22,14 @@ from ..distributed import barrier, is_rank0
 from ..nn.linear import add_, assign_, full, low_rank_delta
 from .bases import weight_fingerprint
 from .config import KeepLoRAConfig
+from .matching import TargetMatcher
 from .placement import BasisPlacement
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "kplora-controller/2"
 READABLE_FORMATS = ("kplora-controller/1", FORMAT)
+_SPEC_KEYS = ("targets", "target_modules", "exclude_modules")  # the TargetMatcher's fields in the config
 
 
 class CheckpointMixin:
@@ -136,6 +138,7 @@ class CheckpointMixin:
 
         meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
                 "task_open": self.task_open, "merged_open_task": self._merged_open_task, "layout": self._layout(),
+                "target_matcher": self.config.target_matcher.to_dict(),
                 "V_complement": {n: l.V_complement for n, l in self.layers.items()}, **extra_meta}
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)}),
                          what="controller checkpoint")
@@ -166,10 +169,18 @@ class CheckpointMixin:
         meta, tensors = self._read(path)
         theirs_cfg = KeepLoRAConfig.from_dict(meta["config"]).to_dict()
         mine_cfg = self.config.to_dict()
+        if "target_matcher" in meta:  # the target spec is compared below, as a value
+            for key in _SPEC_KEYS:
+                theirs_cfg.pop(key, None)
+                mine_cfg.pop(key, None)
         if theirs_cfg != mine_cfg:
             diff = {k: (v, mine_cfg.get(k)) for k, v in theirs_cfg.items() if mine_cfg.get(k) != v}
             raise ValueError(f"checkpoint {path} was written with another configuration "
                              f"(key: (checkpoint, this)): {diff}")
+        if "target_matcher" in meta:  # equal specs match the same modules, however they are written
+            saved, current = TargetMatcher.from_dict(meta["target_matcher"]), self.config.target_matcher
+            if saved != current:
+                raise ValueError(f"checkpoint {path} adapts other modules: checkpoint {saved!r}, this model {current!r}")
         mine, theirs = self._layout(), meta["layout"]
         if mine != theirs:
             missing = sorted(set(theirs) - set(mine))[:3]

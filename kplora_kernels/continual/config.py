@@ -51,7 +51,8 @@ class KeepLoRAConfig:
     ``target_modules``: the same choice with peft's meaning (``LoraConfig.target_modules``): a list of
     module-name suffixes (``"q_proj"`` matches ``…self_attn.q_proj``) or one regular expression that
     must match the whole module path; None (default) uses ``targets``. Giving both ``target_modules``
-    and a non-default ``targets`` is refused.
+    and a non-default ``targets`` is refused. ``exclude_modules``: peft's ``LoraConfig.exclude_modules``
+    (the same two forms): an excluded path is never a target, whichever spec matched it.
     ``dropout``: the adapters' input dropout probability in [0, 1) (peft's ``lora_dropout``).
     ``layer_scaling_towers``: towers whose layers get ``s_l`` (the others get 1).
     ``extra_trainable``: patterns of parameters trained plainly, without protection (LLaVA's
@@ -87,6 +88,7 @@ class KeepLoRAConfig:
     olora_lambda1: float = 0.5
     olora_lambda2: float = 0.0
     target_modules: list | str | None = None
+    exclude_modules: list | str | None = None
     dropout: float = 0.0
     residual_energy: str = "auto"
     max_sketch_passes: int = 8
@@ -133,6 +135,10 @@ class KeepLoRAConfig:
                 self.target_modules = list(self.target_modules)
             if isinstance(self.target_modules, list) and not self.target_modules:
                 raise ValueError("target_modules must name at least one module, got []")
+        if self.exclude_modules is not None:
+            if isinstance(self.exclude_modules, (set, frozenset, tuple)):
+                self.exclude_modules = sorted(self.exclude_modules)
+            peft_matcher(self.exclude_modules)  # raises TypeError/ValueError for a bad spec
         self.dropout = number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -145,22 +151,31 @@ class KeepLoRAConfig:
     def target_spec(self) -> dict:
         """The keyword arguments of :func:`~kplora_kernels.continual.adapters.find_targets` and
         :func:`~kplora_kernels.continual.adapters.split_multihead_attention` for this config."""
-        if self.target_modules is not None:
-            return {"target_modules": self.target_modules}
-        return {"patterns": self.targets}
+        spec = {"target_modules": self.target_modules} if self.target_modules is not None else {"patterns": self.targets}
+        if self.exclude_modules is not None:
+            spec["exclude_modules"] = self.exclude_modules
+        return spec
+
+    @property
+    def target_matcher(self):
+        """The :class:`~kplora_kernels.continual.matching.TargetMatcher` of :attr:`target_spec` (a value:
+        printed, saved in checkpoints and compared on load)."""
+        from .matching import TargetMatcher
+
+        return TargetMatcher(**self.target_spec)
 
     @classmethod
     def from_peft(cls, lora_config, **overrides) -> "KeepLoRAConfig":
         """A config from a ``peft.LoraConfig``: ``r`` → ``rank``, ``lora_alpha`` → ``alpha`` (the same
         factor ``alpha/r`` on ``B A``), ``lora_dropout`` → ``dropout``, ``target_modules`` →
-        ``target_modules`` (peft's meaning); ``overrides`` set any other field (``method``, ``eps_w``, …).
+        ``target_modules`` and ``exclude_modules`` (peft's meaning); ``overrides`` set any other field (``method``, ``eps_w``, …).
 
         Raises:
             TypeError: ``lora_config`` is not a ``peft.LoraConfig``.
             ValueError: ``target_modules`` is unset (peft would pick per-architecture defaults: list
                 them), or an option this engine cannot honour differs from peft's default (``use_dora``,
                 ``use_rslora``, ``bias``, ``init_lora_weights``, ``layers_to_transform``,
-                ``exclude_modules``, ``modules_to_save``, ``rank_pattern``, ``alpha_pattern``,
+                ``modules_to_save``, ``rank_pattern``, ``alpha_pattern``,
                 ``fan_in_fan_out``, ``layer_replication``, …); the message names the option.
         """
         try:
@@ -169,7 +184,8 @@ class KeepLoRAConfig:
             raise ImportError("KeepLoRAConfig.from_peft needs peft (pip install peft)") from exc
         if not isinstance(lora_config, LoraConfig):
             raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
-        mapped = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules"}
+        mapped = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+                  "exclude_modules": "exclude_modules"}
         harmless = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
                     "inference_mode", "runtime_config", "layers_pattern"}  # layers_pattern acts only with layers_to_transform
         default = LoraConfig()
@@ -186,8 +202,11 @@ class KeepLoRAConfig:
         target_modules = lora_config.target_modules
         if isinstance(target_modules, (set, frozenset)):
             target_modules = sorted(target_modules)
+        exclude_modules = getattr(lora_config, "exclude_modules", None)
+        if isinstance(exclude_modules, (set, frozenset)):
+            exclude_modules = sorted(exclude_modules)
         fields = {"rank": lora_config.r, "alpha": lora_config.lora_alpha, "dropout": lora_config.lora_dropout,
-                  "target_modules": target_modules}
+                  "target_modules": target_modules, "exclude_modules": exclude_modules}
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown config keys in overrides: {unknown}")

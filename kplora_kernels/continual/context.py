@@ -19,6 +19,7 @@ from torch import nn
 
 from ..distributed import broadcast_from_rank0
 from ..subspace import InputSketch
+from ..subspace.sizing import input_strategy
 from ..subspace.sketch import complement_basis
 from ..training import progress as progress_bar
 from .inputs import collect_inputs
@@ -78,13 +79,16 @@ class EngineContext:
         layers = self.layers if layers is None else layers
         seed = cfg.seed + self.task_index + PASS_SEED_STRIDE * sketch_pass
 
+        # a further pass decides whether eps_f is met: its residual energy is measured, not estimated
+        residual = "exact" if sketch_pass and cfg.residual_energy == "auto" else cfg.residual_energy
+
         def exact(name):
-            return 4 * layers[name].in_features ** 2 <= cfg.sketch_memory_budget
+            return input_strategy(layers[name].in_features, cfg.sketch_memory_budget) == "covariance"
 
         def make(name):
             layer = layers[name]
             return InputSketch(layer.in_features, layer.V, V_complement=layer.V_complement,
-                               memory_budget=cfg.sketch_memory_budget, residual=cfg.residual_energy,
+                               memory_budget=cfg.sketch_memory_budget, residual=residual,
                                seed=seed, device=layer.weight.device)
 
         sketches = collect_inputs(layers, self.batches(loader, fraction, desc),

@@ -24,10 +24,10 @@ from torch import nn
 from ..distributed import is_rank0
 from ..nn import FusedKeepLoRALinear
 from ..nn.linear import full
-from ..schedules import layer_scales
+
 from ..subspace import InputSketch
 from .adapter_modes import make_adapter
-from .adapters import find_targets, merge_and_unload, replace_module, split_multihead_attention
+from .adapters import find_targets, layer_report, layer_scale, merge_and_unload, replace_module, split_multihead_attention
 from .bases import protect_pretrained, weight_fingerprint
 from .boundary import check_update_finite, expand_bases
 from .checkpoint import FORMAT, READABLE_FORMATS, CheckpointMixin
@@ -90,14 +90,12 @@ class KeepLoRA(CheckpointMixin):
         for p in self.extra_parameters.values():
             p.requires_grad_(True)
         self.targets = find_targets(model, layer_index=layer_index, **cfg.target_spec)
-        depth = {}
-        for t in self.targets:
-            depth[t.tower] = max(depth.get(t.tower, 0), t.index + 1)
+        self._check_scaled_towers()
         self.layers: dict[str, FusedKeepLoRALinear] = {}
         self._pretrained_fingerprints: dict[str, str] = {}  # of each target weight at wrap (compact checkpoints)
         for t in self.targets:
             scaled = self.method.layer_scaling and t.tower in cfg.layer_scaling_towers
-            scale = layer_scales(depth[t.tower], cfg.gamma, cfg.schedule)[t.index] if scaled else 1.0
+            scale = layer_scale(t, cfg.gamma, cfg.schedule) if scaled else 1.0  # t.depth: blocks in its stack
             layer = FusedKeepLoRALinear.from_linear(model.get_submodule(t.name), cfg.rank, cfg.alpha, scale,
                                                     dropout=cfg.dropout)
             replace_module(model, t.name, layer)
@@ -142,14 +140,38 @@ class KeepLoRA(CheckpointMixin):
         self.layers.clear()  # in place: hooks holding a context of this engine now touch no layer
         return self.model
 
-    def print_trainable_parameters(self) -> None:
+    def _check_scaled_towers(self) -> None:
+        """A layer-scaling method whose ``layer_scaling_towers`` name none of the targets' towers would
+        scale nothing: refused (``ValueError`` naming the towers found); a listed tower without
+        targets is logged."""
+        if not self.method.layer_scaling:
+            return
+        found = sorted({t.tower for t in self.targets})
+        listed = self.config.layer_scaling_towers
+        if not set(listed) & set(found):
+            raise ValueError(f"layer_scaling_towers: {listed} name none of the targets' towers {found}: no layer "
+                             f"would be scaled; set layer_scaling_towers to some of {found}")
+        for tower in sorted(set(listed) - set(found)):
+            logger.info("layer_scaling_towers: tower %r holds no target (towers: %s)", tower, found)
+
+    def layer_report(self) -> str:
+        """The targets' mapping as a table: module path, tower, block index, tower depth and the layer
+        scale ``s_l`` each got (see :func:`~kplora_kernels.continual.targets.layer_report`)."""
+        scaling = self.method.layer_scaling
+        return layer_report(self.targets, schedule=self.config.schedule if scaling else None,
+                            gamma=self.config.gamma, towers=self.config.layer_scaling_towers)
+
+    def print_trainable_parameters(self, layers: bool = False) -> None:
         """Print peft's line ``trainable params: N || all params: M || trainable%: P`` for the wrapped
         model: N counts the parameters the optimizer trains now (:meth:`trainable_parameters`), M
-        every parameter of the model once (tied ones once), P = 100·N/M."""
+        every parameter of the model once (tied ones once), P = 100·N/M; with ``layers`` the
+        :meth:`layer_report` table follows."""
         trainable = sum(p.numel() for p in {id(p): p for p in self.trainable_parameters()}.values())
         total = sum(p.numel() for p in self.model.parameters())
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        if layers:
+            print(self.layer_report())
 
     @property
     def extra_parameters(self) -> dict[str, nn.Parameter]:
