@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..subspace.sizing import input_sketch_width, input_strategy
 from ..subspace.sketch import DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes, input_sketch_bytes
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -70,7 +71,7 @@ def linear_state(name: str, out: int, in_: int, rank: int, basis_fraction: float
     k_in = min(int(round(basis_fraction * in_)), in_ - rank)
     stored = in_ - k_in if k_in > in_ / 2 else k_in  # past half the space the complement is kept
     gradient = gradient_sketch_bytes(out, in_, rank, oversample, budget)  # what GradientSketch's "auto" allocates
-    if name in ("k_proj", "v_proj", "up_proj") and 4 * in_ * in_ <= budget:
+    if name in ("k_proj", "v_proj", "up_proj") and input_strategy(in_, budget) == "covariance":
         inputs = 0  # the exact covariance of q's (gate's) input serves k and v (up)
     else:
         inputs = input_sketch_bytes(in_, stored, budget)  # what InputSketch's "auto" allocates
@@ -230,7 +231,7 @@ def plan(cfg: dict, rank: int = 32, basis_fraction: float = 0.5, param_dtype: st
         if 4 * in_ * in_ <= sketch_budget:
             workspace = max(workspace, 2 * 8 * in_ * in_)
         else:
-            workspace = max(workspace, 3 * 8 * in_ * max(1, min(in_, sketch_budget // (4 * in_), 1024)))
+            workspace = max(workspace, 3 * 8 * in_ * input_sketch_width(in_, sketch_budget))
     # the controller finalises the adapted linears in model order, resident_layers of them on the device
     order = [per_linear[name].basis for name, _, _ in linear_shapes(cfg)] * layers
     windows = [(sum(order[i:i + resident_layers]), order[i]) for i in range(len(order))]
