@@ -11,6 +11,19 @@ from .subspace import LinearOperator, energy_rank, gpm_expand, principal_subspac
 __version__ = "0.1.0"
 
 __all__ = [
-    "LinearOperator", "energy_rank", "gpm_expand", "layer_scales", "principal_subspace",
-    "project_rows", "randomized_svd", "residual_project", "set_orthonormality_check",
+    "FusedKeepLoRALinear", "KeepLoRA", "KeepLoRAConfig", "LinearOperator", "energy_rank", "gpm_expand",
+    "layer_scales", "principal_subspace", "project_rows", "randomized_svd", "residual_project",
+    "set_orthonormality_check",
 ]
+
+_LAZY = {"KeepLoRA": "continual", "KeepLoRAConfig": "continual", "FusedKeepLoRALinear": "nn"}
+
+
+def __getattr__(name):
+    """``kplora_kernels.KeepLoRA``, ``KeepLoRAConfig`` and ``FusedKeepLoRALinear``, imported on first use
+    (the kernels alone do not pull in the continual-learning engine)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
