@@ -341,3 +341,31 @@ def test_user_errors_are_clear(tmp_path, monkeypatch):
     Processor.chat_template = None
     with pytest.raises(ConfigError, match="has no chat template"):
         ChatData(Processor(), str(tmp_path), 4, None)
+
+
+def test_vlm_under_torchrun_ddp_with_two_gloo_processes(tmp_path, task_list):
+    """torchrun with 2 gloo processes on a tiny Qwen2-VL, images then videos: both ranks train their
+    shard through DDP, rank 0 alone reports and writes; the checkpoint holds the language model's bases."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from helpers import free_port
+
+    model = tmp_path / "qwen2_vl"
+    build_qwen2_vl(str(model))
+    config = tmp_path / "small.json"
+    config.write_text(json.dumps(SMALL))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "kplora_kernels",
+                           *vlm_args(str(model), task_list, out, config), "--strategy", "ddp"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("task 0 (color): final running loss") == 1  # rank 0 reports, once
+    result = json.loads((out / "results.json").read_text())
+    assert result["tasks"] == ["color", "motion"] and len(result["accuracy"]) == 2
+    state = load_file(str(out / "controller.safetensors"))
+    assert sum(k.endswith(".V") for k in state) == 2 * 7
