@@ -21,7 +21,7 @@ TK, ST = "kplora_kernels.ops.triton_kernels", "kplora_kernels.ops.sketch_triton"
 KERNEL_NAMES = {"rows": f"{TK}:_rows_kernel", "cols": f"{TK}:_cols_kernel", "epilogue": f"{TK}:_epilogue_kernel",
                 "sketch": f"{ST}:_sketch_update_kernel"}
 # unit strides of the contiguous operands the launchers pass: Triton specialises an int 1 as a constant
-_UNIT = {"rows": ("stride_gn", "stride_on", "stride_vk", "stride_qk", "stride_uk", "stride_pn", "stride_wj"),
+_UNIT = {"rows": ("stride_gn", "stride_on", "stride_vk", "stride_qk", "stride_uk", "stride_pn"),
          "cols": ("stride_gn", "stride_uk", "stride_pn"),
          "epilogue": ("stride_gn", "stride_on", "stride_lk", "stride_rn"),
          "sketch": ("s_ad", "s_bd", "s_m1k", "s_m2l", "s_c1k", "s_c2l")}
@@ -57,10 +57,9 @@ def cases():
     (keep, complement, fp32 factors), and the sketch widths of :data:`SKETCH_CASES`."""
     for kvp in RANK_BUCKETS:
         yield "rows", f"one-sided KV<={kvp}", dict(KVP=kvp, KUP=16, HAS_Q0=False, HAS_U=False)
-        yield "rows", f"two-sided K<={kvp}", dict(KVP=kvp, KUP=kvp, HAS_Q0=False, HAS_U=True)
-    top = RANK_BUCKETS[-1]
+        yield "rows", f"two-sided K<={kvp}", dict(KVP=kvp, KUP=kvp, HAS_Q0=True, HAS_U=True)
+    top = RANK_BUCKETS[-1]  # the two-sided launch always has the offset U (P V): the restore adds nothing
     yield "rows", f"restore one-sided KV<={top}", dict(KVP=top, KUP=16, HAS_Q0=True, HAS_U=False)
-    yield "rows", f"restore two-sided K<={top}", dict(KVP=top, KUP=top, HAS_Q0=True, HAS_U=True)
     for kup in RANK_BUCKETS:
         yield "cols", f"pass 1 KU<={kup}", dict(KUP=kup, HAS_P0=False)
     yield "cols", f"restore pass 1 KU<={top}", dict(KUP=top, HAS_P0=True)
@@ -74,7 +73,7 @@ def cases():
 def _pointers(kind: str, dtype: str) -> dict:
     if kind == "sketch":
         return {n: f"*{dtype}" for n in ("A", "B", "M1", "M2")} | {n: "*fp32" for n in ("ACC1", "ACC2", "PROBE")}
-    arrays = {"rows": ("Gp", "Op", "Vp", "Q0p", "Up", "Pp", "Wp"), "cols": ("Gp", "Op", "Up", "P0p"),
+    arrays = {"rows": ("Gp", "Op", "Vp", "Q0p", "Up", "Pp"), "cols": ("Gp", "Op", "Up", "P0p"),
               "epilogue": ("Gp", "Op", "Lp", "Rp")}[kind]
     return {n: "*i64" for n in arrays} | ({"S": "*fp32"} if kind != "cols" else {})
 
@@ -92,7 +91,7 @@ def launches(kind: str, arch: int, dtype: str, ce: dict):
                                BLOCK_D=c["BLOCK_D"]), c["num_warps"], c["num_stages"]
         return
     base = dict(DT=code, IEEE=dtype == "fp32") | ce | unit
-    if kind in ("rows", "cols"):
+    if kind != "sketch":
         base["UPCAST"] = False
     if kind == "epilogue":
         base = dict(LT=code) | base | dict(KB=256)
@@ -155,6 +154,9 @@ def _compile_kw(kw):
 def report(arches=None, dtypes=None, kinds=None, case_contains=None, jobs=1) -> list[dict]:
     """Every entry of :func:`plan`, compiled and measured (see the module doc), in plan order;
     ``jobs`` > 1 compiles in that many processes."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("kplora kernels compiles the real kernels: unset TRITON_INTERPRET (with it set, "
+                           "@triton.jit gives interpreted functions that triton.compile cannot take)")
     todo = plan(arches, dtypes, kinds, case_contains)
     if jobs <= 1:
         return [compile_entry(**kw) for kw in todo]

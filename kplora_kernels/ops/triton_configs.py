@@ -44,10 +44,16 @@ def pow2(k: int) -> int:
 
 
 # --- candidates and the shared-memory model ------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is the epilogue's k step (32).
-_ROWS = {"fp32": [(16, 32, 4, 2), (32, 32, 4, 2)], "half": [(16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 2)]}
-_COLS = {"fp32": [(32, 32, 4, 2), (64, 32, 4, 2)], "half": [(64, 64, 4, 3), (32, 64, 4, 2)]}
-_EPILOGUE = {"fp32": [(64, 64, 4, 2), (32, 64, 4, 2)], "half": [(128, 128, 8, 3), (64, 128, 4, 3)]}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_K is the epilogue's k step
+# (32). Register rules measured with the report: two-sided rows keep BLOCK_M = 16 (the U tile and
+# the fp32 P tiles beside Q spill at 32), the column pass runs 8 warps (its KU×BLOCK_N fp32
+# accumulator and offset tile spill 4 warps at KU = 128), the epilogue's tiles stay at 64×64 per 4
+# warps (int64 addresses of a 128×128 tile and its fp32 accumulator spill 8 warps).
+_ROWS = {("fp32", False): [(16, 32, 4, 2), (32, 32, 4, 2)], ("fp32", True): [(16, 32, 4, 2), (16, 32, 8, 2)],
+         ("half", False): [(16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 2)],
+         ("half", True): [(16, 64, 4, 2), (16, 32, 4, 2)]}
+_COLS = {"fp32": [(32, 32, 4, 2), (64, 32, 4, 2)], "half": [(64, 64, 8, 3), (32, 64, 8, 2)]}
+_EPILOGUE = {"fp32": [(64, 64, 4, 2), (32, 64, 4, 2)], "half": [(64, 64, 4, 3), (64, 128, 8, 3)]}
 _SKETCH_T = 32  # token tile of the sketch kernel
 
 
@@ -86,7 +92,8 @@ def configs(kind: str, arch: int, dtype: str, KVP: int = 16, KUP: int = 0) -> li
     fp32 = dtype == "fp32"
     e = ELEMENT_BYTES[dtype]
     limit = SHARED_LIMIT[arch]
-    table = {"rows": _ROWS, "cols": _COLS, "epilogue": _EPILOGUE}[kind]["fp32" if fp32 else "half"]
+    family = "fp32" if fp32 else "half"
+    table = _ROWS[family, KUP > 0] if kind == "rows" else {"cols": _COLS, "epilogue": _EPILOGUE}[kind][family]
     model = {"rows": lambda c: _model_rows(c, e, KVP, KUP), "cols": lambda c: _model_cols(c, e, KUP),
              "epilogue": lambda c: _model_epilogue(c, e)}[kind]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
@@ -102,10 +109,14 @@ def sketch_config(arch: int, dtype: str, KP: int, LP: int) -> dict:
         return {"BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
     e = ELEMENT_BYTES[dtype]
     width = max(KP, min(4 * KP, 256) if LP else 0)  # the widest L of this K's class: l = 2k + 1 ≤ 4·KP
-    for bd, stages in ((64, 2), (32, 2), (32, 1), (16, 1)):
+    # fp16 upcasts its input tiles to fp32 (its P/Q stay fp32): 64-wide feature steps spill there
+    for bd, stages in ((64, 2), (32, 2), (32, 1), (16, 1))[dtype == "fp16":]:
         staged = stages * (_SKETCH_T * bd + bd * width) * e + _SKETCH_T * width * e
         if staged <= SHARED_LIMIT[arch]:
-            return {"BLOCK_T": _SKETCH_T, "BLOCK_D": bd, "num_warps": 4, "num_stages": stages}
+            # 8 warps where the fp32 P and Q tiles (BLOCK_T×(KP+LP)) would spill 4: wide sketches, and
+            # fp16, whose P/Q stay fp32 and whose input tiles are upcast (measured with the report)
+            warps = 8 if width >= 128 or dtype == "fp16" else 4
+            return {"BLOCK_T": _SKETCH_T, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
     raise RuntimeError(f"no sketch configuration fits arch {arch} for KP={KP}, LP={LP}")
 
 
@@ -139,7 +150,7 @@ def all_candidates(kind: str) -> list:
     """Every config any arch class may launch for ``kind`` (what the autotuner is built with)."""
     if INTERPRET:
         return configs(kind, 90, "fp32")
-    shapes = dict.fromkeys(c for family in {"rows": _ROWS, "cols": _COLS, "epilogue": _EPILOGUE}[kind].values()
-                           for c in family)
+    shapes = dict.fromkeys(c for table in {"rows": _ROWS, "cols": _COLS, "epilogue": _EPILOGUE}[kind].values()
+                           for c in table)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
             for bm, bn, w, s in shapes]

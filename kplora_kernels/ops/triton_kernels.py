@@ -7,8 +7,10 @@ are the same thing to the kernels, one launch per group, no Python loop of launc
 * ``_rows_kernel`` (one-sided ``s·G(I−VVᵀ)``, the paper's case, and pass 2 of the two-sided one):
   per block of rows, accumulate ``Q = G_blk V`` over column tiles in fp32, then write
   ``s·(G_blk − Q Vᵀ)`` tile by tile: one HBM read of ``G`` (the second sweep of the same rows finds
-  them in L2) and one write. With ``U``: ``Q −= U_blk (P V)`` and ``U_blk P`` is also subtracted,
-  ``P = Uᵀ(G − G₀)`` coming from pass 1. An offset ``Q₀ = G₀V`` gives the constraint restore.
+  them in L2) and one write. An fp32 offset ``Q₀`` (``out×k_in``, formed by torch) is subtracted from
+  ``Q``: ``G₀V`` for the constraint restore, plus ``U (P V)`` two-sided, where ``U_blk P`` is also
+  subtracted in sweep 2, ``P = Uᵀ(G − G₀)`` coming from pass 1 (keeping ``P V`` out of the kernel
+  keeps a ``k_out×k_in`` fp32 tile out of its registers).
 * ``_cols_kernel`` (pass 1 of two-sided): ``P = UᵀG − UᵀG₀`` per block of columns, fp32.
 * ``_epilogue_kernel``: ``s·(keep·G − L R)`` for thin factors from torch (complement bases, or a
   rank above :data:`FUSED_MAX_K`, where the product is compute-bound and cuBLAS forms ``L``).
@@ -80,9 +82,9 @@ def _load_dot(acc, a_ptrs, a_mask, b_ptrs, b_mask, UPCAST: tl.constexpr, IEEE: t
     return acc + _dot(a, b, IEEE)
 
 
-def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, Wp, S, M, N, KV, KU,
+def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, S, M, N, KV, KU,
                     stride_gm, stride_gn, stride_om, stride_on, stride_vn, stride_vk,
-                    stride_qm, stride_qk, stride_um, stride_uk, stride_pk, stride_pn, stride_wk, stride_wj,
+                    stride_qm, stride_qk, stride_um, stride_uk, stride_pk, stride_pn,
                     DT: tl.constexpr, KVP: tl.constexpr, KUP: tl.constexpr, HAS_Q0: tl.constexpr,
                     HAS_U: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -102,7 +104,7 @@ def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, Wp, S, M, N, KV, KU,
         mask_n = rn < N
         q = _load_dot(q, g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask_m[:, None] & mask_n[None, :],
                       v_ptr + _offsets(rn, rkv, stride_vn, stride_vk), mask_n[:, None] & mask_kv[None, :], UPCAST, IEEE)
-    if HAS_Q0:  # the restore's offset G0 V
+    if HAS_Q0:  # the offset: G0 V (restore) + U_blk (P V) (two-sided), fp32 from torch
         q0_ptr = _ptr(tl.load(Q0p + b), 0)
         q -= tl.load(q0_ptr + _offsets(rm, rkv, stride_qm, stride_qk), mask=mask_m[:, None] & mask_kv[None, :], other=0.0)
     if HAS_U:  # two-sided: L = [U, Q − U (P V)], R = [P; Vᵀ] with P = Uᵀ(G − G0) from pass 1
@@ -110,13 +112,10 @@ def _rows_kernel_fn(Gp, Op, Vp, Q0p, Up, Pp, Wp, S, M, N, KV, KU,
         mask_ku = rku < KU
         u_ptr = _ptr(tl.load(Up + b), DT)
         p_ptr = _ptr(tl.load(Pp + b), 0)
-        w_ptr = _ptr(tl.load(Wp + b), 0)
         u = tl.load(u_ptr + _offsets(rm, rku, stride_um, stride_uk), mask=mask_m[:, None] & mask_ku[None, :],
                     other=0.0)
-        w = tl.load(w_ptr + _offsets(rku, rkv, stride_wk, stride_wj), mask=mask_ku[:, None] & mask_kv[None, :], other=0.0)
         if IEEE:
             u = u.to(tl.float32)
-        q -= _dot(u, w.to(u.dtype), IEEE)
     # sweep 2: s·(G_blk − Q Vᵀ [− U_blk P]), the same rows again (from L2). For bf16/fp16 the
     # operands are rounded to the input dtype (as torch's half GEMMs round Q and P): fp32 operand
     # tiles of KVP/KUP = 128 replicated per warp would spill registers.
@@ -166,7 +165,8 @@ def _cols_kernel_fn(Gp, Op, Up, P0p, M, N, KU, stride_gm, stride_gn, stride_um, 
 
 def _epilogue_kernel_fn(Gp, Op, Lp, Rp, S, M, N, K, stride_gm, stride_gn, stride_om, stride_on,
                         stride_lm, stride_lk, stride_rk, stride_rn,
-                        DT: tl.constexpr, LT: tl.constexpr, KEEP: tl.constexpr, IEEE: tl.constexpr, KB: tl.constexpr,
+                        DT: tl.constexpr, LT: tl.constexpr, KEEP: tl.constexpr, UPCAST: tl.constexpr,
+                        IEEE: tl.constexpr, KB: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``O = s·(KEEP·G − L R)`` per tile; K tiled by BLOCK_K; L, R of element code LT. ``KB``: K rounded
     up to a power of two, the autotune key (unused in the body)."""
@@ -185,7 +185,7 @@ def _epilogue_kernel_fn(Gp, Op, Lp, Rp, S, M, N, K, stride_gm, stride_gn, stride
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
         acc = _load_dot(acc, l_ptr + _offsets(rm, rk, stride_lm, stride_lk), mask_m[:, None] & mask_k[None, :],
-                        r_ptr + _offsets(rk, rn, stride_rk, stride_rn), mask_k[:, None] & mask_n[None, :], True, IEEE)
+                        r_ptr + _offsets(rk, rn, stride_rk, stride_rn), mask_k[:, None] & mask_n[None, :], UPCAST, IEEE)
     mask = mask_m[:, None] & mask_n[None, :]
     if KEEP:
         g = tl.load(g_ptr + _offsets(rm, rn, stride_gm, stride_gn), mask=mask, other=0.0)
@@ -342,7 +342,7 @@ def _project_group(entries) -> None:
     kernel = KERNELS["epilogue"]
     args = [None, None, None, None, None, M, N, K, G.stride(0), G.stride(1), out.stride(0), out.stride(1),
             *(Ls[0].stride() if K else (0, 0)), *(Rs[0].stride() if K else (0, 0))]
-    kwargs = dict(DT=code, LT=_DT_CODES[Ls[0].dtype], KEEP=bool(keep), IEEE=ieee, KB=tc.pow2(K))
+    kwargs = dict(DT=code, LT=_DT_CODES[Ls[0].dtype], KEEP=bool(keep), UPCAST=INTERPRET, IEEE=ieee, KB=tc.pow2(K))
     scratch = _scratch_for(pack, out, nb) if _needs_scratch(kernel, [G] + args[1:], kwargs, in_place) else None
     pack.upload(dev)
     args[:5] = pack[g_seg], pack[o_seg], pack[l_seg], pack[r_seg], pack[s_seg]
@@ -352,27 +352,28 @@ def _project_group(entries) -> None:
 
 def _fused(entries, pack, g_seg, o_seg, s_seg, M, N, kU, kV, code, ieee, in_place) -> None:
     """The fused path (ranks ≤ FUSED_MAX_K, no complement): the column pass for ``P = Uᵀ(G − G0)``
-    when two-sided, ``W = P V`` by torch, then the row kernel. One packed upload for both launches."""
+    when two-sided, the offset ``Q0 = G0 V + U (P V)`` (``out×k_in``, fp32) by torch, then the row kernel.
+    One packed upload for both launches."""
     G, out = entries[0][0], entries[0][1]
     dev, dt, nb = G.device, G.dtype, len(entries)
     Vs = [as_compute(e[3], dt) for e in entries]
     Q0s = [e[7].float().contiguous() for e in entries] if entries[0][7] is not None else None
-    Us = Ps = P0s = W = None
+    Us = Ps = P0s = None
     if kU:
         Us = [as_compute(e[2], dt) for e in entries]
-        W = torch.empty(nb, kU, kV, dtype=torch.float32, device=dev)
+        GV0s, Q0s = Q0s, list(torch.empty(nb, M, kV, dtype=torch.float32, device=dev))
         if entries[0][9] is not None:  # Uᵀ(G − G0) given (summed over row shards by the caller)
             Ps = [e[9].float().contiguous() for e in entries]
         else:
             Ps = list(torch.empty(nb, kU, N, dtype=torch.float32, device=dev))
             P0s = [e[8].float().contiguous() for e in entries] if entries[0][8] is not None else None
-    segs = {name: pack.pointers(ts) for name, ts in (("V", Vs), ("Q0", Q0s), ("U", Us), ("P", Ps), ("P0", P0s),
-                                                     ("W", None if W is None else list(W))) if ts is not None}
+    segs = {name: pack.pointers(ts) for name, ts in (("V", Vs), ("Q0", Q0s), ("U", Us), ("P", Ps), ("P0", P0s))
+            if ts is not None}
     kwargs = dict(DT=code, KVP=tc.pow2(max(kV, kU)), KUP=tc.pow2(max(kV, kU)) if kU else 16,
                   HAS_Q0=Q0s is not None, HAS_U=bool(kU), UPCAST=INTERPRET, IEEE=ieee)
     strides = [*(Q0s[0].stride() if Q0s else (0, 0)), *(Us[0].stride() if Us else (0, 0)),
-               *(Ps[0].stride() if Ps else (0, 0)), *(W[0].stride() if kU else (0, 0))]
-    args = [G, None, None, None, None, None, None, None, M, N, kV, kU, G.stride(0), G.stride(1), out.stride(0),
+               *(Ps[0].stride() if Ps else (0, 0))]
+    args = [G, None, None, None, None, None, None, M, N, kV, kU, G.stride(0), G.stride(1), out.stride(0),
             out.stride(1), Vs[0].stride(0), Vs[0].stride(1), *strides]
     kernel = KERNELS["rows"]
     scratch = _scratch_for(pack, out, nb) if _needs_scratch(kernel, args, kwargs, in_place) else None
@@ -384,10 +385,11 @@ def _fused(entries, pack, g_seg, o_seg, s_seg, M, N, kU, kV, code, ieee, in_plac
         KERNELS["cols"][grid](gp, ptr("P"), ptr("U"), ptr("P0"), M, N, kU, G.stride(0), G.stride(1),
                               Us[0].stride(0), Us[0].stride(1), *(P0s[0].stride() if P0s else (0, 0)),
                               DT=code, KUP=tc.pow2(kU), HAS_P0=P0s is not None, UPCAST=INTERPRET, IEEE=ieee)
-    if kU:
-        for P, e, Wi in zip(Ps, entries, W):  # P V, k_out×k_in, fp32
-            torch.matmul(P, as_compute(e[3], torch.float32), out=Wi)
-    args[:8] = gp, pack[o_seg], ptr("V"), ptr("Q0"), ptr("U"), ptr("P"), ptr("W"), pack[s_seg]
+    for i, e in enumerate(entries if kU else ()):  # Q0 = U (P V) [+ G0 V], out×k_in, fp32
+        torch.matmul(as_compute(e[2], torch.float32), Ps[i] @ as_compute(e[3], torch.float32), out=Q0s[i])
+        if GV0s:
+            Q0s[i].add_(GV0s[i])
+    args[:7] = gp, pack[o_seg], ptr("V"), ptr("Q0"), ptr("U"), ptr("P"), pack[s_seg]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), nb)  # noqa: E731
     _launch(kernel, grid, args, kwargs, scratch and (1, pack[scratch[1]]))
 
