@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomically
+from ..continual.config import KeepLoRAConfig
 from ..config_file import ConfigError, describe_settings, load_settings, require_packages, setting
 from ..continual import KeepLoRA, metrics, preset, zero_shot
 from ..continual.report import heatmap
@@ -45,11 +46,11 @@ class DemoConfig:
     task_steps: int = setting(150, "training steps per task", ge=1)
     lr: float = setting(2e-3, "learning rate of the adapters", gt=0)
     batch_size: int = setting(64, "images per batch", ge=1)
-    rank: int = setting(8, "adapter rank r (at most width/2)", ge=1)
-    alpha: float = setting(16.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
-    eps_w_visual: float = setting(0.85, "ε_w of the image tower's principal subspaces", gt=0, le=1)
-    eps_w_text: float = setting(0.2, "ε_w of the text tower's principal subspaces", gt=0, le=1)
-    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    rank: int = KeepLoRAConfig.setting("rank", 8, "adapter rank r (at most width/2)")
+    alpha: float = KeepLoRAConfig.setting("alpha", 16.0)
+    eps_w_visual: float = KeepLoRAConfig.setting("eps_w", 0.85, "ε_w of the image tower's principal subspaces")
+    eps_w_text: float = KeepLoRAConfig.setting("eps_w", 0.2, "ε_w of the text tower's principal subspaces")
+    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
     gradient_fraction: float = setting(0.5, "share of 10 batches used for the task-start gradient",
                                        gt=0, le=1)
     max_tasks: int | None = setting(None, "learn only the first tasks (null: all)", ge=1)

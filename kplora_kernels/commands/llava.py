@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..continual.config import KeepLoRAConfig
 from ..config_file import ConfigError, load_settings, setting
-from ..continual import METHODS, KeepLoRA, preset
+from ..continual import KeepLoRA, preset
 from ..training import SCHEDULES
 from ..training import log as logger
 from . import chat
@@ -30,11 +31,11 @@ class LLaVAConfig:
     """Training settings (``--config`` keys). Defaults: the authors' LLaVA-1.5-7B settings (r = 32,
     α = r/4, ε_w = 0.6, lr 2e-4, cosine schedule with 3 % warmup), bf16."""
 
-    method: str = setting("keeplora++", "the continual-learning method", choices=METHODS)
-    rank: int = setting(32, "adapter rank r", ge=1)
-    alpha: float = setting(8.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
-    eps_w: float = setting(0.6, "ε_w of the principal subspaces", gt=0, le=1)
-    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    method: str = KeepLoRAConfig.setting("method")
+    rank: int = KeepLoRAConfig.setting("rank", 32)
+    alpha: float = KeepLoRAConfig.setting("alpha", 8.0)
+    eps_w: float = KeepLoRAConfig.setting("eps_w", 0.6, "ε_w of the principal subspaces")
+    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
     lr: float = setting(2e-4, "peak learning rate (AdamW)", gt=0)
     lr_schedule: str = setting("cosine", "per-step schedule within a task (the authors: cosine)", choices=SCHEDULES)
     warmup_fraction: float = setting(0.03, "share of a task's steps spent warming up", ge=0, lt=1)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..continual.config import KeepLoRAConfig
 from ..config_file import ConfigError, load_settings, require_packages, result_settings, setting
-from ..continual import METHODS, KeepLoRA, preset, zero_shot
+from ..continual import KeepLoRA, preset, zero_shot
 from ..data import mtil as datasets
 from ..training import SCHEDULES, autocast, check_tensorboard, progress, seed_everything
 from ..training import log as logger
@@ -27,12 +28,12 @@ from .common import add_run_arguments, fit_task, run_sequence
 class MTILConfig:
     """Training settings (``--config`` keys); defaults are the authors' for CLIP ViT-B/16."""
 
-    method: str = setting("keeplora++", "the continual-learning method", choices=METHODS)
-    rank: int = setting(16, "adapter rank r", ge=1)
-    alpha: float = setting(1.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
-    eps_w_visual: float = setting(0.85, "ε_w of the image tower's principal subspaces", gt=0, le=1)
-    eps_w_text: float = setting(0.2, "ε_w of the text tower's principal subspaces", gt=0, le=1)
-    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    method: str = KeepLoRAConfig.setting("method")
+    rank: int = KeepLoRAConfig.setting("rank", 16)
+    alpha: float = KeepLoRAConfig.setting("alpha", 1.0)
+    eps_w_visual: float = KeepLoRAConfig.setting("eps_w", 0.85, "ε_w of the image tower's principal subspaces")
+    eps_w_text: float = KeepLoRAConfig.setting("eps_w", 0.2, "ε_w of the text tower's principal subspaces")
+    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
     lr: float = setting(1e-3, "peak learning rate (AdamW)", gt=0)
     lr_schedule: str = setting("onecycle", "per-step schedule within a task (the authors: OneCycleLR)",
                                choices=SCHEDULES)

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 
 from ..config_file import ConfigError, load_settings, read_mapping, setting
-from ..continual import METHODS, KeepLoRA, KeepLoRAConfig
+from ..continual import KeepLoRA, KeepLoRAConfig
 from ..training import SCHEDULES
 from ..training import log as logger
 from . import chat
@@ -36,12 +36,12 @@ class VLMConfig:
     α = r/4, ε_w = 0.6, lr 2e-4, cosine schedule with 3 % warmup), bf16; ``--preset video`` sets the
     authors' Video-LLaVA ones (:data:`PRESETS`) for every key the file leaves out."""
 
-    method: str = setting("keeplora++", "the continual-learning method", choices=METHODS)
-    rank: int = setting(32, "adapter rank r", ge=1)
-    alpha: float = setting(8.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
-    eps_w: float = setting(0.6, "ε_w of the language model's principal subspaces", gt=0, le=1)
+    method: str = KeepLoRAConfig.setting("method")
+    rank: int = KeepLoRAConfig.setting("rank", 32)
+    alpha: float = KeepLoRAConfig.setting("alpha", 8.0)
+    eps_w: float = KeepLoRAConfig.setting("eps_w", 0.6, "ε_w of the language model's principal subspaces")
     eps_w_vision: float = setting(0.6, "ε_w of the vision tower's principal subspaces (train_vision)", gt=0, le=1)
-    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", gt=0, le=1)
+    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
     train_vision: bool = setting(False, "adapt the vision tower's blocks too (a second tower, its own layer scaling)")
     lr: float = setting(2e-4, "peak learning rate (AdamW)", gt=0)
     lr_schedule: str = setting("cosine", "per-step schedule within a task (the authors: cosine)", choices=SCHEDULES)

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..config_file import setting
+from ..schedules import SCHEDULES
 from .methods import FULL_METHODS, REGISTRY, check_config  # noqa: F401  (FULL_METHODS: re-exported)
-from .values import at_least, eps, number
+from .values import EPS_RANGE, at_least, eps, number
 
 METHODS = tuple(REGISTRY)  # keeplora++, keeplora, lora, lora-fa, inflora, olora
 ADAPTERS = ("lora", "full")
@@ -70,33 +72,34 @@ class KeepLoRAConfig:
     still short of ``eps_f`` after this many is logged as a warning (see ``KeepLoRA.end_task``).
     """
 
-    method: str = "keeplora++"
-    rank: int = 16
-    alpha: float = 1.0
-    eps_w: dict = field(default_factory=lambda: {"default": 0.85})
-    eps_w_out: float | None = None
-    eps_f: float = 0.99
-    gamma: float = 0.2
-    schedule: str = "linear"
-    targets: list = field(default_factory=lambda: [r"\.(q_proj|k_proj|v_proj|out_proj|o_proj)$"])
-    layer_scaling_towers: list = field(default_factory=lambda: ["default"])
-    extra_trainable: list = field(default_factory=list)
-    basis_dtype: str = "fp32"
-    sketch_memory_budget: int = 64 * 2**20
-    seed: int = 0
-    adapter: str = "lora"
-    olora_lambda1: float = 0.5
-    olora_lambda2: float = 0.0
-    target_modules: list | str | None = None
-    exclude_modules: list | str | None = None
-    dropout: float = 0.0
-    residual_energy: str = "auto"
-    max_sketch_passes: int = 8
+    method: str = setting("keeplora++", "the continual-learning method", choices=METHODS)
+    rank: int = setting(16, "adapter rank r", ge=1)
+    alpha: float = setting(1.0, "adapter scale α (the update is α/r·s·BA)", gt=0)
+    eps_w: dict = setting(default_factory=lambda: {"default": 0.85},
+                          help="ε_w of the principal subspaces, per tower", **EPS_RANGE)
+    eps_w_out: float | None = setting(None, "ε_w of the output side (two-sided protection; null: none)", **EPS_RANGE)
+    eps_f: float = setting(0.99, "ε_f of the task-feature (GPM) expansion", **EPS_RANGE)
+    gamma: float = setting(0.2, "γ, the first block's layer scale", **EPS_RANGE)
+    schedule: str = setting("linear", "layer-scale schedule over a tower's depth", choices=SCHEDULES)
+    targets: list = setting(default_factory=lambda: [r"\.(q_proj|k_proj|v_proj|out_proj|o_proj)$"],
+                            help="regular expressions (re.search) on module paths")
+    layer_scaling_towers: list = setting(default_factory=lambda: ["default"], help="towers whose layers get s_l")
+    extra_trainable: list = setting(default_factory=list, help="patterns of parameters trained plainly")
+    basis_dtype: str = setting("fp32", "dtype the protected bases are kept in", choices=("fp32", "bf16"))
+    sketch_memory_budget: int = setting(64 * 2**20, "bytes one layer's input or gradient sketch may take", ge=1)
+    seed: int = setting(0, "seed of the sketches' test matrices and adapter fills")
+    adapter: str = setting("lora", "low-rank adapters or the target weights themselves", choices=ADAPTERS)
+    olora_lambda1: float = setting(0.5, "O-LoRA's orthogonality weight", ge=0)
+    olora_lambda2: float = setting(0.0, "O-LoRA's L2 weight", ge=0)
+    target_modules: list | str | None = setting(None, "peft's target_modules (names or one regex)")
+    exclude_modules: list | str | None = setting(None, "peft's exclude_modules (names or one regex)")
+    dropout: float = setting(0.0, "the adapters' input dropout probability", ge=0, lt=1)
+    residual_energy: str = setting("auto", "how a randomized input sketch gets the residual energy",
+                                   choices=("auto", "exact", "estimate"))
+    max_sketch_passes: int = setting(8, "most data passes growing the input bases at a task end", ge=1, le=64)
 
     def __post_init__(self):
         """Validate every field (types and ranges); raises ``TypeError``/``ValueError`` naming it."""
-        from ..schedules import SCHEDULES
-
         for name, allowed in (("method", METHODS), ("adapter", ADAPTERS), ("basis_dtype", ("fp32", "bf16")),
                               ("schedule", SCHEDULES), ("residual_energy", ("auto", "exact", "estimate"))):
             value = getattr(self, name)
@@ -211,6 +214,19 @@ class KeepLoRAConfig:
         if unknown:
             raise ValueError(f"unknown config keys in overrides: {unknown}")
         return cls(**{**fields, **overrides})
+
+    @classmethod
+    def setting(cls, name: str, default=dataclasses.MISSING, help: str | None = None, **kwargs):
+        """The field ``name`` of this config as a command's setting (:func:`~kplora_kernels.config_file.setting`):
+        its help, range and choices, with the command's own ``default`` (and ``help``) where given,
+        so a command embeds the library's declaration instead of restating it."""
+        spec = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in spec:
+            raise ValueError(f"name: expected a KeepLoRAConfig field, got {name!r}; fields: {sorted(spec)}")
+        meta = {k: v for k, v in spec[name].metadata.items() if k != "help"}
+        if default is dataclasses.MISSING and "default_factory" not in kwargs:
+            default = spec[name].default
+        return setting(default, spec[name].metadata["help"] if help is None else help, **{**meta, **kwargs})
 
     def eps_for(self, tower: str) -> float:
         return self.eps_w.get(tower, self.eps_w.get("default", 0.85))

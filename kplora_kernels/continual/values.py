@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+EPS_RANGE = {"gt": 0, "le": 1}  # an energy threshold: a fraction of ‖·‖_F² in (0, 1]
+
 
 def number(name: str, value, *, integer: bool = False) -> float | int:
     """``value`` as an int (``integer``) or a float; bools, strings and non-finite numbers are refused."""
@@ -20,7 +22,7 @@ def number(name: str, value, *, integer: bool = False) -> float | int:
 def eps(name: str, value) -> float:
     """An energy threshold (ε_w, ε_f, ε_w_out: a fraction of ``‖·‖_F²``): a finite number in (0, 1]."""
     value = number(name, value)
-    if not 0.0 < value <= 1.0:
+    if not EPS_RANGE["gt"] < value <= EPS_RANGE["le"]:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
     return value
 
