@@ -4,7 +4,9 @@ bf16, 4096×11008 (a LLaMA-7B ``down_proj`` gradient; ``G`` is ``out×in``):
 * ratio of the obvious torch composition ``s·(G − (G V) Vᵀ)`` to ours, one- and two-sided;
 * fraction of the one-read-one-write HBM limit reached by the one-sided kernel: achieved bytes/s
   (``2 · numel · 2`` bytes per call: one read and one write of bf16 ``G``) divided by the peak
-  (``--peak-tbs``, 4.8 TB/s for an H200), next to the same fraction for ``torch.copy_``;
+  (``--peak-tbs``, else by device name: H200 4.8, A100-80GB 2.0, RTX 4090 1.0 TB/s), next to the
+  same fraction for ``torch.copy_``; and per timed op a ``ROOFLINE`` line (bench/roofline.py): bytes
+  moved and FLOPs per call, the HBM-bound limit and the percentage of it reached;
 * a LLaMA-7B layer's seven gradients: the grouped in-place projection vs the in-place composition
   per weight, and the constraint restore.
 Every timed kernel is first checked against the float64 reference. Prints one line per figure and
@@ -13,9 +15,13 @@ writes them as JSON to ``$OUT/gpu_projection.json`` (or ``./gpu_projection.json`
 import argparse
 import json
 import os
+import sys
 
 import torch
 import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # noqa: E402
 
 from kplora_kernels import ops
 from kplora_kernels.ops import reference
@@ -41,9 +47,11 @@ def check(result, G, U, V, scale):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak in TB/s (H200: 4.8)")
+    parser.add_argument("--peak-tbs", type=float, default=None,
+                        help="HBM peak in TB/s (default: by device name, bench/roofline.py: H200 4.8, A100 2.0, 4090 1.0)")
     parser.add_argument("--k", type=int, default=64, help="basis width k_in (and k_out for two-sided)")
     args = parser.parse_args()
+    args.peak_tbs = roofline.peak_tbs(torch.cuda.get_device_name(), args.peak_tbs)
     dt, out_dim, in_dim, k, s = torch.bfloat16, 4096, 11008, args.k, 0.5
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(out_dim, in_dim, generator=gen).to("cuda", dt)
@@ -62,6 +70,11 @@ def main():
         t_inpl = bench(lambda: ops.residual_project(H, U_, V, 1.0, out=H, backend="triton"))
         figures[f"{sides}_ms"] = {"composition": t_comp * 1e3, "ours": t_ours * 1e3, "ours_inplace": t_inpl * 1e3}
         figures[f"{sides}_composition_over_ours"] = t_comp / t_ours
+        cost = roofline.projection_cost(out_dim, in_dim, k if U_ is not None else 0, k, G.element_size())
+        for name, t in (("ours", t_ours), ("ours_inplace", t_inpl)):
+            v = roofline.verdict(cost, t, args.peak_tbs)
+            figures[f"{sides}_{name}_roofline"] = v
+            print(roofline.line(f"projection {sides} bf16 {out_dim}x{in_dim} k={k} {name}", v, args.peak_tbs))
         print(f"{sides:2s} bf16 {out_dim}x{in_dim} k={k}: composition {t_comp * 1e3:.3f} ms, ours {t_ours * 1e3:.3f} ms "
               f"(in place {t_inpl * 1e3:.3f} ms); composition/ours = {t_comp / t_ours:.2f}x")
         if sides == "V":
@@ -95,6 +108,11 @@ def main():
     figures["layer_grouped_ms"] = {"composition_inplace": t_comp * 1e3, "ours_grouped_inplace": t_ours * 1e3,
                                    "restore_grouped": t_restore * 1e3}
     figures["layer_composition_over_ours"] = t_comp / t_ours
+    layer = {key: sum(roofline.projection_cost(o, n, 0, k, 2)[key] for o, n in shapes) for key in ("bytes", "flops")}
+    for name, t in (("grouped projection", t_ours), ("grouped restore", t_restore)):
+        v = roofline.verdict(layer, t, args.peak_tbs)
+        figures[f"layer_{name.replace(' ', '_')}_roofline"] = v
+        print(roofline.line(f"LLaMA-7B layer {name} bf16 k={k}", v, args.peak_tbs))
     print(f"LLaMA-7B layer (7 weights) bf16 k={k}: in-place composition {t_comp * 1e3:.3f} ms, grouped ours "
           f"{t_ours * 1e3:.3f} ms ({t_comp / t_ours:.2f}x); grouped restore {t_restore * 1e3:.3f} ms")
 

@@ -31,6 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import roofline  # noqa: E402
 
 
 def timer(device):
@@ -133,6 +134,11 @@ def sketch_update_figures(args, device, measure) -> dict:
             "one_read_fraction": {"triton_kernel": read / times["triton_kernel"][0] / peak,
                                   "GradientSketch.update": read / t_update / peak,
                                   "copy_ (reads and writes)": 2 * read / times["copy_"][0] / peak}}
+        cost = roofline.sketch_cost(tokens, out_f, in_f, sketch.omega.shape[1], sketch.psi.shape[0], 2)
+        for form in ("triton_kernel", "GradientSketch.update"):
+            v = roofline.verdict(cost, times[form][0], args.peak_tbs)
+            figures[name][f"{form}_roofline"] = v
+            print(roofline.line(f"sketch update {name} bf16 {tokens} tokens {form}", v, args.peak_tbs))
         f = figures[name]["one_read_fraction"]
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in figures[name]["torch_over_update"].items())
         print(f"gradient sketch update {name} bf16, {tokens} tokens, K={figures[name]['K']} L={figures[name]['L']}: "
@@ -207,7 +213,8 @@ def boundary_figures(args, device) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peak-tbs", type=float, default=4.8, help="HBM peak in TB/s (H200: 4.8)")
+    parser.add_argument("--peak-tbs", type=float, default=None,
+                        help="HBM peak in TB/s (default: by device name, bench/roofline.py; 4.8 on the CPU smoke run)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch (default 2048)")
     parser.add_argument("--batches", type=int, default=4, help="batches of the boundary passes (default 4)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the boundary stack (default 2)")
@@ -217,6 +224,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs CUDA; use --device cpu --tiny for a smoke run")
+    args.peak_tbs = roofline.peak_tbs(torch.cuda.get_device_name(), args.peak_tbs) if device.type == "cuda" \
+        else (args.peak_tbs or 4.8)
     results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (no figures)",
                "sketch_update": sketch_update_figures(args, device, timer(device)),
                "boundaries": boundary_figures(args, device)}
