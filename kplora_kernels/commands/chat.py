@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config_file import ConfigError, require_packages, result_settings
-from ..continual import KeepLoRA
+from ..config_file import ConfigError, require_packages, result_settings, setting
+from ..continual import KeepLoRA, KeepLoRAConfig
 from ..distributed import barrier, data_parallel, init_from_env, is_distributed, is_rank0, rank_shard
-from ..training import autocast, check_tensorboard, progress, seed_everything
+from ..training import SCHEDULES, autocast, check_tensorboard, progress, seed_everything
 from .common import fit_task, read_json, run_sequence
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -112,6 +112,33 @@ def to_device(batch: dict, device, dtype) -> dict:
     """``batch`` on ``device``, its floating-point tensors (pixels) in ``dtype``."""
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if torch.is_tensor(v) else v
             for k, v in batch.items()}
+
+
+@dataclass
+class ChatSettings:
+    """The training settings llava and vlm share (``--config`` keys); defaults: the authors'
+    LLaVA-1.5-7B settings (r = 32, α = r/4, ε_w = 0.6, lr 2e-4, cosine schedule with 3 % warmup), bf16."""
+
+    method: str = KeepLoRAConfig.setting("method")
+    rank: int = KeepLoRAConfig.setting("rank", 32)
+    alpha: float = KeepLoRAConfig.setting("alpha", 8.0)
+    eps_w: float = KeepLoRAConfig.setting("eps_w", 0.6, "ε_w of the language model's principal subspaces")
+    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
+    lr: float = setting(2e-4, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: str = setting("cosine", "per-step schedule within a task (the authors: cosine)", choices=SCHEDULES)
+    warmup_fraction: float = setting(0.03, "share of a task's steps spent warming up", ge=0, lt=1)
+    batch_size: int = setting(4, "conversations per batch (per rank under torchrun)", ge=1)
+    gradient_accumulation: int = setting(1, "batches averaged per optimizer step", ge=1)
+    epochs: int = setting(1, "passes over each task's training set", ge=1)
+    amp: bool = setting(True, "bf16 autocast for training and evaluation on CUDA (no effect on the CPU)")
+    gradient_batches: int = setting(16, "batches for the task-start gradient", ge=1)
+    subspace_batches: int = setting(16, "batches for the task-end input subspace", ge=1)
+    max_new_tokens: int = setting(16, "longest generated answer in evaluation", ge=1)
+    max_eval_samples: int | None = setting(None, "test conversations per task (null: all)", ge=1)
+    dtype: str = setting("bf16", "dtype the model is loaded in", choices=tuple(DTYPES))
+    gradient_checkpointing: bool = setting(True, "recompute activations in the backward (less memory)",
+                                           affects_results=False)
+    seed: int = setting(0, "seed of shuffling and the controller", ge=0)
 
 
 @dataclass
@@ -227,3 +254,13 @@ def evaluate(model, data, task: dict, cfg, device) -> float:
         correct += normalize(text) == normalize(answer)
         bar.set_postfix(exact_match=f"{correct / seen:.3f}", refresh=False)
     return correct / max(len(samples), 1)
+
+
+def add_engine_arguments(parser, unit: str, exported: str) -> None:
+    """``--strategy`` (DDP, or FSDP2 with one ``unit`` per shard) and ``--export DIR`` (the merged plain
+    model with ``exported``), the options llava and vlm share."""
+    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
+                        help=f"under torchrun: DDP, or FSDP2 (fully_shard per {unit})")
+    parser.add_argument("--export", metavar="DIR",
+                        help=f"after the last task, write the merged plain model ({exported}) to DIR; loads "
+                             "without this package")

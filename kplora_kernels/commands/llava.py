@@ -17,40 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..continual.config import KeepLoRAConfig
-from ..config_file import ConfigError, load_settings, setting
+from ..config_file import ConfigError, load_settings
 from ..continual import KeepLoRA, preset
-from ..training import SCHEDULES
 from ..training import log as logger
 from . import chat
 from .common import add_run_arguments, read_json
 
 
 @dataclass
-class LLaVAConfig:
+class LLaVAConfig(chat.ChatSettings):
     """Training settings (``--config`` keys). Defaults: the authors' LLaVA-1.5-7B settings (r = 32,
     α = r/4, ε_w = 0.6, lr 2e-4, cosine schedule with 3 % warmup), bf16."""
-
-    method: str = KeepLoRAConfig.setting("method")
-    rank: int = KeepLoRAConfig.setting("rank", 32)
-    alpha: float = KeepLoRAConfig.setting("alpha", 8.0)
-    eps_w: float = KeepLoRAConfig.setting("eps_w", 0.6, "ε_w of the principal subspaces")
-    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
-    lr: float = setting(2e-4, "peak learning rate (AdamW)", gt=0)
-    lr_schedule: str = setting("cosine", "per-step schedule within a task (the authors: cosine)", choices=SCHEDULES)
-    warmup_fraction: float = setting(0.03, "share of a task's steps spent warming up", ge=0, lt=1)
-    batch_size: int = setting(4, "conversations per batch (per rank under torchrun)", ge=1)
-    gradient_accumulation: int = setting(1, "batches averaged per optimizer step", ge=1)
-    epochs: int = setting(1, "passes over each task's training set", ge=1)
-    amp: bool = setting(True, "bf16 autocast for training and evaluation on CUDA (no effect on the CPU)")
-    gradient_batches: int = setting(16, "batches for the task-start gradient", ge=1)
-    subspace_batches: int = setting(16, "batches for the task-end input subspace", ge=1)
-    max_new_tokens: int = setting(16, "longest generated answer in evaluation", ge=1)
-    max_eval_samples: int | None = setting(None, "test conversations per task (null: all)", ge=1)
-    dtype: str = setting("bf16", "dtype the model is loaded in", choices=tuple(chat.DTYPES))
-    gradient_checkpointing: bool = setting(True, "recompute activations in the backward (less memory)",
-                                           affects_results=False)
-    seed: int = setting(0, "seed of shuffling and the controller", ge=0)
 
 
 class Conversations:
@@ -174,11 +151,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--image-root", required=True, help="folder the conversations' image paths start from")
     add_run_arguments(parser, LLaVAConfig, output="llava_output",
                       device_help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
-                        help="under torchrun: DDP, or FSDP2 (fully_shard per language-model layer)")
-    parser.add_argument("--export", metavar="DIR",
-                        help="after the last task, write the merged plain model (save_pretrained, with the "
-                             "tokenizer and image processor) to DIR; loads without this package")
+    chat.add_engine_arguments(parser, "language-model layer", "save_pretrained, with the tokenizer and image processor")
 
 
 def load_config(args) -> LLaVAConfig:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from ..config_file import ConfigError, load_settings, read_mapping, setting
 from ..continual import KeepLoRA, KeepLoRAConfig
-from ..training import SCHEDULES
 from ..training import log as logger
 from . import chat
 from .common import add_run_arguments
@@ -31,40 +30,22 @@ from .vlm_data import ChatData
 
 
 @dataclass
-class VLMConfig:
+class VLMConfig(chat.ChatSettings):
     """Training settings (``--config`` keys). Defaults: the authors' LLaVA-1.5 settings (r = 32,
     α = r/4, ε_w = 0.6, lr 2e-4, cosine schedule with 3 % warmup), bf16; ``--preset video`` sets the
     authors' Video-LLaVA ones (:data:`PRESETS`) for every key the file leaves out."""
 
-    method: str = KeepLoRAConfig.setting("method")
-    rank: int = KeepLoRAConfig.setting("rank", 32)
-    alpha: float = KeepLoRAConfig.setting("alpha", 8.0)
-    eps_w: float = KeepLoRAConfig.setting("eps_w", 0.6, "ε_w of the language model's principal subspaces")
-    eps_w_vision: float = setting(0.6, "ε_w of the vision tower's principal subspaces (train_vision)", gt=0, le=1)
-    eps_f: float = KeepLoRAConfig.setting("eps_f", 0.99)
+    eps_w_vision: float = KeepLoRAConfig.setting("eps_w", 0.6, "ε_w of the vision tower's principal subspaces "
+                                                                "(train_vision)")
     train_vision: bool = setting(False, "adapt the vision tower's blocks too (a second tower, its own layer scaling)")
-    lr: float = setting(2e-4, "peak learning rate (AdamW)", gt=0)
-    lr_schedule: str = setting("cosine", "per-step schedule within a task (the authors: cosine)", choices=SCHEDULES)
-    warmup_fraction: float = setting(0.03, "share of a task's steps spent warming up", ge=0, lt=1)
-    batch_size: int = setting(4, "conversations per batch (per rank under torchrun)", ge=1)
-    gradient_accumulation: int = setting(1, "batches averaged per optimizer step", ge=1)
-    epochs: int = setting(1, "passes over each task's training set", ge=1)
-    amp: bool = setting(True, "bf16 autocast for training and evaluation on CUDA (no effect on the CPU)")
     gradient_batches: int = setting(16, "batches for the task-start gradient (unless gradient_fraction)", ge=1)
     gradient_fraction: float | None = setting(None, "share of a task's batches for the task-start gradient "
                                                     "(null: gradient_batches)", gt=0, le=1)
-    subspace_batches: int = setting(16, "batches for the task-end input subspace", ge=1)
     video_frames: int = setting(8, "frames sampled uniformly from each video in training and evaluation", ge=1)
     video_fps: float | None = setting(None, "sample videos at this many frames per second instead (at most "
                                             "video_frames; null: video_frames spread over the whole video)", gt=0)
     boundary_video_frames: int | None = setting(None, "frames per video in the task-start and task-end passes "
                                                       "(null: video_frames)", ge=1)
-    max_new_tokens: int = setting(16, "longest generated answer in evaluation", ge=1)
-    max_eval_samples: int | None = setting(None, "test conversations per task (null: all)", ge=1)
-    dtype: str = setting("bf16", "dtype the model is loaded in", choices=tuple(chat.DTYPES))
-    gradient_checkpointing: bool = setting(True, "recompute activations in the backward (less memory)",
-                                           affects_results=False)
-    seed: int = setting(0, "seed of shuffling and the controller", ge=0)
 
 
 # the authors' settings per setup: Video-LLaVA on CL-VISTA (r 64, α 128, ε_w 0.6, the task-start gradient
@@ -149,11 +130,7 @@ def add_arguments(parser) -> None:
                         help="frames per video in the task-start and task-end passes (boundary_video_frames)")
     parser.add_argument("--train-vision", action="store_true",
                         help="adapt the vision tower's blocks too (train_vision): a second tower with its own layer scaling")
-    parser.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp",
-                        help="under torchrun: DDP, or FSDP2 (fully_shard per language-model block)")
-    parser.add_argument("--export", metavar="DIR",
-                        help="after the last task, write the merged plain model and its processor "
-                             "(save_pretrained) to DIR; loads without this package")
+    chat.add_engine_arguments(parser, "language-model block", "save_pretrained, with its processor")
 
 
 def main(args) -> dict:
