@@ -29,7 +29,15 @@ def _triton_import_error() -> str | None:
 
 
 def _triton_device_reason(t: torch.Tensor) -> str | None:
-    if t.is_cuda or (t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if t.is_cuda:
+        from .triton_configs import SHARED_LIMIT
+
+        optin = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+        if optin < min(SHARED_LIMIT.values()):  # the launch tables start at sm_86's 101,376 B
+            return (f"the Triton kernels' launch tables need {min(SHARED_LIMIT.values())} B of shared memory "
+                    f"per block (sm_80 and newer), {torch.cuda.get_device_name(t.device)} offers {optin} B")
+        return None
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return (f"the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is imported, "
             f"for CPU tensors), got a tensor on {t.device}")
@@ -137,7 +145,11 @@ def sketch_not_supported_reasons(backend: str, A: torch.Tensor, B: torch.Tensor,
                        f"bfloat16, got {A.dtype} and {B.dtype}")
     if A.device != B.device:
         reasons.append(f"A is on {A.device} but B is on {B.device}")
-    if not A.is_cuda:
+    if A.is_cuda:
+        device = _triton_device_reason(A)
+        if device:
+            reasons.append(device)
+    else:
         if not (A.device.type == "cpu" and sketch_triton.INTERPRET and os.environ.get("KPLORA_BACKEND") == "triton"):
             reasons.append(f"the Triton sketch kernel needs CUDA tensors (or, for CPU tensors, TRITON_INTERPRET=1 "
                            f"set before triton is imported and KPLORA_BACKEND=triton), got a tensor on {A.device}")
