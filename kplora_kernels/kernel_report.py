@@ -1,10 +1,18 @@
 """``kplora kernels``: compile every Triton kernel of the package for real NVIDIA targets, no GPU.
 
 Each entry is one (kernel, arch, dtype, case, config) compiled with ``triton.compile`` for
-``GPUTarget("cuda", arch, 32)``; ``shared_bytes`` is the dynamic shared memory of the compiled
-kernel, ``registers``/``stack_bytes`` come from ``cuobjdump --dump-resource-usage`` on its cubin,
-``limit_bytes`` is the opt-in shared memory per block of the arch and ``fits`` says whether the
-entry launches there (shared ≤ limit; no stack for bf16/fp16, ≤ 1 KiB for fp32).
+``GPUTarget("cuda", arch, 32)``: the four kernels (rows, cols, epilogue, sketch) × sm_80/86/89/90 ×
+bf16/fp16/fp32 × the shape classes the launchers use (:func:`cases`) × exactly the configs the
+launcher keeps there after its pruning (:mod:`kplora_kernels.ops.triton_configs`).
+``shared_bytes`` is the dynamic shared memory of the compiled kernel, ``registers``/``stack_bytes``
+come from ``cuobjdump --dump-resource-usage`` on its cubin, ``limit_bytes`` is the opt-in shared
+memory per block of the arch and ``fits`` says whether the entry launches there without spilling
+(shared ≤ limit; no stack for bf16/fp16, ≤ 1 KiB for fp32). ``--json`` writes the entries (keys
+``kernel`` "module:function", ``arch``, ``dtype``, ``case``, ``signature``, ``constexprs``,
+``num_warps``, ``num_stages``, ``shared_bytes``, ``registers``, ``stack_bytes``, ``limit_bytes``,
+``fits``): ``triton.compile(ASTSource(fn, signature + constexprs, constexprs), GPUTarget(...))``
+reproduces any of them. Exit status 1 when an entry does not fit. Must run without
+``TRITON_INTERPRET`` (the full matrix: ~500 compiles, ~12 minutes on 2 cores with ``--jobs 2``).
 """
 from __future__ import annotations
 

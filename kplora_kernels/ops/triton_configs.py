@@ -5,7 +5,8 @@ A GPU is reduced to its *arch class* (:func:`arch_class`): 80 (A100, 166,912 B o
 memory per block), 86/89 (RTX 3090/4090, L40: 101,376 B) or 90 (H100/H200: 232,448 B). Per kernel,
 dtype and shape class the candidates are filtered by a shared-memory model (bytes of the tiles the
 software pipeline keeps in flight plus the operands staged for ``tl.dot``) against the class's
-limit. The model is validated, not trusted: the report compiles every surviving config for every
+limit. The model over-estimates (it counts every pipeline stage of every loop; Triton stages less)
+and only selects; it is validated, not trusted: the report compiles every surviving config for every
 class with Triton's compiler and checks the real shared memory, and that bf16/fp16 kernels spill
 nothing and fp32 ones at most 1 KiB per thread (register tiles chosen small enough for that).
 """
@@ -45,14 +46,17 @@ def pow2(k: int) -> int:
 
 # --- candidates and the shared-memory model ------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) in order of preference; BLOCK_K is the epilogue's k step
-# (32). Register rules measured with the report: two-sided rows keep BLOCK_M = 16 (the U tile and
-# the fp32 P tiles beside Q spill at 32), the column pass runs 8 warps (its KU×BLOCK_N fp32
-# accumulator and offset tile spill 4 warps at KU = 128), the epilogue's tiles stay at 64×64 per 4
-# warps (int64 addresses of a 128×128 tile and its fp32 accumulator spill 8 warps).
+# (32). Register rules, measured with the report (each broken rule spilled there):
+# - two-sided rows keep BLOCK_M = 16 (U and the fp32 P tiles beside Q), half ones with 8 warps at
+#   16×64 (4 warps spill on sm_80/90 at K = 128); 32-row half blocks take 8 warps (sm_90, restore);
+# - the fp32 column pass keeps BLOCK_M = 32 (ptxas for sm_80 spills kilobytes at 64), the half one
+#   runs 8 warps (its KU×BLOCK_N fp32 accumulator and offset tile spill 4 warps at KU = 128);
+# - the epilogue's tiles stay at 64×64 per 4 warps (int64 addresses of a 128×128 tile and its fp32
+#   accumulator spill 8 warps).
 _ROWS = {("fp32", False): [(16, 32, 4, 2), (32, 32, 4, 2)], ("fp32", True): [(16, 32, 4, 2), (16, 32, 8, 2)],
-         ("half", False): [(16, 64, 4, 2), (32, 64, 4, 3), (16, 32, 4, 2)],
-         ("half", True): [(16, 64, 4, 2), (16, 32, 4, 2)]}
-_COLS = {"fp32": [(32, 32, 4, 2), (64, 32, 4, 2)], "half": [(64, 64, 8, 3), (32, 64, 8, 2)]}
+         ("half", False): [(16, 64, 4, 2), (32, 64, 8, 3), (16, 32, 4, 2)],
+         ("half", True): [(16, 64, 8, 2), (16, 32, 4, 2)]}
+_COLS = {"fp32": [(32, 32, 4, 2), (32, 64, 4, 2)], "half": [(64, 64, 8, 3), (32, 64, 8, 2)]}
 _EPILOGUE = {"fp32": [(64, 64, 4, 2), (32, 64, 4, 2)], "half": [(64, 64, 4, 3), (64, 128, 8, 3)]}
 _SKETCH_T = 32  # token tile of the sketch kernel
 

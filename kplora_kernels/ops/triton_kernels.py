@@ -230,8 +230,7 @@ class _Pack:
     16-byte boundaries (Triton specialises pointer arguments on that alignment)."""
 
     def __init__(self):
-        self.words: list[int] = []
-        self.buffer = None
+        self.words, self.buffer = [], None
 
     def _start(self) -> int:
         if len(self.words) % 2:
@@ -256,9 +255,8 @@ class _Pack:
 
     def __getitem__(self, segment) -> torch.Tensor:
         start, n, dtype = segment
-        if dtype == torch.int64:
-            return self.buffer[start:start + n]
-        return self.buffer[start:start + (n + 1) // 2].view(torch.float32)[:n]
+        return self.buffer[start:start + n] if dtype == torch.int64 else \
+            self.buffer[start:start + (n + 1) // 2].view(torch.float32)[:n]
 
 
 def _launch(kernel, grid, args, kwargs, scratch=None) -> None:
@@ -268,9 +266,7 @@ def _launch(kernel, grid, args, kwargs, scratch=None) -> None:
     tuned (no trial writes the caller's data)."""
     if scratch is not None:
         index, pointers = scratch
-        tuning_args = list(args)
-        tuning_args[index] = pointers
-        kernel[grid](*tuning_args, **kwargs)
+        kernel[grid](*args[:index], pointers, *args[index + 1:], **kwargs)
         kernel.kplora_tuned.add(_tune_key(kernel, args, kwargs))
     kernel[grid](*args, **kwargs)
 
