@@ -48,7 +48,7 @@ def check(result, G, U, V, scale):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peak-tbs", type=float, default=None,
-                        help="HBM peak in TB/s (default: by device name, bench/roofline.py: H200 4.8, A100 2.0, 4090 1.0)")
+                        help="HBM peak in TB/s (default: by device name, bench/roofline.py)")
     parser.add_argument("--k", type=int, default=64, help="basis width k_in (and k_out for two-sided)")
     args = parser.parse_args()
     args.peak_tbs = roofline.peak_tbs(torch.cuda.get_device_name(), args.peak_tbs)

@@ -75,7 +75,8 @@ def cases():
     yield "epilogue", "complement", dict(KEEP=False)
     yield "epilogue", "general fp32 factors", dict(KEEP=True, LT=0)
     for kp, lp in SKETCH_CASES:
-        yield "sketch", f"sketch K<={kp}" + (f" L<={lp}" if lp else " one-sided"), dict(TWO=bool(lp), KP=kp, LP=lp or 16)
+        name = f"sketch K<={kp}" + (f" L<={lp}" if lp else " one-sided")
+        yield "sketch", name, dict(TWO=bool(lp), KP=kp, LP=lp or 16)
 
 
 def _pointers(kind: str, dtype: str) -> dict:

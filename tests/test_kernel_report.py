@@ -1,7 +1,8 @@
 """``kplora kernels`` (kplora_kernels.kernel_report): the plan covers every Triton kernel × arch ×
 dtype with exactly the configs the launchers' pruning keeps; a small subset compiles for sm_86
 (Triton's compiler and ptxas, no GPU, in a process without the interpreter), fits, and recompiles
-from its JSON alone, independently, to the same shared memory; a config too large is flagged. The full matrix is one command (``kplora kernels --json R``, bench/README.md).
+from its JSON alone, independently, to the same shared memory; a config too large is flagged.
+The full matrix is one command (``kplora kernels --json R``, bench/README.md).
 """
 import inspect
 import json
@@ -44,7 +45,8 @@ def test_report_lists_exactly_what_the_autotuner_keeps(gpu_tables, monkeypatch, 
     monkeypatch.setattr(tc, "arch_class", lambda device=None: arch)
     kernels = {kind: triton.autotune(configs=tc.all_candidates(kind), key=["N"],
                                      prune_configs_by={"early_config_prune": tc.early_prune(kind)})(fn)
-               for kind, fn in (("rows", tk._rows_kernel), ("cols", tk._cols_kernel), ("epilogue", tk._epilogue_kernel))}
+               for kind, fn in (("rows", tk._rows_kernel), ("cols", tk._cols_kernel),
+                                ("epilogue", tk._epilogue_kernel))}
     for kernel in kernels.values():
         kernel.nargs = {"Gp": torch.empty(1, dtype=torch.int64)}  # what early_config_prune reads
     seen = 0

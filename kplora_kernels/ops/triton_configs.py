@@ -23,7 +23,8 @@ ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 DTYPE_NAMES = {0: "fp32", 1: "fp16", 2: "bf16"}  # the kernels' element codes
 MAX_CONFIGS = 2  # autotuned per launch key: the first that fit, in the table's order of preference
 RANK_BUCKETS = (16, 32, 64, 128)  # padded basis widths of the fused kernels (up to FUSED_MAX_K)
-SKETCH_CASES = ((16, 0), (32, 0), (64, 0), (128, 0), (16, 64), (32, 128), (64, 256), (128, 256))  # (KP, LP) of the sketch kernel; LP = 0: one-sided
+# (KP, LP) classes of the sketch kernel, LP = 0 one-sided; two-sided l = 2k + 1, so L ≤ 4·KP (≤ 256)
+SKETCH_CASES = ((16, 0), (32, 0), (64, 0), (128, 0), (16, 64), (32, 128), (64, 256), (128, 256))
 
 
 def arch_class(device=None) -> int:
