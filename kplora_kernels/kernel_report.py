@@ -11,7 +11,8 @@ memory per block of the arch and ``fits`` says whether the entry launches there 
 ``kernel`` "module:function", ``arch``, ``dtype``, ``case``, ``signature``, ``constexprs``,
 ``num_warps``, ``num_stages``, ``shared_bytes``, ``registers``, ``stack_bytes``, ``limit_bytes``,
 ``fits``): ``triton.compile(ASTSource(fn, signature + constexprs, constexprs), GPUTarget(...))``
-reproduces any of them. Exit status 1 when an entry does not fit. Must run without
+reproduces any of them (unit strides are constexprs, as the JIT specialises an int 1; the JIT's
+divisibility-by-16 hints are not applied). Exit status 1 when an entry does not fit. Must run without
 ``TRITON_INTERPRET`` (the full matrix: ~500 compiles, ~12 minutes on 2 cores with ``--jobs 2``).
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ def cases():
     yield "cols", f"restore pass 1 KU<={top}", dict(KUP=top, HAS_P0=True)
     yield "epilogue", "general", dict(KEEP=True)
     yield "epilogue", "complement", dict(KEEP=False)
-    yield "epilogue", "general fp32 factors", dict(KEEP=True, LT=0)
+    yield "epilogue", "general fp32 factors", dict(KEEP=True, LT=0)  # half G with offsets or row shards
+    yield "epilogue", "complement fp32 factors", dict(KEEP=False, LT=0)  # half G, complement, row shards
     for kp, lp in SKETCH_CASES:
         name = f"sketch K<={kp}" + (f" L<={lp}" if lp else " one-sided")
         yield "sketch", name, dict(TWO=bool(lp), KP=kp, LP=lp or 16)
