@@ -13,7 +13,7 @@ import torch
 
 from helpers import raises, random_basis
 from kplora_kernels import ops
-from kplora_kernels.ops import reference
+import oracles as reference  # the float64 oracles; in a low dtype, the same-dtype torch run
 
 triton = pytest.importorskip("triton")
 from kplora_kernels.ops import triton_kernels  # noqa: E402

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from . import triton_configs as tc
 from .cast_cache import as_compute
-from .reference import thin_factors
+from .torch_backend import thin_factors
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_K = 128  # ranks up to this run through the fused kernels; above, cuBLAS + epilogue
