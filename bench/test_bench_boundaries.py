@@ -125,7 +125,13 @@ def test_end_task(benchmark, method, monkeypatch):
             kl.collect_inputs(data, forward, 1.0, "input subspace")
     else:
         if method == "ours_end_task_without_decompositions":  # the sketches are fed; no decomposition
-            monkeypatch.setattr(controller.InputSketch, "expand", lambda self, V, *a, **k: V.clone())
+            from kplora_kernels.subspace import Expansion
+
+            def expand(self, V, *args, **kwargs):  # the basis unchanged, reported as complete (no further pass)
+                self.expansion = Expansion(appended=0, energy=1.0, saturated=False, width=None)
+                return V.clone()
+
+            monkeypatch.setattr(controller.InputSketch, "expand", expand)
 
         def run():
             kl.end_task(data, forward)
