@@ -1,4 +1,5 @@
-"""The float64 oracles of the ops: what each op computes, written as plainly as torch allows.
+"""The float64 oracles of the ops and of the streaming sketches: what each computes, written as plainly
+as torch allows.
 
 Called with float64 inputs they are the reference every backend is measured against; called in a
 lower dtype they give the error a user would get writing the formula in that dtype, which scales
@@ -6,6 +7,9 @@ the tolerances (docs/design.md §3). Production code never imports this module.
 
 Orientation: ``G`` is ``out×in``; ``U`` is ``out×k_out``, ``V`` is ``in×k_in`` (orthonormal columns).
 A basis flagged as a complement spans the *kept* space, so its projector is ``B Bᵀ``, not ``I − B Bᵀ``.
+The sketch oracles take ``batches`` of ``X`` (``tokens×in``) or of ``(dY, X)`` (``dY``: ``tokens×out``)
+and project every batch before accumulating it, the plain form of the sums that the streaming sketches
+of :mod:`kplora_kernels.subspace.sketch` compute with the projections moved out (``docs/design.md`` §1).
 """
 from __future__ import annotations
 
@@ -73,3 +77,36 @@ def sketch_update(A, B, M1, M2=None):
         return A.mT @ P, None, probe
     Q = A @ M2.double()
     return A.mT @ P, B.mT @ Q, probe + Q.square().sum()
+
+
+def gradient_sum(batches, U=None, V=None, V_complement=False):
+    """``Σ_b (dY_b (I−UUᵀ))ᵀ (X_b (I−VVᵀ))`` (``out×in``) for ``batches`` of ``(dY, X)``."""
+    return sum(project_rows(dY, U).mT @ project_rows(X, V, V_complement=V_complement) for dY, X in batches)
+
+
+def gradient_sketch(batches, omega, psi, U=None, V=None, V_complement=False):
+    """``(Σ dŶ_bᵀ (X̂_b Ω), Σ (dŶ_b Ψᵀ)ᵀ X̂_b)``: the two-sided sketch ``(ĜΩ, ΨĜ)`` with the raw
+    test matrices ``Ω`` (``in×k``) and ``Ψ`` (``l×out``), every batch projected first."""
+    Y = W = 0
+    for dY, X in batches:
+        dYh, Xh = project_rows(dY, U), project_rows(X, V, V_complement=V_complement)
+        Y = Y + dYh.mT @ (Xh @ omega)
+        W = W + (dYh @ psi.mT).mT @ Xh
+    return Y, W
+
+
+def input_covariance(batches):
+    """``Σ X_bᵀ X_b`` (``in×in``)."""
+    return sum(X.mT @ X for X in batches)
+
+
+def input_sketch(batches, omega, V=None, V_complement=False):
+    """``(Σ X̂_bᵀ (X̂_b Ω), Σ ‖X_b‖², Σ ‖X̂_b‖²)``: the residual Nyström sketch with the raw ``Ω``
+    (``in×w``), the total and the residual energies (Python floats)."""
+    S, total, residual = 0, 0.0, 0.0
+    for X in batches:
+        Xh = project_rows(X, V, V_complement=V_complement)
+        S = S + Xh.mT @ (Xh @ omega)
+        total += float(X.pow(2).sum())
+        residual += float(Xh.pow(2).sum())
+    return S, total, residual

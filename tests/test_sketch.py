@@ -305,8 +305,9 @@ def test_gradient_sketch_with_a_complement_basis():
 
 # --- the projections commute out of the sums: float64 oracle against the per-batch-projected form ----
 
-from kplora_kernels.subspace import reference  # noqa: E402
-from kplora_kernels.subspace.sketch import _gaussian, complement_basis  # noqa: E402
+import oracles  # noqa: E402
+from kplora_kernels.subspace.common import _gaussian  # noqa: E402
+from kplora_kernels.subspace.sketch import complement_basis  # noqa: E402
 
 BASES = ["none", "plain", "complement"]
 
@@ -340,19 +341,19 @@ def test_gradient_sketch_equals_the_per_batch_projected_oracle(strategy, with_U,
     ref = lambda dt: [(dY.to(dt), X.to(dt)) for dY, X in pairs]  # noqa: E731
     cast = lambda B, dt: None if B is None else B.to(dt)  # noqa: E731
     if strategy == "dense":
-        ref64 = reference.gradient_sum(ref(torch.float64), cast(U, torch.float64), cast(stored, torch.float64), complement)
-        ref32 = reference.gradient_sum(ref(torch.float32), U, stored, complement)
+        ref64 = oracles.gradient_sum(ref(torch.float64), cast(U, torch.float64), cast(stored, torch.float64), complement)
+        ref32 = oracles.gradient_sum(ref(torch.float32), U, stored, complement)
         _within_rounding(sketch.projected_sketch(), ref64, ref32)
         # and the same as projecting with the plain basis: both storage forms give one Ĝ
-        plain = reference.gradient_sum(ref(torch.float64), cast(U, torch.float64), cast(V, torch.float64))
+        plain = oracles.gradient_sum(ref(torch.float64), cast(U, torch.float64), cast(V, torch.float64))
         # the fp32 complement of V is orthogonal to V to fp32 rounding only
         assert (ref64 - plain).norm() <= 1e-5 * plain.norm()
     else:
         k, l = sketch.Y.shape[1], sketch.W.shape[0]
         omega, psi = _gaussian(in_f, k, 5, "cpu"), _gaussian(l, out_f, 6, "cpu")
-        Y64, W64 = reference.gradient_sketch(ref(torch.float64), omega, psi, cast(U, torch.float64),
-                                             cast(stored, torch.float64), complement)
-        Y32, W32 = reference.gradient_sketch(ref(torch.float32), omega.float(), psi.float(), U, stored, complement)
+        Y64, W64 = oracles.gradient_sketch(ref(torch.float64), omega, psi, cast(U, torch.float64),
+                                           cast(stored, torch.float64), complement)
+        Y32, W32 = oracles.gradient_sketch(ref(torch.float32), omega.float(), psi.float(), U, stored, complement)
         Y, W = sketch.projected_sketch()
         _within_rounding(Y, Y64, Y32)
         _within_rounding(W, W64, W32)
@@ -370,14 +371,14 @@ def test_input_sketch_equals_the_per_batch_projected_oracle(strategy, kind):
         sketch.update(b)
     b64 = [b.double() for b in batches]
     if strategy == "covariance":
-        _within_rounding(sketch.state.double(), reference.input_covariance(b64), reference.input_covariance(batches))
+        _within_rounding(sketch.state.double(), oracles.input_covariance(b64), oracles.input_covariance(batches))
     else:
         omega = _gaussian(dim, 16, 3, "cpu")
-        S64, _, _ = reference.input_sketch(b64, omega, None if stored is None else stored.double(), complement)
-        S32, _, _ = reference.input_sketch(batches, omega.float(), stored, complement)
+        S64, _, _ = oracles.input_sketch(b64, omega, None if stored is None else stored.double(), complement)
+        S32, _, _ = oracles.input_sketch(batches, omega.float(), stored, complement)
         _within_rounding(sketch.residual_sketch(), S64, S32)
-    _, total, residual = reference.input_sketch(b64, _gaussian(dim, 1, 0, "cpu"),
-                                                None if stored is None else stored.double(), complement)
+    _, total, residual = oracles.input_sketch(b64, _gaussian(dim, 1, 0, "cpu"),
+                                              None if stored is None else stored.double(), complement)
     assert float(sketch.energy[0]) == pytest.approx(total, rel=1e-6)
     if strategy == "covariance":  # the covariance strategy has the residual energy exactly
         assert sketch.residual_energy(stored, complement) == pytest.approx(residual, rel=1e-5)
@@ -455,7 +456,7 @@ def test_nystrom_plus_plus_estimate_is_unbiased_and_as_accurate_as_documented(de
 
 
 def test_xnystrace_is_exact_on_low_rank_and_falls_back_when_the_core_is_singular():
-    from kplora_kernels.subspace.sketch import _nystrom_pp, _xnystrace
+    from kplora_kernels.subspace.nystrom import _nystrom_pp, _xnystrace
 
     gen = torch.Generator().manual_seed(0)
     G = torch.randn(200, 20, generator=gen, dtype=torch.float64)

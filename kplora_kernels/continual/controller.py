@@ -48,8 +48,9 @@ class KeepLoRA(CheckpointMixin):
     ``lora``, ``lora-fa``, ``inflora``, ``olora``) decides the protected bases, the layer scales, the
     adapters' initialisation, the extra loss and what is recorded, and the ``adapter`` mode
     (:mod:`.adapter_modes`: ``"lora"`` or ``"full"``) how the weights train. The model's outputs are
-    unchanged by wrapping. ``layer_index`` maps module paths to layer indices where they cannot be
-    parsed from the path. ``compute_bases=False`` skips the principal subspaces (when a checkpoint
+    unchanged by wrapping. Each target's block index and its tower's depth are read from the model's
+    block stacks (:mod:`.targets`); ``layer_index`` (``{module path: block index}``) overrides them for
+    the targets it names. ``compute_bases=False`` skips the principal subspaces (when a checkpoint
     will provide them).
 
     The lifecycle is a state machine: idle → :meth:`begin_task` → task open (train; add

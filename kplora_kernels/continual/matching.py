@@ -166,7 +166,7 @@ class TargetMatcher:
             ValueError: ``target_modules`` matches a module that is not an ``nn.Linear`` (already
                 wrapped adapters excepted); for an attention the message names its projections.
             NotImplementedError: the module is a transformers ``Conv1D`` (GPT-2's ``c_attn``,
-                ``c_proj``, ``c_fc``: weight stored in×out), which cannot be wrapped yet.
+                ``c_proj``, ``c_fc``: weight stored in×out); only ``nn.Linear`` is wrapped.
         """
         if not self.matches_name(name):
             return False

@@ -1,5 +1,4 @@
-"""Principal subspaces, GPM expansion, randomized SVD, and the streaming sketches built on them
-(``reference`` holds the per-batch-projected formulation of the sketches: the test oracle)."""
+"""Principal subspaces, GPM expansion, randomized SVD, and the streaming sketches built on them."""
 from .linalg import LinearOperator, energy_rank, gpm_count, gpm_expand, principal_subspace, randomized_svd
 from .sketch import Expansion, GradientSketch, InputSketch
 

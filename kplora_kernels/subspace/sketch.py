@@ -11,8 +11,8 @@ out of the sums: with ``Ω̂ = (I−VVᵀ)Ω`` and ``Ψ̂ = Ψ(I−UUᵀ)`` form
 ``Σ X̂_bᵀX̂_bΩ = (I−VVᵀ) Σ X_bᵀ(X_b Ω̂)``; the dense strategy accumulates ``Σ dY_bᵀX_b`` and the
 covariance ``Σ X_bᵀX_b``, projected once when the sketch is finalised. A batch costs two skinny
 products (``O(tokens·(in+out)·(r+p))`` for the gradient), no projection. The complement storage of
-a basis works alike (``I − VVᵀ = V_c V_cᵀ``). :mod:`kplora_kernels.subspace.reference` keeps the
-per-batch-projected formulation as the test oracle.
+a basis works alike (``I − VVᵀ = V_c V_cᵀ``). The tests hold the per-batch-projected sums as their
+float64 oracle (``tests/oracles.py``).
 
 **Bases** are validated once, at construction, and held by reference where the caller keeps them
 (e.g. pinned host memory between task boundaries, :mod:`kplora_kernels.continual.placement`): a
@@ -43,12 +43,10 @@ recipe both strategies of the input sketch follow is :func:`.linalg.gpm_append`.
 """
 from __future__ import annotations
 
-from .common import (WIDE_BASIS, _gaussian, _project_cols, basis_signature, complement_basis,  # noqa: F401
-                     same_basis)
+from .common import basis_signature, complement_basis, same_basis
 from .gradient_sketch import GradientSketch
-from .half import _MM_OUT_DTYPE, _half_route, _mm32, _split  # noqa: F401
+from .half import _MM_OUT_DTYPE, _half_route  # noqa: F401  (read by tests/test_sketch_kernels.py)
 from .input_sketch import Expansion, InputSketch
-from .nystrom import _nystrom, _nystrom_pp, _xnystrace  # noqa: F401
 from .sizing import (DEFAULT_MEMORY_BUDGET, gradient_sketch_bytes, gradient_sketch_sizes, gradient_strategy,
                      input_sketch_bytes, input_sketch_width, input_strategy)
 
