@@ -50,6 +50,7 @@ def global_rank(group, local: int) -> int:
 
 
 def barrier(group=None) -> None:
+    """Wait until every rank of ``group`` reaches this call (a no-op when not distributed)."""
     if is_distributed():
         dist.barrier(group=group)
 
@@ -212,7 +213,14 @@ def data_parallel(model: torch.nn.Module, strategy: str, device: torch.device, b
     """The module to train through: ``model`` itself when not distributed; with ``strategy="ddp"`` a
     ``DistributedDataParallel`` (the bases are not module state: nothing of them is broadcast); with
     ``"fsdp2"`` ``model`` after ``fully_shard`` of every module whose name ``blocks`` (a compiled
-    pattern) fully matches, then of the root (the bases stay where the placement put them)."""
+    pattern) fully matches, then of the root (the bases stay where the placement put them).
+
+    Raises:
+        ValueError: ``strategy`` is neither ``"ddp"`` nor ``"fsdp2"`` (checked with or without
+            ``torch.distributed``).
+    """
+    if strategy not in ("ddp", "fsdp2"):
+        raise ValueError(f"strategy: expected 'ddp' or 'fsdp2', got {strategy!r}")
     if not is_distributed():
         return model
     if strategy == "fsdp2":
@@ -225,8 +233,6 @@ def data_parallel(model: torch.nn.Module, strategy: str, device: torch.device, b
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    if strategy != "ddp":
-        raise ValueError(f"strategy: expected 'ddp' or 'fsdp2', got {strategy!r}")
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model)

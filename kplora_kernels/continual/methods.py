@@ -111,6 +111,13 @@ class KeepLoRAMethod(Method):
 
     @classmethod
     def check_options(cls, config):
+        """``config.eps_w_out``: None (no output-side protection) or an energy threshold in (0, 1],
+        stored as a float.
+
+        Raises:
+            TypeError: ``eps_w_out`` is not a number (bools and strings included).
+            ValueError: ``eps_w_out`` is not finite or lies outside (0, 1].
+        """
         if config.eps_w_out is not None:
             config.eps_w_out = eps("eps_w_out", config.eps_w_out)
 
@@ -258,6 +265,12 @@ class OLoRA(Method):
 
     @classmethod
     def check_options(cls, config):
+        """``config.olora_lambda1`` and ``config.olora_lambda2``: finite numbers ≥ 0, stored as floats.
+
+        Raises:
+            TypeError: a weight is not a number (bools and strings included).
+            ValueError: a weight is negative or not finite.
+        """
         for name in cls.options:
             setattr(config, name, at_least(name, getattr(config, name), 0))
 

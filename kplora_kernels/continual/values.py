@@ -28,7 +28,12 @@ def eps(name: str, value) -> float:
 
 
 def at_least(name: str, value, low: float, *, integer: bool = False) -> float | int:
-    """A number ≥ ``low``."""
+    """``value`` as an int (``integer``) or a float, checked to be ≥ ``low``.
+
+    Raises:
+        TypeError: ``value`` is not an int (``integer``) or a number; bools and strings are refused.
+        ValueError: ``value`` is not finite, or is below ``low``.
+    """
     value = number(name, value, integer=integer)
     if value < low:
         raise ValueError(f"{name} must be ≥ {low}, got {value}")

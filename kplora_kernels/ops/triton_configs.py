@@ -29,7 +29,12 @@ SKETCH_CASES = ((16, 0), (32, 0), (64, 0), (128, 0), (16, 64), (32, 128), (64, 2
 
 def arch_class(device=None) -> int:
     """The arch class of a CUDA device: the known class with the largest shared-memory limit that
-    the device's own opt-in limit reaches (a newer GPU is treated as the class it matches)."""
+    the device's own opt-in limit reaches (a newer GPU is treated as the class it matches).
+
+    Raises:
+        RuntimeError: the device offers less shared memory per block than every known class
+            (older than sm_80).
+    """
     import torch
 
     limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
@@ -80,18 +85,24 @@ def _model_epilogue(cfg, e):
     return s * (bm + bn) * 32 * 4  # L and R tiles are upcast to fp32 before the dot
 
 
-def _select(candidates, model, limit, fp32):
-    """Candidates whose modelled shared memory fits ``limit``; a table without any is a bug."""
+def _select(candidates, model, limit, what):
+    """Candidates whose modelled shared memory fits ``limit``; a table without any is a bug, reported
+    with ``what`` (the kernel kind, arch, dtype and widths)."""
     fitting = [c for c in candidates if model(c) <= limit][:MAX_CONFIGS]
     if not fitting:
-        raise RuntimeError(f"no {'fp32' if fp32 else 'half'} launch configuration fits {limit} B of shared memory")
+        raise RuntimeError(f"no launch configuration of the {what} fits {limit} B of shared memory")
     return fitting
 
 
 def configs(kind: str, arch: int, dtype: str, KVP: int = 16, KUP: int = 0) -> list:
     """The ``triton.Config`` list a launcher autotunes over for ``kind`` (``"rows"``, ``"cols"``,
     ``"epilogue"``) on arch class ``arch`` in ``dtype`` (``"fp32"|"fp16"|"bf16"``); ``KVP``/``KUP``
-    the padded basis widths (``KUP`` 0 for one-sided rows). Under the interpreter: one config."""
+    the padded basis widths (``KUP`` 0 for one-sided rows). Under the interpreter: one config.
+
+    Raises:
+        RuntimeError: no candidate of the table fits the arch class's shared memory at these widths.
+        KeyError: an unknown ``kind``, ``arch`` or ``dtype``.
+    """
     if INTERPRET:  # the interpreter takes one config and no benchmarking (docs/design.md §3)
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})]
     fp32 = dtype == "fp32"
@@ -102,14 +113,20 @@ def configs(kind: str, arch: int, dtype: str, KVP: int = 16, KUP: int = 0) -> li
     model = {"rows": lambda c: _model_rows(c, e, KVP, KUP), "cols": lambda c: _model_cols(c, e, KUP),
              "epilogue": lambda c: _model_epilogue(c, e)}[kind]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in _select(table, model, limit, fp32)]
+            for bm, bn, w, s in _select(table, model, limit, f"{kind} kernel on arch {arch} in {dtype} "
+                                                             f"(KVP={KVP}, KUP={KUP})")]
 
 
 def sketch_config(arch: int, dtype: str, KP: int, LP: int) -> dict:
     """Block sizes of the sketch kernel for sketch widths ``KP``/``LP`` (padded; ``LP`` 0 one-sided):
     ``BLOCK_T`` tokens per program, ``BLOCK_D`` features per step, warps and stages, chosen so the
     staged tiles (``BLOCK_T×BLOCK_D`` of the inputs, ``BLOCK_D×KP`` and ``BLOCK_D×LP`` of the test
-    matrices, fp32 for fp32 inputs) fit the arch class's shared memory."""
+    matrices, fp32 for fp32 inputs) fit the arch class's shared memory.
+
+    Raises:
+        RuntimeError: no block sizes fit the arch class's shared memory at these widths.
+        KeyError: an unknown ``arch`` or ``dtype``.
+    """
     if INTERPRET:
         return {"BLOCK_T": 16, "BLOCK_D": 32, "num_warps": 4, "num_stages": 1}
     e = ELEMENT_BYTES[dtype]
@@ -122,7 +139,8 @@ def sketch_config(arch: int, dtype: str, KP: int, LP: int) -> dict:
             # fp16, whose P/Q stay fp32 and whose input tiles are upcast (measured with the report)
             warps = 8 if width >= 128 or dtype == "fp16" else 4
             return {"BLOCK_T": _SKETCH_T, "BLOCK_D": bd, "num_warps": warps, "num_stages": stages}
-    raise RuntimeError(f"no sketch configuration fits arch {arch} for KP={KP}, LP={LP}")
+    raise RuntimeError(f"no launch configuration of the sketch kernel on arch {arch} in {dtype} (KP={KP}, "
+                       f"LP={LP}) fits {SHARED_LIMIT[arch]} B of shared memory")
 
 
 def early_prune(kind: str):
