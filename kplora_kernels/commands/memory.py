@@ -38,6 +38,8 @@ PRESETS = {
                                         "temporal_patch_size": 2, "window_size": 112,
                                         "fullatt_block_indexes": [7, 15, 23, 31]}},
 }
+
+
 @dataclass
 class MemoryArgs:
     """The command-line settings of ``kplora memory``."""
@@ -56,12 +58,14 @@ class MemoryArgs:
 class ModelShape:
     """The keys of a transformers ``config.json`` that are checked before the model is built."""
 
-    hidden_size: int = setting(4096, "", ge=1)
-    intermediate_size: int = setting(11008, "", ge=1)
-    num_hidden_layers: int = setting(32, "", ge=1)
-    num_attention_heads: int = setting(32, "", ge=1)
-    num_key_value_heads: int = setting(32, "", ge=1)
-    vocab_size: int = setting(32000, "", ge=1)
+    hidden_size: int = setting(4096, "hidden size of the language model", ge=1)
+    intermediate_size: int = setting(11008, "width of the MLP's inner layer", ge=1)
+    num_hidden_layers: int = setting(32, "decoder blocks of the language model", ge=1)
+    num_attention_heads: int = setting(32, "query heads per attention", ge=1)
+    num_key_value_heads: int = setting(32, "key/value heads per attention (grouped-query attention: fewer)",
+                                       ge=1)
+    vocab_size: int = setting(32000, "tokens in the vocabulary", ge=1)
+
 
 def _leaf_names(paths: list[str]) -> list[str]:
     """Each path's last component, or the whole path where two share it."""
