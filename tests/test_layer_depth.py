@@ -190,3 +190,21 @@ def test_controller_scales_t5_by_its_block_stacks_and_reports_the_mapping(capsys
     kl.print_trainable_parameters(layers=True)
     out = capsys.readouterr().out
     assert "trainable params:" in out and "encoder.block.1.layer.0.SelfAttention.q" in out and "0.6000" in out
+
+
+def test_a_model_wrapped_with_layer_index_resumes_from_its_checkpoint(tmp_path):
+    """Targets in no block stack need layer_index at wrap; the checkpoint keeps it for from_checkpoint."""
+    from kplora_kernels.continual import KeepLoRA, KeepLoRAConfig
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+
+    cfg = KeepLoRAConfig(targets=[r"^[02]$"], rank=2, eps_w={"default": 0.5})
+    kl = KeepLoRA(model(), cfg, progress=False, layer_index={"0": 0, "2": 1})
+    path = str(tmp_path / "c.safetensors")
+    kl.save(path)
+    again = KeepLoRA.from_checkpoint(model(), path, progress=False)
+    assert {n: l.layer_scale for n, l in again.layers.items()} == {n: l.layer_scale for n, l in kl.layers.items()}
+    with raises(ValueError, "layer_index"):
+        KeepLoRA(model(), cfg, progress=False)

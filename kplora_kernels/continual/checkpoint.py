@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Self
 
 import torch
 from torch import nn
@@ -139,6 +138,8 @@ class CheckpointMixin:
         meta = {"format": FORMAT, "config": self.config.to_dict(), "task_index": self.task_index,
                 "task_open": self.task_open, "merged_open_task": self._merged_open_task, "layout": self._layout(),
                 "target_matcher": self.config.target_matcher.to_dict(),
+                # indices the caller gave (a target in no block stack): from_checkpoint needs them again
+                "layer_index": {t.name: t.index for t in self.targets if not t.stack},
                 "V_complement": {n: l.V_complement for n, l in self.layers.items()}, **extra_meta}
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"kplora": json.dumps(meta)}),
                          what="controller checkpoint")
@@ -251,16 +252,18 @@ class CheckpointMixin:
 
     @classmethod
     def from_checkpoint(cls, model: nn.Module, path: str, *, progress: bool = True,
-                        placement: "str | BasisPlacement" = "cpu") -> Self:
+                        placement: "str | BasisPlacement" = "cpu", layer_index: dict | None = None) -> "KeepLoRA":
         """Wrap a freshly built ``model`` with the checkpoint's configuration and restore its state.
         The placement is not part of the checkpoint: the bases go where ``placement`` keeps them, one
-        layer at a time.
+        layer at a time. The layer indices given at wrap time (``layer_index``) are saved and reused;
+        ``layer_index`` here overrides them.
 
         Raises ``FileNotFoundError`` (no file at ``path``), ``ValueError`` (not a controller checkpoint,
         unreadable, another architecture, a model already wrapped, or — compact form — other
         pre-trained weights)."""
         meta, _ = cls._read(path)
+        given = meta.get("layer_index") if layer_index is None else layer_index
         kl = cls(model, KeepLoRAConfig.from_dict(meta["config"]), progress=progress, compute_bases=False,
-                 placement=placement)
+                 placement=placement, layer_index=given or None)
         kl.load(path)
         return kl
