@@ -23,6 +23,7 @@ import re
 import subprocess
 import tempfile
 
+from .config_file import ConfigError
 from .ops.triton_configs import DTYPE_NAMES, RANK_BUCKETS, SHARED_LIMIT, SKETCH_CASES, STACK_LIMIT
 
 DTYPES = {name: code for code, name in DTYPE_NAMES.items()}
@@ -47,8 +48,15 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        tool = _cuobjdump()
+        if not os.access(tool, os.X_OK):
+            raise ConfigError(f"kplora kernels reads registers and stack with cuobjdump, expected at {tool} (the "
+                              "triton wheel's NVIDIA backend); it is missing or not executable")
+        done = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"cuobjdump failed on a compiled kernel (exit {done.returncode}): "
+                              f"{done.stderr.strip()[-300:]}")
+        out = done.stdout
     reg = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     return int(reg.group(1)) if reg else 0, int(stack.group(1)) if stack else 0
@@ -101,9 +109,7 @@ def launches(kind: str, arch: int, dtype: str, ce: dict):
         yield ce | unit | dict(UPCAST=False, IEEE=dtype == "fp32", WIDE2=dtype == "fp16", BLOCK_T=c["BLOCK_T"],
                                BLOCK_D=c["BLOCK_D"]), c["num_warps"], c["num_stages"]
         return
-    base = dict(DT=code, IEEE=dtype == "fp32") | ce | unit
-    if kind != "sketch":
-        base["UPCAST"] = False
+    base = dict(DT=code, IEEE=dtype == "fp32") | ce | unit | dict(UPCAST=False)
     if kind == "epilogue":
         base = dict(LT=code) | base | dict(KB=256)
         if base["LT"] == code and "LT" in ce:  # fp32 factors are a half-precision case only
@@ -166,8 +172,8 @@ def report(arches=None, dtypes=None, kinds=None, case_contains=None, jobs=1) -> 
     """Every entry of :func:`plan`, compiled and measured (see the module doc), in plan order;
     ``jobs`` > 1 compiles in that many processes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("kplora kernels compiles the real kernels: unset TRITON_INTERPRET (with it set, "
-                           "@triton.jit gives interpreted functions that triton.compile cannot take)")
+        raise ConfigError("kplora kernels compiles the real kernels: unset TRITON_INTERPRET (with it set, "
+                          "@triton.jit gives interpreted functions that triton.compile cannot take)")
     todo = plan(arches, dtypes, kinds, case_contains)
     if jobs <= 1:
         return [compile_entry(**kw) for kw in todo]
@@ -199,6 +205,8 @@ def summary(entries) -> list[str]:
 
 def run(args) -> int:
     """``kplora kernels``: print the table (and write ``--json``); exit status 1 when an entry does not fit."""
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be ≥ 1, got {args.jobs}")
     entries = report([int(a) for a in args.arch] if args.arch else None, args.dtype or None,
                      args.kernel or None, args.case, args.jobs or os.cpu_count() or 1)
     print(f"{'kernel':<22}{'arch':>5} {'dtype':<5} {'case':<28}{'config':<16}{'shared':>8}{'reg':>5}"
@@ -220,4 +228,3 @@ def add_arguments(p) -> None:
     p.add_argument("--kernel", action="append", choices=list(KERNEL_NAMES), help="only this kernel")
     p.add_argument("--case", help="only cases whose name contains this text")
     p.add_argument("--jobs", type=int, help="compile in this many processes (default: the CPU count)")
-    p.set_defaults(func=run)

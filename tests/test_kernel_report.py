@@ -14,6 +14,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+from kplora_kernels.config_file import ConfigError  # noqa: E402
 from kplora_kernels import kernel_report as kr  # noqa: E402
 from kplora_kernels.ops import triton_configs as tc  # noqa: E402
 from kplora_kernels.ops import triton_kernels as tk  # noqa: E402
@@ -102,7 +103,7 @@ def test_a_subset_compiles_fits_and_recompiles_from_json(gpu_tables, tmp_path):
 
 
 def test_the_report_refuses_the_interpreter():
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET"):
         kr.report([86], ["bf16"], ["rows"], "two-sided K<=16")
 
 

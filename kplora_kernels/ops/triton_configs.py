@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 
-import triton
-
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # bytes per block, opt-in
 STACK_LIMIT = {"fp32": 1024, "fp16": 0, "bf16": 0}  # bytes of local memory per thread
@@ -47,7 +45,7 @@ def arch_class(device=None) -> int:
 
 def pow2(k: int) -> int:
     """The padded width (≥ 16, a power of two) a kernel keeps for ``k`` basis/sketch columns."""
-    return max(16, triton.next_power_of_2(max(k, 1)))
+    return max(16, 1 << (max(k, 1) - 1).bit_length())
 
 
 # --- candidates and the shared-memory model ------------------------------------------------------
@@ -103,6 +101,8 @@ def configs(kind: str, arch: int, dtype: str, KVP: int = 16, KUP: int = 0) -> li
         RuntimeError: no candidate of the table fits the arch class's shared memory at these widths.
         KeyError: an unknown ``kind``, ``arch`` or ``dtype``.
     """
+    import triton  # here, not at import: the tables and the report's options need no Triton
+
     if INTERPRET:  # the interpreter takes one config and no benchmarking (docs/design.md §3)
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16})]
     fp32 = dtype == "fp32"
@@ -171,6 +171,8 @@ def _shape(c) -> tuple:
 
 def all_candidates(kind: str) -> list:
     """Every config any arch class may launch for ``kind`` (what the autotuner is built with)."""
+    import triton
+
     if INTERPRET:
         return configs(kind, 90, "fp32")
     shapes = dict.fromkeys(c for table in {"rows": _ROWS, "cols": _COLS, "epilogue": _EPILOGUE}[kind].values()
