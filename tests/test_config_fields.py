@@ -53,3 +53,11 @@ def test_the_config_enforces_each_declared_bound(name):
 def test_setting_of_an_unknown_field_is_refused():
     with pytest.raises(ValueError, match="'rnak'"):
         KeepLoRAConfig.setting("rnak", 3)
+
+
+def test_a_tower_without_eps_w_is_refused_not_defaulted():
+    cfg = KeepLoRAConfig(eps_w={"encoder": 0.5})
+    assert cfg.eps_for("encoder") == 0.5
+    with pytest.raises(ValueError, match="'decoder'.*'default'"):
+        cfg.eps_for("decoder")
+    assert KeepLoRAConfig(eps_w={"encoder": 0.5, "default": 0.7}).eps_for("decoder") == 0.7

@@ -377,3 +377,9 @@ def test_idx_reader_plain_gzip_and_bad_files(tmp_path):
         read_idx(str(tmp_path / "png"))
     with pytest.raises(FileNotFoundError):
         read_idx(str(tmp_path / "absent"))
+    (tmp_path / "foreign.gz").write_bytes(raw)  # not compressed
+    with pytest.raises(ValueError, match="foreign.gz is not a readable gzip file"):
+        read_idx(str(tmp_path / "foreign.gz"))
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(raw)[:-6])
+    with pytest.raises(ValueError, match="cut.gz is not a readable gzip file"):
+        read_idx(str(tmp_path / "cut.gz"))

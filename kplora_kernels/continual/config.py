@@ -229,7 +229,14 @@ class KeepLoRAConfig:
         return setting(default, spec[name].metadata["help"] if help is None else help, **{**meta, **kwargs})
 
     def eps_for(self, tower: str) -> float:
-        return self.eps_w.get(tower, self.eps_w.get("default", 0.85))
+        """``ε_w`` of ``tower``: its own entry of ``eps_w``, else ``eps_w["default"]``; raises
+        ``ValueError`` naming the tower and the keys when ``eps_w`` has neither."""
+        if tower in self.eps_w:
+            return self.eps_w[tower]
+        if "default" in self.eps_w:
+            return self.eps_w["default"]
+        raise ValueError(f"eps_w: no entry for the tower {tower!r} and no 'default' (keys: {sorted(self.eps_w)}); "
+                         f"add {tower!r} or 'default'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,8 +79,10 @@ class EngineContext:
         layers = self.layers if layers is None else layers
         seed = cfg.seed + self.task_index + PASS_SEED_STRIDE * sketch_pass
 
-        # a further pass decides whether eps_f is met: its residual energy is measured, not estimated
-        residual = "exact" if sketch_pass and cfg.residual_energy == "auto" else cfg.residual_energy
+        # a further pass decides whether eps_f is met: its residual energy is measured, not estimated,
+        # where the bases live on the device anyway (elsewhere that would hold them there for the pass)
+        measured = sketch_pass and cfg.residual_energy == "auto" and self.placement.mode == "device"
+        residual = "exact" if measured else cfg.residual_energy
 
         def exact(name):
             return input_strategy(layers[name].in_features, cfg.sketch_memory_budget) == "covariance"

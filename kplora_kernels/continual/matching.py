@@ -22,7 +22,7 @@ from torch import nn
 
 # open_clip's and transformers' CLIP/LLaVA towers; other paths get a tower from their block stack
 # (see ``kplora_kernels.continual.targets``).
-DEFAULT_TOWERS = (("visual", r"(^|\.)(visual|vision_tower|vision_model)\."),
+DEFAULT_TOWERS = (("visual", r"(^|\.)(visual|vision_tower|vision_model|vision_encoder|vision)\."),
                   ("text", r"^(transformer|text)\.|(^|\.)text_model\."))
 
 

@@ -4,6 +4,7 @@ dimension, then the values in C order, big-endian."""
 from __future__ import annotations
 
 import gzip
+import zlib
 
 import numpy as np
 
@@ -17,10 +18,13 @@ def read_idx(path: str) -> np.ndarray:
     shape and dtype from its header (MNIST's images are ``(n, 28, 28)`` uint8, its labels ``(n,)``).
 
     Raises ``FileNotFoundError`` when ``path`` does not exist and ``ValueError`` naming ``path`` when
-    the header is not IDX or the file holds fewer or more values than the header announces."""
+    a ``.gz`` file is not valid gzip (or is cut short), the header is not IDX or the file holds fewer or more values than the header announces."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # a damaged or foreign .gz
+        raise ValueError(f"{path} is not a readable gzip file: {exc}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES or data[3] == 0:
         raise ValueError(f"{path} is not an IDX file: magic number {data[:4].hex() or 'missing'}")
     ndim, dtype = data[3], _DTYPES[data[2]]
