@@ -28,6 +28,42 @@ def _basis_value(name: str, value) -> torch.Tensor:
     return value.detach() if value.requires_grad else value  # the object itself: placements compare identity
 
 
+class _Basis:
+    """A basis attribute (``V``, ``U``): a plain tensor attribute of the layer, not a buffer (see the
+    layer's docstring), stored under ``_basis_<name>`` and checked by :func:`_basis_value`."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__["_basis_" + self.name]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__["_basis_" + self.name] = _basis_value(self.name, value)
+
+
+class _Slot:
+    """An attribute that holds None or an instance of ``protocol`` (a runtime-checkable protocol);
+    anything else raises ``TypeError`` naming the attribute, what it must have and what it got."""
+
+    def __init__(self, protocol, expected: str, doc: str):
+        self.protocol, self.expected, self.__doc__ = protocol, expected, doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__.get("_" + self.name)
+
+    def __set__(self, obj, value) -> None:
+        if value is not None and not isinstance(value, self.protocol):
+            raise TypeError(f"{self.name} must have {self.expected} or be None, got {type(value).__name__}")
+        obj.__dict__["_" + self.name] = value
+
+
 class FusedKeepLoRALinear(LayerState):
     """A LoRA linear whose updates stay in the residual subspace of its protected bases.
 
@@ -43,23 +79,8 @@ class FusedKeepLoRALinear(LayerState):
     orthonormality); a basis kept elsewhere (a placement's host copy) stays where it is.
     """
 
-    @property
-    def V(self) -> torch.Tensor:
-        """The protected input basis, ``in×k_in`` (its complement ``in×(in−k_in)`` when ``V_complement``)."""
-        return self.__dict__["_basis_V"]
-
-    @V.setter
-    def V(self, value: torch.Tensor) -> None:
-        self.__dict__["_basis_V"] = _basis_value("V", value)
-
-    @property
-    def U(self) -> torch.Tensor:
-        """The protected output basis, ``out×k_out`` (``out×0`` when the output side is unprotected)."""
-        return self.__dict__["_basis_U"]
-
-    @U.setter
-    def U(self, value: torch.Tensor) -> None:
-        self.__dict__["_basis_U"] = _basis_value("U", value)
+    V = _Basis("The protected input basis, ``in×k_in`` (its complement ``in×(in−k_in)`` when ``V_complement``).")
+    U = _Basis("The protected output basis, ``out×k_out`` (``out×0`` when the output side is unprotected).")
 
     def _apply(self, fn, recurse: bool = True):
         home = self.weight.device
@@ -132,29 +153,10 @@ class FusedKeepLoRALinear(LayerState):
         self.grad_accumulator: GradientAccumulator | None = None
         self.input_accumulator: InputAccumulator | None = None
 
-    @property
-    def grad_accumulator(self) -> GradientAccumulator | None:
-        """Receives ``(dY, X)`` of every backward pass (see :class:`GradientAccumulator`), or None."""
-        return self.__dict__.get("_grad_accumulator")
-
-    @grad_accumulator.setter
-    def grad_accumulator(self, value) -> None:
-        if value is not None and not isinstance(value, GradientAccumulator):
-            raise TypeError(f"grad_accumulator must have an update(dY, X) method (GradientAccumulator) or be None, "
-                            f"got {type(value).__name__}")
-        self.__dict__["_grad_accumulator"] = value
-
-    @property
-    def input_accumulator(self) -> InputAccumulator | None:
-        """Receives ``X`` of every forward pass (see :class:`InputAccumulator`), or None."""
-        return self.__dict__.get("_input_accumulator")
-
-    @input_accumulator.setter
-    def input_accumulator(self, value) -> None:
-        if value is not None and not isinstance(value, InputAccumulator):
-            raise TypeError(f"input_accumulator must have an update(X) method (InputAccumulator) or be None, "
-                            f"got {type(value).__name__}")
-        self.__dict__["_input_accumulator"] = value
+    grad_accumulator = _Slot(GradientAccumulator, "an update(dY, X) method (GradientAccumulator)",
+                             "Receives ``(dY, X)`` of every backward pass (see :class:`GradientAccumulator`), or None.")
+    input_accumulator = _Slot(InputAccumulator, "an update(X) method (InputAccumulator)",
+                              "Receives ``X`` of every forward pass (see :class:`InputAccumulator`), or None.")
 
     @property
     def scaling(self) -> float:
