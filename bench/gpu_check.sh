@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one go: the kernel, layer, placement and sketch-kernel tests on CUDA, the peak
+# The GPU checks in one go: the kernel, layer, placement, sketch-kernel and NCCL-DDP tests on CUDA, the peak
 # memory of both placements (bench/gpu_memory.py), the projection figures (bench/gpu_projection.py),
 # the sketch and boundary figures (bench/gpu_sketch.py), then the full-size benchmarks that run on CUDA.
 # Runs from the source tree (no install): `bash bench/gpu_check.sh`. Results go under $OUT when it is
@@ -15,6 +15,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
   | tee "$OUT/versions.txt"
 python -m pytest -q -p no:cacheprovider tests/test_ops.py tests/test_grouped_projection.py \
   tests/test_triton_projection.py tests/test_linear.py tests/test_placement.py tests/test_sketch_kernels.py \
+  tests/test_distributed_engines.py::test_ddp_builds_with_nccl_and_host_resident_bases \
   2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 # Peak memory of both basis placements on a 2-layer LLaMA-7B-shaped stack (issue 18), beside the items.
