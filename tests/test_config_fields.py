@@ -61,3 +61,12 @@ def test_a_tower_without_eps_w_is_refused_not_defaulted():
     with pytest.raises(ValueError, match="'decoder'.*'default'"):
         cfg.eps_for("decoder")
     assert KeepLoRAConfig(eps_w={"encoder": 0.5, "default": 0.7}).eps_for("decoder") == 0.7
+
+
+def test_exclude_modules_alone_is_checked_under_its_own_name():
+    assert KeepLoRAConfig(exclude_modules={"v_proj", "lm_head"}).exclude_modules == ["lm_head", "v_proj"]
+    assert KeepLoRAConfig(exclude_modules=r".*\.mlp\..*").exclude_modules == r".*\.mlp\..*"
+    with pytest.raises(TypeError, match="exclude_modules"):
+        KeepLoRAConfig(exclude_modules=[3])
+    with pytest.raises(ValueError, match="exclude_modules"):
+        KeepLoRAConfig(exclude_modules="all-linear")

@@ -12,6 +12,9 @@ from .values import EPS_RANGE, at_least, eps, number
 
 METHODS = tuple(REGISTRY)  # keeplora++, keeplora, lora, lora-fa, inflora, olora
 ADAPTERS = ("lora", "full")
+BASIS_DTYPES = ("fp32", "bf16")
+RESIDUAL_ENERGY = ("auto", "exact", "estimate")
+MAX_SKETCH_PASSES = 64
 
 
 def _patterns(name: str, value) -> list:
@@ -85,7 +88,7 @@ class KeepLoRAConfig:
                             help="regular expressions (re.search) on module paths")
     layer_scaling_towers: list = setting(default_factory=lambda: ["default"], help="towers whose layers get s_l")
     extra_trainable: list = setting(default_factory=list, help="patterns of parameters trained plainly")
-    basis_dtype: str = setting("fp32", "dtype the protected bases are kept in", choices=("fp32", "bf16"))
+    basis_dtype: str = setting("fp32", "dtype the protected bases are kept in", choices=BASIS_DTYPES)
     sketch_memory_budget: int = setting(64 * 2**20, "bytes one layer's input or gradient sketch may take", ge=1)
     seed: int = setting(0, "seed of the sketches' test matrices and adapter fills")
     adapter: str = setting("lora", "low-rank adapters or the target weights themselves", choices=ADAPTERS)
@@ -95,13 +98,14 @@ class KeepLoRAConfig:
     exclude_modules: list | str | None = setting(None, "peft's exclude_modules (names or one regex)")
     dropout: float = setting(0.0, "the adapters' input dropout probability", ge=0, lt=1)
     residual_energy: str = setting("auto", "how a randomized input sketch gets the residual energy",
-                                   choices=("auto", "exact", "estimate"))
-    max_sketch_passes: int = setting(8, "most data passes growing the input bases at a task end", ge=1, le=64)
+                                   choices=RESIDUAL_ENERGY)
+    max_sketch_passes: int = setting(8, "most data passes growing the input bases at a task end", ge=1,
+                                     le=MAX_SKETCH_PASSES)
 
     def __post_init__(self):
         """Validate every field (types and ranges); raises ``TypeError``/``ValueError`` naming it."""
-        for name, allowed in (("method", METHODS), ("adapter", ADAPTERS), ("basis_dtype", ("fp32", "bf16")),
-                              ("schedule", SCHEDULES), ("residual_energy", ("auto", "exact", "estimate"))):
+        for name, allowed in (("method", METHODS), ("adapter", ADAPTERS), ("basis_dtype", BASIS_DTYPES),
+                              ("schedule", SCHEDULES), ("residual_energy", RESIDUAL_ENERGY)):
             value = getattr(self, name)
             if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
@@ -117,8 +121,8 @@ class KeepLoRAConfig:
         for name in ("rank", "sketch_memory_budget"):
             at_least(name, getattr(self, name), 1, integer=True)
         number("seed", self.seed, integer=True)
-        if not 1 <= number("max_sketch_passes", self.max_sketch_passes, integer=True) <= 64:
-            raise ValueError(f"max_sketch_passes must be in [1, 64], got {self.max_sketch_passes}")
+        if not 1 <= number("max_sketch_passes", self.max_sketch_passes, integer=True) <= MAX_SKETCH_PASSES:
+            raise ValueError(f"max_sketch_passes must be in [1, {MAX_SKETCH_PASSES}], got {self.max_sketch_passes}")
         self.alpha = number("alpha", self.alpha)
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
@@ -139,9 +143,11 @@ class KeepLoRAConfig:
             if isinstance(self.target_modules, list) and not self.target_modules:
                 raise ValueError("target_modules must name at least one module, got []")
         if self.exclude_modules is not None:
-            if isinstance(self.exclude_modules, (set, frozenset, tuple)):
-                self.exclude_modules = sorted(self.exclude_modules)
-            peft_matcher(self.exclude_modules)  # raises TypeError/ValueError for a bad spec
+            from .matching import _peft_names
+
+            names = _peft_names("exclude_modules", self.exclude_modules)  # raises naming the field
+            if not isinstance(self.exclude_modules, (str, list)):  # a set or tuple: sorted, as a list
+                self.exclude_modules = list(names)
         self.dropout = number("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
