@@ -15,17 +15,12 @@ import logging
 
 import torch
 
-from ..nn.linear import full
+from ..distributed import full
 from ..subspace.sketch import basis_signature, same_basis
 from .context import EngineContext
 from .report import BasisGrowth
 
 logger = logging.getLogger(__name__)
-
-
-def protected_dims(layer) -> int:
-    """The dimension of ``layer``'s protected input subspace (``V``, or the complement of its stored form)."""
-    return layer.in_features - layer.V.shape[1] if layer.V_complement else layer.V.shape[1]
 
 
 def expansion_record(sketch) -> tuple[float, bool, int | None]:
@@ -73,7 +68,7 @@ def expand_pass(ctx: EngineContext, names: list, loader, forward_fn, fraction: f
     records, appended = {}, {}
     for i, (name, layer) in enumerate(ctx.placement.stream(layers)):
         sketch = sketches.pop(name)
-        appended[name] = protected_dims(layer)
+        appended[name] = layer.k_in
         if last is not None and last[0].device == layer.V.device and torch.equal(last[0], layer.V):
             # the same input sketch (q, k, v of one block) and the same basis (e.g. InfLoRA, which
             # protects no pre-trained subspace): the same expansion, decomposed once
@@ -89,7 +84,7 @@ def expand_pass(ctx: EngineContext, names: list, loader, forward_fn, fraction: f
                   and after.rank == layer.rank and same_basis(basis_signature(after.V), basis_signature(layer.V)))
         last = (layer.V, V, record) if shares else None  # shares: same sketch, form and rank, probe-equal basis
         ctx.set_input_basis(layer, V, layer.V_complement)
-        appended[name] = protected_dims(layer) - appended[name]
+        appended[name] = layer.k_in - appended[name]
         records[name] = record
     # rank 0's decisions (the bases are rank 0's): every rank runs the same passes
     flags = torch.tensor([[float(r[1]), r[0]] for r in records.values()], dtype=torch.float64)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_reduce_sum_
 from ..ops import resolve_sketch_backend, sketch_update
 
 
@@ -82,10 +81,6 @@ def _given_basis(name: str, given, held, held_signature, device):
         raise ValueError(f"{name}: not the basis this sketch was built against (built with shape "
                          f"{held_signature[0]}, given {tuple(given.shape)} with other values); pass the same {name}")
     return _to(given.detach(), device)
-
-
-def _all_reduce(tensors, group) -> None:
-    all_reduce_sum_(tensors, group)
 
 
 def _fused_usable(A: torch.Tensor, B: torch.Tensor, K: int, L: int = 0) -> bool:

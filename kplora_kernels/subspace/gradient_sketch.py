@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_basis, check_tensor
-from .common import (_all_reduce, _fused_update, _gaussian, _given_basis, _Guard, _project_cols, _sqnorm, _to,
+from ..distributed import all_reduce_sum_
+from .common import (_fused_update, _gaussian, _given_basis, _Guard, _project_cols, _sqnorm, _to,
                      basis_signature, same_basis)
 from .linalg import randomized_svd
 from .sizing import DEFAULT_MEMORY_BUDGET, gradient_sketch_sizes, gradient_strategy
@@ -130,7 +131,7 @@ class GradientSketch(_Guard):
     def all_reduce(self, group=None) -> "GradientSketch":
         """Sum over the ranks of ``group`` (a no-op without a process group)."""
         batches = torch.tensor([float(self.batches)], dtype=torch.float64, device=self.device)
-        _all_reduce(self._state() + [batches, self._refused], group)
+        all_reduce_sum_(self._state() + [batches, self._refused], group)
         self.batches = int(batches.item())
         return self
 

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import torch
 
 from .._checks import check_basis, check_eps, check_tensor
-from .common import (_all_reduce, _fused_update, _fused_usable, _gaussian, _given_basis, _Guard, _project_cols,
+from ..distributed import all_reduce_sum_
+from .common import (_fused_update, _fused_usable, _gaussian, _given_basis, _Guard, _project_cols,
                      _sqnorm, _to, basis_signature, same_basis)
 from .half import _Factor, _half_route, _mm32, _mm32_split, _split, half_grid
 from .linalg import gpm_append, gpm_covariance_step, noise_floor
@@ -227,7 +228,7 @@ class InputSketch(_Guard):
         """Sum the sketch over the ranks of ``group`` (a no-op without a process group)."""
         tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)
         self._upper_only()
-        _all_reduce([self.state, self.energy, tokens, self._refused], group)
+        all_reduce_sum_([self.state, self.energy, tokens, self._refused], group)
         self.tokens = int(tokens.item())
         return self
 
