@@ -21,7 +21,7 @@ import torch
 
 from ..distributed import broadcast_from, global_rank, world_size
 from ..distributed import rank as this_rank
-from ..nn.linear import full
+from ..distributed import full
 from ..subspace import principal_subspace
 from ..training import progress as progress_bar
 

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomically
-from ..distributed import barrier, is_rank0
-from ..nn.linear import add_, assign_, full, low_rank_delta
+from ..distributed import add_, assign_, barrier, full, is_rank0
+from ..nn.function import low_rank_delta
 from .bases import weight_fingerprint
 from .config import KeepLoRAConfig
 from .matching import TargetMatcher

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..distributed import is_rank0
 from ..nn import FusedKeepLoRALinear
-from ..nn.linear import full
+from ..distributed import full
 
 from ..subspace import InputSketch
 from .adapter_modes import make_adapter

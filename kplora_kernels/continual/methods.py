@@ -35,7 +35,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..nn.linear import full
+from ..distributed import full
 from ..subspace import GradientSketch
 from .context import EngineContext
 from .values import at_least, eps

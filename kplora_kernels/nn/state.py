@@ -21,8 +21,6 @@ class LayerState(nn.Module):
     the attributes it reads: ``merged``, ``rank``, ``alpha``, ``layer_scale``, ``V_complement``,
     ``in_features``, ``out_features``, ``bias``, ``V``, ``U``)."""
 
-    _STATE_VERSION = _STATE_VERSION
-
     def get_extra_state(self) -> torch.Tensor:
         """The non-tensor state as one fp64 CPU tensor ``[version, merged, rank, alpha, layer_scale,
         V_complement]``: tensors only, so that any state-dict writer (safetensors, transformers'
