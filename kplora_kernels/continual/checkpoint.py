@@ -145,7 +145,9 @@ class CheckpointMixin:
                          what="controller checkpoint")
 
     @staticmethod
-    def _read(path: str):
+    def _read(path: str, with_tensors: bool = True):
+        """``(meta, {name: tensor})`` of the checkpoint at ``path``; with ``with_tensors=False`` the
+        metadata alone (no tensor is read) and an empty dict."""
         from safetensors import safe_open
 
         if not os.path.isfile(path):
@@ -153,7 +155,7 @@ class CheckpointMixin:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("kplora", "null"))
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+                tensors = {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
         except Exception as exc:  # safetensors raises its own error types for bad files
             raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt): {exc}") from exc
         if not meta or meta.get("format") not in READABLE_FORMATS:
@@ -261,7 +263,7 @@ class CheckpointMixin:
         Raises ``FileNotFoundError`` (no file at ``path``), ``ValueError`` (not a controller checkpoint,
         unreadable, another architecture, a model already wrapped, or — compact form — other
         pre-trained weights)."""
-        meta, _ = cls._read(path)
+        meta, _ = cls._read(path, with_tensors=False)  # load() reads the tensors
         given = meta.get("layer_index") if layer_index is None else layer_index
         kl = cls(model, KeepLoRAConfig.from_dict(meta["config"]), progress=progress, compute_bases=False,
                  placement=placement, layer_index=given or None)
