@@ -30,13 +30,9 @@ def _triton_import_error() -> str | None:
 
 def _triton_device_reason(t: torch.Tensor) -> str | None:
     if t.is_cuda:
-        from .triton_configs import SHARED_LIMIT
+        from .triton_configs import device_arch
 
-        optin = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
-        if optin < min(SHARED_LIMIT.values()):  # the launch tables start at sm_86's 101,376 B
-            return (f"the Triton kernels' launch tables need {min(SHARED_LIMIT.values())} B of shared memory "
-                    f"per block (sm_80 and newer), {torch.cuda.get_device_name(t.device)} offers {optin} B")
-        return None
+        return device_arch(t.device)[1]  # the launch tables start at sm_86's 101,376 B
     if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return (f"the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 set before triton is imported, "

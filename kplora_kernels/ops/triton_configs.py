@@ -25,22 +25,32 @@ RANK_BUCKETS = (16, 32, 64, 128)  # padded basis widths of the fused kernels (up
 SKETCH_CASES = ((16, 0), (32, 0), (64, 0), (128, 0), (16, 64), (32, 128), (64, 256), (128, 256))
 
 
+def device_arch(device=None) -> "tuple[int | None, str | None]":
+    """``(arch class, None)`` of a CUDA device: the known class with the largest shared-memory limit
+    that the device's own opt-in limit reaches (a newer GPU is treated as the class it matches); or
+    ``(None, reason)`` for a device below every class (older than sm_80)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    limit = props.shared_memory_per_block_optin
+    fitting = [a for a in (90, 80, 86) if SHARED_LIMIT[a] <= limit]
+    if not fitting:
+        return None, (f"the Triton kernels' launch tables need {min(SHARED_LIMIT.values())} B of shared memory "
+                      f"per block (sm_80 and newer), {props.name} offers {limit} B")
+    return fitting[0], None
+
+
 def arch_class(device=None) -> int:
-    """The arch class of a CUDA device: the known class with the largest shared-memory limit that
-    the device's own opt-in limit reaches (a newer GPU is treated as the class it matches).
+    """The arch class of a CUDA device (see :func:`device_arch`).
 
     Raises:
         RuntimeError: the device offers less shared memory per block than every known class
             (older than sm_80).
     """
-    import torch
-
-    limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    fitting = [a for a in (90, 80, 86) if SHARED_LIMIT[a] <= limit]
-    if not fitting:
-        raise RuntimeError(f"this GPU offers {limit} B of shared memory per block; the Triton kernels are "
-                           f"configured for at least {SHARED_LIMIT[86]} B (sm_80 and newer)")
-    return fitting[0]
+    arch, reason = device_arch(device)
+    if arch is None:
+        raise RuntimeError(reason)
+    return arch
 
 
 def pow2(k: int) -> int:
